@@ -1,0 +1,11 @@
+"""PerRes: personalized residuals and localized attention-guided sampling for ComfyUI (SD1.x).
+
+ComfyUI imports this package from custom_nodes/ and calls `comfy_entrypoint` (V3 node API).
+"""
+from .nodes import PerResExtension
+
+WEB_DIRECTORY = None
+
+
+async def comfy_entrypoint() -> PerResExtension:
+    return PerResExtension()

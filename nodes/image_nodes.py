@@ -1,0 +1,98 @@
+"""PerRes Load Concept Images: a folder of reference images → one centre-cropped batch."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..perres_core.errors import PerResError
+from ..perres_core.images import prepare_batch
+from .errors import reported_as
+
+log = logging.getLogger("perres")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+NAME = "PerRes Load Concept Images"
+MAX_PIXELS = 8192 * 8192  # refuse decompression bombs; 4096+ px photos are fine and get downscaled
+
+
+def resolve_input_folder(folder: str) -> str:
+    """`folder` relative to ComfyUI's input directory; anything that escapes it is refused."""
+    if not folder.strip():
+        raise PerResError("folder is empty; give a folder inside ComfyUI's input directory, e.g. 'perres/dog'.")
+    root = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(root, folder.strip()))
+    if os.path.commonpath([root, path]) != root:
+        raise PerResError(f"folder '{folder}' is outside ComfyUI's input directory; give a path relative to it.")
+    if not os.path.isdir(path):
+        raise PerResError(f"folder '{folder}' does not exist in ComfyUI's input directory ({root}).")
+    return path
+
+
+def read_image(path: str) -> torch.Tensor:
+    with Image.open(path) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise PerResError(f"'{os.path.basename(path)}' is {image.width}×{image.height} px, larger than "
+                              f"the {MAX_PIXELS // 8192} px² PerRes reads; downscale it first.")
+        image = ImageOps.exif_transpose(image)
+        mode = {"L": "L", "LA": "LA", "RGBA": "RGBA", "P": "RGBA", "I;16": "L", "I": "L", "F": "L"}.get(image.mode, "RGB")
+        array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array.copy())
+
+
+class LoadConceptImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResLoadConceptImages",
+            display_name=NAME,
+            category="PerRes",
+            description="Loads every image in a folder under ComfyUI's input directory (any sizes, grayscale, RGB "
+                        "or RGBA) and centre-crops and resizes them into one batch for training.",
+            inputs=[
+                io.String.Input("folder", default="perres/example_concept",
+                                tooltip="Folder inside ComfyUI/input holding 3–20 photos of the concept."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Side of the square training images; 512 for SD1.x."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The reference images, one batch.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, resolution: int):
+        # Re-run when files in the folder change.
+        try:
+            path = resolve_input_folder(folder)
+        except PerResError:
+            return float("nan")
+        return tuple(sorted((n, os.path.getmtime(os.path.join(path, n))) for n in os.listdir(path)))
+
+    @classmethod
+    def execute(cls, folder: str, resolution: int) -> io.NodeOutput:
+        with reported_as(NAME):
+            path = resolve_input_folder(folder)
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                raise PerResError(f"folder '{folder}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            images = []
+            for name in names:
+                try:
+                    images.append(read_image(os.path.join(path, name)))
+                except PerResError:
+                    raise
+                except Exception as exc:
+                    raise PerResError(f"'{name}' cannot be read as an image ({exc}).") from exc
+            try:
+                batch = prepare_batch(images, resolution)
+            except PerResError as exc:
+                raise PerResError(f"{exc} (folder '{folder}')") from exc
+            if len(names) == 1:
+                log.warning("%s: only one reference image in '%s'; 3 or more generalise much better.", NAME, folder)
+            return io.NodeOutput(batch)

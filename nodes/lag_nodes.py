@@ -1,0 +1,193 @@
+"""LAG sampling nodes: single and multi-concept LAG, and the mask preview."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from comfy_api.latest import io, ui
+
+from ..perres_core.errors import PerResError
+from ..perres_core.lag import THRESHOLD_MODES, MaskSettings
+from ..perres_core.residual import ResidualSet
+from ..perres_core.tokens import concept_positions
+from .apply_node import check_strength
+from .errors import reported_as
+from .host_model import require_sd1
+from .lag_patch import LagConcept, LagPatch
+from .text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
+from .types import Concepts, Residuals
+
+log = logging.getLogger("perres")
+LAG_NAME = "PerRes LAG Sampling"
+CONCEPT_NAME = "PerRes LAG Concept"
+PREVIEW_NAME = "PerRes LAG Mask Preview"
+OUTSIDE = {"full residual": "full", "base model": "base"}
+# colours of concepts 1, 2, 3, ... in the mask preview
+PALETTE = torch.tensor([[1.0, 0.25, 0.2], [0.2, 0.6, 1.0], [0.3, 0.9, 0.3], [1.0, 0.85, 0.2], [0.8, 0.3, 1.0]])
+
+
+def parse_concept_words(text: str, residuals: ResidualSet) -> list[str]:
+    """Comma-separated override, or the identifier and class word stored with the residual."""
+    if not text.strip():
+        return residuals.concept.concept_words()
+    return [check_concept_word("concept word", word, single_word=False) for word in text.split(",") if word.strip()]
+
+
+def locate_concept(clip, chunks: list[list[int]], words: list[str], label: str) -> list[int]:
+    positions, missing = concept_positions(chunks, {w: word_token_ids(clip, w) for w in words})
+    if missing:
+        fallback = "" if positions else " None of its words occur, so this residual is applied everywhere (normal sampling)."
+        log.warning("%s: %s not in the prompt.%s Put the concept words (e.g. '%s') in the prompt.",
+                    LAG_NAME, ", ".join(repr(m) for m in missing), fallback, " ".join(words))
+    return positions
+
+
+class LagConceptNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResLAGConcept",
+            display_name=CONCEPT_NAME,
+            category="PerRes",
+            description="Adds one more concept for multi-concept LAG: its residual acts only where its own words attend.",
+            inputs=[
+                Residuals.Input("residuals", tooltip="The additional concept's residuals."),
+                io.String.Input("concept_words", default="",
+                                tooltip="Comma-separated words of this concept in the prompt; empty = identifier and "
+                                        "class word stored with the residual."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Residual strength."),
+                Concepts.Input("concepts", optional=True, tooltip="Chain further concepts here."),
+            ],
+            outputs=[Concepts.Output(display_name="concepts")],
+        )
+
+    @classmethod
+    def execute(cls, residuals: ResidualSet, concept_words: str, strength: float, concepts=None) -> io.NodeOutput:
+        with reported_as(CONCEPT_NAME):
+            check_strength(strength)
+            words = parse_concept_words(concept_words, residuals)
+            return io.NodeOutput(list(concepts or []) + [(residuals, words, strength)])
+
+
+class LagSampling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResLAGSampling",
+            display_name=LAG_NAME,
+            category="PerRes",
+            description="Localized attention-guided sampling: the residual acts only where the concept words attend "
+                        "(cross-attention, per block, binarized at the median); the base model draws the rest. "
+                        "Encodes the prompt too: wire 'positive' to the sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x model (stock LoRAs may already be applied)."),
+                io.Clip.Input("clip", tooltip="Tokenizes and encodes the prompt."),
+                Residuals.Input("residuals", tooltip="From PerRes Train Residuals or PerRes Load Residuals."),
+                io.String.Input("prompt", multiline=True, default="a photo of a sks dog on the beach",
+                                tooltip="The positive prompt; it must contain the concept words."),
+                io.String.Input("concept_words", default="",
+                                tooltip="Comma-separated words; empty = the identifier and class word of the residual."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Residual strength inside the mask."),
+                io.Combo.Input("threshold", options=list(THRESHOLD_MODES), default="median",
+                               tooltip="median: top half of each map (paper). quantile: above the quantile below. "
+                                       "soft: the map itself, scaled to [0, 1]."),
+                io.Float.Input("quantile", default=0.5, min=0.0, max=0.99, step=0.01,
+                               tooltip="Only for threshold=quantile: share of each map left to the base model."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where LAG starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where LAG ends."),
+                io.Combo.Input("outside_window", options=list(OUTSIDE), default="full residual",
+                               tooltip="What the steps outside start/end use: the residual everywhere, or the base model."),
+                Concepts.Input("extra_concepts", optional=True,
+                               tooltip="More concepts from PerRes LAG Concept nodes (multi-concept LAG)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A patched clone; connect to the sampler."),
+                io.Conditioning.Output(display_name="positive", tooltip="The encoded prompt; connect to the sampler."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, residuals: ResidualSet, prompt: str, concept_words: str, strength: float,
+                threshold: str, quantile: float, start_percent: float, end_percent: float, outside_window: str,
+                extra_concepts=None) -> io.NodeOutput:
+        with reported_as(LAG_NAME):
+            require_sd1(model)
+            check_strength(strength)
+            if not prompt.strip():
+                raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
+            if start_percent > end_percent:
+                raise PerResError(f"start_percent ({start_percent}) is after end_percent ({end_percent}).")
+            if outside_window not in OUTSIDE:
+                raise PerResError(f"outside_window must be one of {list(OUTSIDE)}.")
+            settings = MaskSettings(mode=threshold, quantile=quantile)
+            settings.validate()
+            specs = [(residuals, parse_concept_words(concept_words, residuals), strength)] + list(extra_concepts or [])
+            patched, positive = build_lag_model(model, clip, prompt, specs, settings, start_percent, end_percent,
+                                                OUTSIDE[outside_window])
+            return io.NodeOutput(patched, positive)
+
+
+def build_lag_model(model, clip, prompt: str, specs: list, settings: MaskSettings, start_percent: float = 0.0,
+                    end_percent: float = 1.0, outside: str = "full"):
+    """(patched clone, positive conditioning) for concepts given as (residuals, words, strength)."""
+    chunks = prompt_token_chunks(clip, prompt)
+    concepts = [LagConcept(res, locate_concept(clip, chunks, words, ", ".join(words)), s, ", ".join(words))
+                for res, words, s in specs]
+    sampling = model.get_model_object("model_sampling")
+    patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
+                     sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                     sigma_end=float(sampling.percent_to_sigma(end_percent)), outside=outside)
+    patched = model.clone()
+    patch.install(patched)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    return patched, positive
+
+
+def preview_images(averages: dict[tuple[int, int], torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """One RGB image per block resolution; each concept in its colour, brightness = share of steps active."""
+    images = []
+    for (height, width), masks in sorted(averages.items(), reverse=True):
+        up = torch.nn.functional.interpolate(masks[None].float(), size=size, mode="nearest")[0]  # (K, H, W)
+        colours = PALETTE[torch.arange(masks.shape[0]) % len(PALETTE)]               # (K, 3)
+        image = torch.einsum("khw,kc->hwc", up, colours).clamp(0, 1)
+        images.append(image)
+    return torch.stack(images)
+
+
+class LagMaskPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResLAGMaskPreview",
+            display_name=PREVIEW_NAME,
+            category="PerRes",
+            description="After sampling, shows where each residual acted: one image per block resolution "
+                        "(64, 32, 16, 8 latent px at 512 px), averaged over steps; concept 1 red, 2 blue, 3 green.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model output of PerRes LAG Sampling."),
+                io.Latent.Input("samples", tooltip="The sampler's output (so the preview runs after sampling)."),
+            ],
+            outputs=[io.Image.Output(display_name="masks")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model, samples):
+        return float("nan")  # the masks change with every sampling run
+
+    @classmethod
+    def execute(cls, model, samples) -> io.NodeOutput:
+        with reported_as(PREVIEW_NAME):
+            patch = LagPatch.of(model)
+            if patch is None:
+                raise PerResError("the model does not come from PerRes LAG Sampling; connect that node's model output.")
+            averages = patch.recorder.averages()
+            if not averages:
+                raise PerResError("no masks were recorded; connect this node after a sampler that used the LAG model.")
+            latent = samples["samples"]
+            images = preview_images(averages, (latent.shape[-2] * 8, latent.shape[-1] * 8))
+            return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))

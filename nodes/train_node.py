@@ -1,0 +1,118 @@
+"""PerRes Train Residuals: learn ΔW_i = A_i·B_i for the 16 proj_out convs of a frozen SD1.x UNet."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..perres_core import __version__
+from ..perres_core.errors import PerResError
+from ..perres_core.images import prepare_batch
+from ..perres_core.residual import DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, rank_for
+from ..perres_core.sd15_layout import sd15_layer_shapes
+from ..perres_core.training import TrainSettings
+from .errors import reported_as
+from .host_model import require_trainable, with_residual_weights
+from .text_tokens import check_concept_word, word_token_ids
+from .training_host import train_on_model
+from .types import Residuals
+
+log = logging.getLogger("perres")
+NAME = "PerRes Train Residuals"
+
+
+def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio: float, resolution: int) -> None:
+    TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate).validate()
+    rank_for(320, rank_ratio)  # raises for ratios outside (0, 1]
+    if resolution % 8 or resolution < 64:
+        raise PerResError(f"resolution must be a multiple of 8 and at least 64, got {resolution}; 512 suits SD1.x.")
+
+
+def encode_caption(clip, caption: str) -> torch.Tensor:
+    """(1, 77, 768) caption embedding, computed once for all steps."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][0]
+
+
+class TrainResiduals(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResTrainResiduals",
+            display_name=NAME,
+            category="PerRes",
+            description="Learns personalized residuals (Ham et al. 2024) for the 16 proj_out layers of a frozen "
+                        "SD1.x UNet from a few reference images, with the caption 'a photo of a <identifier> "
+                        "<class word>'. No regularization images; the text encoder is not trained.",
+            inputs=[
+                io.Model.Input("model", tooltip="A frozen SD1.x model; it is never modified."),
+                io.Clip.Input("clip", tooltip="Encodes the training caption."),
+                io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
+                io.Image.Input("images", tooltip="Reference images of the concept (3–20 work best)."),
+                io.String.Input("identifier", default="sks",
+                                tooltip="A rare single-token word that will name the concept (V* in the paper)."),
+                io.String.Input("class_word", default="dog",
+                                tooltip="The concept's broad class, e.g. dog, cat, toy, car, person."),
+                io.Int.Input("steps", default=150, min=1, max=100000, tooltip="Optimizer steps (paper: 150)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Images per step (paper: 4); drawn with replacement if there are fewer images."),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=False,
+                               tooltip="AdamW learning rate (paper: 0.001)."),
+                io.Float.Input("rank_ratio", default=DEFAULT_RANK_RATIO, min=0.001, max=1.0, step=0.005,
+                               tooltip="Rank r_i = ratio × channels of each layer (paper: 0.05 → 1.24M parameters)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
+                             tooltip="Training resolution; images are centre-cropped and resized to it."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seeds initialisation, batches, timesteps and noise; same seed, same result."),
+                io.Combo.Input("init", options=["random", "zero"], default="random",
+                               tooltip="random: both factors N(0, 0.01²) as in the paper. zero: ΔW starts at exactly 0."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained residual applied."),
+                Residuals.Output(display_name="residuals", tooltip="The trained residuals, for Save or LAG."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step, for the stock Plot Loss Graph node."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, identifier: str, class_word: str, steps: int, batch_size: int,
+                learning_rate: float, rank_ratio: float, resolution: int, seed: int, init: str) -> io.NodeOutput:
+        with reported_as(NAME):
+            check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution)
+            require_trainable(model)
+            identifier = check_concept_word("identifier", identifier, single_word=True)
+            class_word = check_concept_word("class_word", class_word, single_word=False)
+            if len(word_token_ids(clip, identifier)) > 1:
+                log.warning("%s: identifier '%s' is split into several tokens; a single rare token such as 'sks' "
+                            "binds the concept more cleanly.", NAME, identifier)
+            if images is None or images.shape[0] == 0:
+                raise PerResError("no reference images were given.")
+            if images.shape[0] < batch_size:
+                log.warning("%s: %d image(s) for batch size %d; batches are drawn with replacement.",
+                            NAME, images.shape[0], batch_size)
+            pixels = prepare_batch(list(images), resolution)
+            latents = vae.encode(pixels)
+            concept = ConceptInfo(identifier, class_word)
+            context = encode_caption(clip, concept.caption())
+
+            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
+                residuals = ResidualSet.create(sd15_layer_shapes(), rank_ratio, concept=concept, training={
+                    "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
+                    "init": init, "resolution": resolution, "num_images": images.shape[0]})
+                residuals.initialize(init, seed)
+            progress = comfy.utils.ProgressBar(steps)
+
+            def on_step(step: int, loss: float) -> None:
+                progress.update(1)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+            losses = train_on_model(model, latents, context, residuals, settings, on_step)
+            trained = residuals.detached_copy()
+            log.info("%s: %d steps, final loss %.4f, %d parameters.", NAME, steps, losses[-1],
+                     trained.parameter_count())
+            return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses})

@@ -1,0 +1,7 @@
+"""Socket types of the pack."""
+from comfy_api.latest import io
+
+# A perres_core.ResidualSet: the low-rank residuals of one concept plus its identifier and class word.
+Residuals = io.Custom("PERRES_RESIDUALS")
+# A list of nodes.lag_patch.LagConcept for multi-concept LAG.
+Concepts = io.Custom("PERRES_CONCEPTS")

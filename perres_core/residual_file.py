@@ -1,0 +1,224 @@
+"""Residual files: safetensors with kohya/ComfyUI LoRA keys plus PerRes metadata.
+
+Per layer the file holds `lora_unet_<diffusers name>.lora_up.weight` = A (m, r, 1, 1),
+`.lora_down.weight` = B (r, n, 1, 1) and `.alpha` = r, so that every LoRA loader computes
+W + strength·(alpha/r)·A·B = W + strength·ΔW exactly. Only safetensors are ever read: pickle files can
+run code when loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .errors import PerResError
+from .residual import ConceptInfo, LowRankResidual, ResidualSet
+from .sd15_layout import SLOT_BY_KOHYA, SLOT_BY_PROJ_OUT
+
+FORMAT_VERSION = "1"
+META_PREFIX = "perres."
+UP, DOWN, ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
+# Full-rank residuals on all 16 SD1.5 layers in fp32 take 99 MB; nothing legitimate is larger.
+MAX_FILE_BYTES = 128 * 1024 * 1024
+PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
+    """Tensors in kohya LoRA layout (4-D factors for the 1×1 convs, as sd-scripts writes them)."""
+    state = {}
+    for path, layer in residuals.layers.items():
+        slot = SLOT_BY_PROJ_OUT.get(path)
+        if slot is None:
+            raise PerResError(f"No file name is known for layer '{path}'; only SD1.x proj_out layers are saved.")
+        up = layer.up.detach().float().cpu().contiguous()
+        down = layer.down.detach().float().cpu().contiguous()
+        if layer.conv:
+            up, down = up[..., None, None], down[..., None, None]
+        state[slot.kohya_prefix + UP] = up.contiguous()
+        state[slot.kohya_prefix + DOWN] = down.contiguous()
+        state[slot.kohya_prefix + ALPHA] = torch.tensor(float(layer.rank))
+    return state
+
+
+def residuals_metadata(residuals: ResidualSet, pack_version: str) -> dict[str, str]:
+    concept = residuals.concept
+    meta = {
+        "format": FORMAT_VERSION,
+        "identifier": concept.identifier,
+        "class_word": concept.class_word,
+        "caption_template": concept.caption_template,
+        "rank_ratio": repr(float(residuals.rank_ratio)),
+        "base_model": residuals.base_model,
+        "pack_version": pack_version,
+        **{k: str(v) for k, v in residuals.training.items()},
+    }
+    out = {META_PREFIX + k: v for k, v in meta.items()}
+    # Lets kohya-style tools recognise the file as a plain LoRA.
+    out["ss_network_module"] = "networks.lora"
+    out["ss_base_model_version"] = "sd_v1"
+    return out
+
+
+def save_residual_file(residuals: ResidualSet, path: str, pack_version: str) -> str:
+    """Write `path` atomically and never over an existing file. Returns the path written."""
+    data = safetensors_bytes(residuals_to_state_dict(residuals), metadata=residuals_metadata(residuals, pack_version))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".perres-", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish_without_overwrite(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _publish_without_overwrite(tmp: str, path: str) -> None:
+    """Give the finished temp file its final name; fail if that name is already taken."""
+    try:
+        os.link(tmp, path)  # atomic, and refuses an existing name
+    except FileExistsError:
+        raise PerResError(f"'{path}' already exists and is never overwritten; choose another filename_prefix.")
+    except OSError:  # file systems without hard links
+        if os.path.exists(path):
+            raise PerResError(f"'{path}' already exists and is never overwritten; choose another filename_prefix.")
+        os.replace(tmp, path)
+
+
+def check_loadable_path(path: str) -> None:
+    """Refuse anything but a reasonably sized .safetensors file before a single byte is parsed."""
+    name = os.path.basename(path)
+    lowered = name.lower()
+    if lowered.endswith(PICKLE_EXTENSIONS):
+        raise PerResError(f"'{name}' is a pickle file; PerRes never unpickles files because that can run code. "
+                          "Only .safetensors residuals are loaded.")
+    if not lowered.endswith(".safetensors"):
+        raise PerResError(f"'{name}' is not a .safetensors file; PerRes loads only .safetensors residuals.")
+    if not os.path.isfile(path):
+        raise PerResError(f"Residual file '{path}' does not exist.")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise PerResError(f"'{name}' is {size / 2**20:.0f} MiB; a PerRes residual is at most "
+                          f"{MAX_FILE_BYTES / 2**20:.0f} MiB. This is not a residual (a checkpoint or a full LoRA?).")
+
+
+def _read_header(path: str) -> dict:
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise PerResError(f"'{os.path.basename(path)}' is truncated or not a safetensors file.")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100 * 1024 * 1024:
+            raise PerResError(f"'{os.path.basename(path)}' is truncated or corrupt (bad safetensors header).")
+        try:
+            return json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PerResError(f"'{os.path.basename(path)}' is corrupt: its safetensors header is not valid JSON.")
+
+
+def load_residual_file(path: str) -> ResidualSet:
+    """Read and validate a PerRes residual file; every problem becomes a PerResError that names it."""
+    check_loadable_path(path)
+    name = os.path.basename(path)
+    header = _read_header(path)
+    metadata = header.get("__metadata__") or {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise PerResError(f"'{name}' is truncated or corrupt and cannot be read ({exc}).") from exc
+    return residuals_from_state_dict(tensors, metadata, name)
+
+
+def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                              name: str = "residual") -> ResidualSet:
+    if metadata.get(META_PREFIX + "format") is None:
+        kind = "an ordinary LoRA" if any(k.endswith(UP) or "lora" in k for k in tensors) else "not a residual"
+        raise PerResError(f"'{name}' is {kind}, not a PerRes residual (it has no PerRes metadata). "
+                          "Load LoRAs with ComfyUI's LoraLoader, or pick a file saved by 'PerRes Save Residuals'.")
+    if metadata[META_PREFIX + "format"] != FORMAT_VERSION:
+        raise PerResError(f"'{name}' uses PerRes file format {metadata[META_PREFIX + 'format']!r}; "
+                          f"this version of the pack reads format {FORMAT_VERSION}. Update the pack.")
+    layers = _layers_from_tensors(tensors, name)
+    concept, rank_ratio, training = _metadata_fields(metadata, name)
+    return ResidualSet(layers=layers, concept=concept, rank_ratio=rank_ratio,
+                       base_model=metadata.get(META_PREFIX + "base_model", "SD1.x"), training=training)
+
+
+def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, LowRankResidual]:
+    prefixes: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        for suffix in (UP, DOWN, ALPHA):
+            if key.endswith(suffix) and key[: -len(suffix)] in SLOT_BY_KOHYA:
+                prefixes.setdefault(key[: -len(suffix)], {})[suffix] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not SD1.x proj_out residuals, "
+                          f"e.g. {sorted(unknown)[:3]}. It is not a PerRes residual.")
+    if not prefixes:
+        raise PerResError(f"'{name}' contains no residual tensors.")
+    layers = {}
+    for prefix, parts in sorted(prefixes.items()):
+        slot = SLOT_BY_KOHYA[prefix]
+        if UP not in parts or DOWN not in parts:
+            raise PerResError(f"'{name}': layer {slot.proj_out} lacks its lora_up or lora_down tensor.")
+        up, down = parts[UP].float(), parts[DOWN].float()
+        conv = up.dim() == 4
+        up2, down2 = up.flatten(1), down.flatten(1)
+        m, r = up2.shape
+        if (conv and (up.shape[2:] != (1, 1) or down.dim() != 4 or down.shape[2:] != (1, 1))) \
+                or down2.shape[0] != r or m != slot.channels or down2.shape[1] != slot.channels:
+            raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
+                              f"which do not fit SD1.x's {slot.channels}×{slot.channels} proj_out.")
+        if not (torch.isfinite(up2).all() and torch.isfinite(down2).all()):
+            raise PerResError(f"'{name}': layer {slot.proj_out} contains NaN or Inf values; the file is damaged "
+                              "or came from a diverged training run.")
+        alpha = parts.get(ALPHA)
+        scale = 1.0 if alpha is None else float(alpha) / r
+        if not math.isfinite(scale):
+            raise PerResError(f"'{name}': layer {slot.proj_out} has a non-finite alpha.")
+        layer = LowRankResidual(m, down2.shape[1], r, conv=True)
+        with torch.no_grad():
+            layer.up.copy_(up2 * scale)  # fold alpha/r so that ΔW = up·down
+            layer.down.copy_(down2)
+        layer.requires_grad_(False)
+        layers[slot.proj_out] = layer
+    return layers
+
+
+def _metadata_fields(metadata: Mapping[str, str], name: str) -> tuple[ConceptInfo, float, dict[str, str]]:
+    def field(key: str, default: str) -> str:
+        value = metadata.get(META_PREFIX + key, default)
+        if not isinstance(value, str):
+            raise PerResError(f"'{name}': metadata '{key}' is garbled.")
+        return value
+
+    identifier, class_word = field("identifier", "").strip(), field("class_word", "").strip()
+    template = field("caption_template", "a photo of a {identifier} {class_word}")
+    if not identifier or not class_word:
+        raise PerResError(f"'{name}': the metadata lacks the identifier or class word; the file is damaged. "
+                          "Re-save it with 'PerRes Save Residuals'.")
+    try:
+        template.format(identifier=identifier, class_word=class_word)
+        rank_ratio = float(field("rank_ratio", "0.05"))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise PerResError(f"'{name}': garbled metadata ({exc}). Re-save the residual.") from exc
+    known = {"format", "identifier", "class_word", "caption_template", "rank_ratio", "base_model"}
+    training = {k[len(META_PREFIX):]: v for k, v in metadata.items()
+                if k.startswith(META_PREFIX) and k[len(META_PREFIX):] not in known}
+    return ConceptInfo(identifier, class_word, template), rank_ratio, training

@@ -1,0 +1,134 @@
+"""Training loop for personalized residuals with the plain ε-prediction loss (paper Eq. 1).
+
+The loop knows nothing about the host: it receives an ε-predicting function of (x_t, t, context)
+whose only trainable parameters are the residuals, the clean latents, the caption embeddings and the
+model's ᾱ_t schedule. All randomness comes from one seeded CPU generator, so the same seed and inputs
+give the same residuals on the CPU, whatever device runs the model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PerResError
+
+EpsilonFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Paper defaults (§4.1): 150 steps, batch 4, lr 1e-3 (AdamW)."""
+
+    steps: int = 150
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    seed: int = 0
+    weight_decay: float = 1e-2  # torch's AdamW default; the paper does not state one
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise PerResError(f"steps must be at least 1, got {self.steps}. The paper trains 150 steps.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PerResError(f"batch_size must be at least 1, got {self.batch_size}.")
+        lr = self.learning_rate
+        if not isinstance(lr, (int, float)) or math.isnan(lr) or math.isinf(lr) or lr <= 0:
+            raise PerResError(f"learning_rate must be a positive finite number, got {lr}. The paper uses 0.001.")
+
+
+class TrainingDiverged(PerResError):
+    """The loss became NaN or Inf; nothing from the run may be kept."""
+
+
+def draw_batch(num_items: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one batch: without replacement when there are enough images, else with."""
+    if batch_size <= num_items:
+        return torch.randperm(num_items, generator=generator)[:batch_size]
+    return torch.randint(0, num_items, (batch_size,), generator=generator)
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM forward process)."""
+    abar = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def _rows(contexts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if contexts.shape[0] == 1:
+        return contexts.expand(len(index), *contexts.shape[1:])
+    return contexts[index]
+
+
+def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
+                    alphas_cumprod: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
+                    settings: TrainSettings, on_step: Optional[StepCallback] = None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    grad_scaler: Optional["torch.amp.GradScaler"] = None) -> list[float]:
+    """Minimise E‖ε − ε_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
+
+    latents: clean latents, already scaled as the UNet expects (N, 4, h, w), on the CPU.
+    contexts: caption embeddings, one row per latent or a single row for all (·, T, D).
+    on_step(step, loss) runs after every optimiser step; it may raise to cancel.
+    """
+    settings.validate()
+    if latents.shape[0] < 1:
+        raise PerResError("No training latents were given.")
+    if contexts.shape[0] not in (1, latents.shape[0]):
+        raise PerResError(f"{contexts.shape[0]} captions for {latents.shape[0]} images; give one caption or one per image.")
+    params = list(parameters)
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    num_timesteps = alphas_cumprod.shape[0]
+    losses: list[float] = []
+    for step in range(settings.steps):
+        index = draw_batch(latents.shape[0], settings.batch_size, generator)
+        x0 = latents[index].float()
+        t = torch.randint(0, num_timesteps, (len(index),), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = noisy_latents(x0, noise, t, alphas_cumprod.float().cpu())
+        context = _rows(contexts, index)
+        prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+        loss = F.mse_loss(prediction.float(), noise.to(device))
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"The loss became {value} at step {step + 1}; training stopped and nothing "
+                                   "was saved. Lower the learning rate (the paper uses 0.001) or check the model.")
+        optimizer.zero_grad(set_to_none=True)
+        if grad_scaler is not None:
+            grad_scaler.scale(loss).backward()
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    for param in params:
+        if not torch.isfinite(param).all():
+            raise TrainingDiverged("The residuals contain NaN or Inf after training; nothing was saved. "
+                                   "Lower the learning rate.")
+    return losses
+
+
+@torch.no_grad()
+def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
+                    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, seed: int,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Mean ε-MSE over every latent at each of the given fixed timesteps, with seeded noise."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for t_value in timesteps.tolist():
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.full((latents.shape[0],), int(t_value), dtype=torch.long)
+        x_t = noisy_latents(latents.float(), noise, t, alphas_cumprod.float().cpu())
+        context = contexts.expand(latents.shape[0], *contexts.shape[1:]) if contexts.shape[0] == 1 else contexts
+        prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+        total += F.mse_loss(prediction.float(), noise.to(device), reduction="sum").item()
+        count += noise.numel()
+    return total / count

@@ -1,0 +1,57 @@
+"""Locating and starting the real ComfyUI host in-process for the tests.
+
+Order: $COMFYUI_PATH, the ComfyUI whose custom_nodes/ contains this checkout, then ~/ComfyUI.
+The pack itself is loaded the way ComfyUI loads custom nodes (nodes.load_custom_node), never by
+putting the pack root on sys.path: its `nodes/` folder would shadow ComfyUI's `nodes` module.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_comfyui(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")) \
+        and os.path.isfile(os.path.join(path, "nodes.py"))
+
+
+def find_comfyui() -> Optional[str]:
+    explicit = os.environ.get("COMFYUI_PATH")
+    if explicit:
+        return os.path.abspath(explicit) if _is_comfyui(explicit) else None
+    parent = os.path.dirname(PACK_DIR)
+    if os.path.basename(parent) == "custom_nodes" and _is_comfyui(os.path.dirname(parent)):
+        return os.path.dirname(parent)
+    home = os.path.expanduser("~/ComfyUI")
+    return home if _is_comfyui(home) else None
+
+
+def start_host(comfy_root: str, workdir: str) -> None:
+    """Import ComfyUI in-process on the CPU, with models/input/output folders under `workdir`."""
+    import asyncio
+    import logging
+
+    if comfy_root not in sys.path:
+        sys.path.insert(0, comfy_root)
+    from comfy.cli_args import args
+    args.cpu = True
+    import utils.extra_config  # noqa: F401  (ComfyUI's own utils package must win over any other)
+    import folder_paths
+
+    for sub in ("input", "output", "temp", "models/checkpoints", "models/loras"):
+        os.makedirs(os.path.join(workdir, sub), exist_ok=True)
+    folder_paths.set_input_directory(os.path.join(workdir, "input"))
+    folder_paths.set_output_directory(os.path.join(workdir, "output"))
+    folder_paths.set_temp_directory(os.path.join(workdir, "temp"))
+    for name in ("checkpoints", "loras"):
+        _, extensions = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(workdir, "models", name)], extensions)
+
+    import nodes
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if not asyncio.run(nodes.load_custom_node(PACK_DIR)):
+        raise RuntimeError(f"ComfyUI could not load the pack from {PACK_DIR}; see the log above.")
+    logging.getLogger().setLevel(logging.INFO)

@@ -1,0 +1,78 @@
+"""Shared fixtures: the real ComfyUI host, the random SD1.5 checkpoint, and helpers to run nodes."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
+from comfy_host import find_comfyui, start_host  # noqa: E402
+
+CHECKPOINT_NAME = "sd15_random_arch.safetensors"
+_HOST_ROOT = find_comfyui()
+_WORKDIR = tempfile.mkdtemp(prefix="perres-tests-")
+if _HOST_ROOT is not None:
+    start_host(_HOST_ROOT, _WORKDIR)
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {_HOST_ROOT or 'NOT FOUND (host tests skipped)'}; workdir {_WORKDIR}"
+
+
+@pytest.fixture(scope="session")
+def host_root() -> str:
+    if _HOST_ROOT is None:
+        pytest.skip("no ComfyUI host found (set COMFYUI_PATH)")
+    return _HOST_ROOT
+
+
+@pytest.fixture(scope="session")
+def workdir(host_root) -> str:
+    return _WORKDIR
+
+
+@pytest.fixture(scope="session")
+def checkpoint_name(workdir) -> str:
+    """The random SD1.5-architecture checkpoint, built once and cached between runs."""
+    from sd15_checkpoint import write_sd15_checkpoint
+
+    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
+    os.makedirs(cache_dir, exist_ok=True)
+    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
+    if not os.path.exists(cached):
+        write_sd15_checkpoint(cached, seed=0)
+    target = os.path.join(workdir, "models", "checkpoints", CHECKPOINT_NAME)
+    if not os.path.exists(target):
+        os.symlink(cached, target)
+    return CHECKPOINT_NAME
+
+
+def run_node(node_id: str, **inputs):
+    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    with torch.inference_mode():
+        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+            output = cls.execute(**inputs)
+            return tuple(output.result) if output.result is not None else ()
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="session")
+def sd15(checkpoint_name):
+    """(model, clip, vae) from the stock CheckpointLoaderSimple."""
+    model, clip, vae = run_node("CheckpointLoaderSimple", ckpt_name=checkpoint_name)
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def concept_images() -> torch.Tensor:
+    """Four 64 px synthetic 'concept' images: a bright square on a varying background."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 64, 64, 3, generator=generator) * 0.3
+    images[:, 16:48, 16:48, 0] = 0.9
+    return images
