@@ -21,17 +21,24 @@ NAME = "PerRes Load Concept Images"
 MAX_PIXELS = 8192 * 8192  # refuse decompression bombs; 4096+ px photos are fine and get downscaled
 
 
+BUNDLED_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_images")
+
+
 def resolve_input_folder(folder: str) -> str:
-    """`folder` relative to ComfyUI's input directory; anything that escapes it is refused."""
+    """`folder` relative to ComfyUI's input directory, else to the pack's bundled example_images/.
+
+    Anything that escapes those directories is refused.
+    """
     if not folder.strip():
         raise PerResError("folder is empty; give a folder inside ComfyUI's input directory, e.g. 'perres/dog'.")
-    root = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(root, folder.strip()))
-    if os.path.commonpath([root, path]) != root:
-        raise PerResError(f"folder '{folder}' is outside ComfyUI's input directory; give a path relative to it.")
-    if not os.path.isdir(path):
-        raise PerResError(f"folder '{folder}' does not exist in ComfyUI's input directory ({root}).")
-    return path
+    input_root = os.path.realpath(folder_paths.get_input_directory())
+    for root in (input_root, os.path.realpath(BUNDLED_IMAGES)):
+        path = os.path.realpath(os.path.join(root, folder.strip()))
+        if os.path.commonpath([root, path]) != root:
+            raise PerResError(f"folder '{folder}' is outside ComfyUI's input directory; give a path relative to it.")
+        if os.path.isdir(path):
+            return path
+    raise PerResError(f"folder '{folder}' does not exist in ComfyUI's input directory ({input_root}).")
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -57,7 +64,7 @@ class LoadConceptImages(io.ComfyNode):
             description="Loads every image in a folder under ComfyUI's input directory (any sizes, grayscale, RGB "
                         "or RGBA) and centre-crops and resizes them into one batch for training.",
             inputs=[
-                io.String.Input("folder", default="perres/example_concept",
+                io.String.Input("folder", default="perres_example",
                                 tooltip="Folder inside ComfyUI/input holding 3–20 photos of the concept."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
                              tooltip="Side of the square training images; 512 for SD1.x."),
