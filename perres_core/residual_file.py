@@ -16,7 +16,6 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from .errors import PerResError
 from .residual import ConceptInfo, LowRankResidual, ResidualSet
@@ -66,9 +65,27 @@ def residuals_metadata(residuals: ResidualSet, pack_version: str) -> dict[str, s
     return out
 
 
+def serialize_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """Safetensors bytes with sorted header keys, so equal residuals give byte-identical files.
+
+    (safetensors' own writer orders the metadata by a hash map, which differs between runs.)
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        raw = tensor.numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks)
+
+
 def save_residual_file(residuals: ResidualSet, path: str, pack_version: str) -> str:
     """Write `path` atomically and never over an existing file. Returns the path written."""
-    data = safetensors_bytes(residuals_to_state_dict(residuals), metadata=residuals_metadata(residuals, pack_version))
+    data = serialize_safetensors(residuals_to_state_dict(residuals), residuals_metadata(residuals, pack_version))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".perres-", suffix=".partial", dir=directory)

@@ -1,6 +1,8 @@
 """Shared fixtures: the real ComfyUI host, the random SD1.5 checkpoint, and helpers to run nodes."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -9,7 +11,23 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
-from comfy_host import find_comfyui, start_host  # noqa: E402
+from comfy_host import PACK_DIR, find_comfyui, start_host  # noqa: E402
+
+
+def _load_standalone_core() -> None:
+    """perres_core as a top-level package for host-free tests (it never imports ComfyUI).
+
+    The pack root itself is never put on sys.path: its nodes/ folder would shadow ComfyUI's nodes module.
+    """
+    init = os.path.join(PACK_DIR, "perres_core", "__init__.py")
+    spec = importlib.util.spec_from_file_location("perres_core", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["perres_core"] = module
+    spec.loader.exec_module(module)
+
+
+_load_standalone_core()
 
 CHECKPOINT_NAME = "sd15_random_arch.safetensors"
 _HOST_ROOT = find_comfyui()
@@ -48,6 +66,11 @@ def checkpoint_name(workdir) -> str:
     if not os.path.exists(target):
         os.symlink(cached, target)
     return CHECKPOINT_NAME
+
+
+def pack(submodule: str):
+    """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
+    return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)
 
 
 def run_node(node_id: str, **inputs):

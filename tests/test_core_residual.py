@@ -1,0 +1,100 @@
+"""perres_core on tiny tensors: residual math, initialisation, file format (no host needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from perres_core.errors import PerResError
+from perres_core.residual import ConceptInfo, LowRankResidual, ResidualSet, rank_for
+from perres_core.residual_file import load_residual_file, save_residual_file
+from perres_core.sd15_layout import SD15_RESIDUAL_PARAMETERS, SD15_SLOTS, sd15_layer_shapes
+
+
+def test_sd15_parameter_count_matches_paper():
+    """r_i = 0.05·m_i on the 16 proj_out layers gives exactly 1,239,040 parameters."""
+    residuals = ResidualSet.create(sd15_layer_shapes())
+    assert len(residuals.layers) == 16
+    assert residuals.parameter_count() == SD15_RESIDUAL_PARAMETERS == 1_239_040
+    assert {layer.rank for layer in residuals.layers.values()} == {16, 32, 64}
+
+
+@pytest.mark.parametrize("features, ratio, expected", [(320, 0.05, 16), (1280, 0.05, 64), (10, 0.05, 1), (8, 1.0, 8)])
+def test_rank_for(features, ratio, expected):
+    assert rank_for(features, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan")])
+def test_rank_ratio_outside_range_is_refused(ratio):
+    with pytest.raises(PerResError, match="rank_ratio"):
+        rank_for(320, ratio)
+
+
+def test_zero_init_gives_exactly_zero_delta_and_random_init_is_small_but_not_zero():
+    layer = LowRankResidual(64, 64, 4)
+    layer.initialize("zero", torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    assert layer.down.abs().sum() > 0  # so gradients can reach A
+    layer.initialize("random", torch.Generator().manual_seed(0))
+    delta = layer.delta_weight()
+    assert 0 < delta.abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_low_rank_forward_equals_full_delta_weight(conv):
+    layer = LowRankResidual(32, 32, 4, conv=conv)
+    layer.initialize("random", torch.Generator().manual_seed(3), std=0.3)
+    if conv:
+        x = torch.randn(2, 32, 5, 7)
+        expected = F.conv2d(x, layer.delta_weight())
+    else:
+        x = torch.randn(2, 9, 32)
+        expected = F.linear(x, layer.delta_weight())
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _trained_like(seed: int = 0) -> ResidualSet:
+    residuals = ResidualSet.create(sd15_layer_shapes(), concept=ConceptInfo("ktn", "cat"),
+                                   training={"steps": 7, "seed": seed})
+    residuals.initialize("random", seed)
+    return residuals
+
+
+def test_file_round_trip_keeps_tensors_words_and_metadata(tmp_path):
+    residuals = _trained_like()
+    path = save_residual_file(residuals, str(tmp_path / "cat.safetensors"), "test")
+    loaded = load_residual_file(path)
+    assert loaded.concept == ConceptInfo("ktn", "cat")
+    assert loaded.training["steps"] == "7" and loaded.training["pack_version"] == "test"
+    for key, layer in residuals.layers.items():
+        torch.testing.assert_close(loaded.layers[key].delta_weight(), layer.delta_weight())
+
+
+def test_file_uses_kohya_keys_with_alpha_equal_rank(tmp_path):
+    path = save_residual_file(_trained_like(), str(tmp_path / "r.safetensors"), "test")
+    tensors = load_file(path)
+    assert len(tensors) == 3 * 16
+    slot = SD15_SLOTS[0]
+    assert slot.kohya_prefix == "lora_unet_down_blocks_0_attentions_0_proj_out"
+    assert tensors[slot.kohya_prefix + ".lora_up.weight"].shape == (320, 16, 1, 1)
+    assert tensors[slot.kohya_prefix + ".lora_down.weight"].shape == (16, 320, 1, 1)
+    assert float(tensors[slot.kohya_prefix + ".alpha"]) == 16.0
+
+
+def test_saving_never_overwrites_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "r.safetensors"
+    save_residual_file(_trained_like(0), str(target), "test")
+    before = target.read_bytes()
+    with pytest.raises(PerResError, match="already exists"):
+        save_residual_file(_trained_like(1), str(target), "test")
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["r.safetensors"]
+
+
+def test_same_seed_same_file_bytes(tmp_path):
+    a = save_residual_file(_trained_like(5), str(tmp_path / "a.safetensors"), "test")
+    b = save_residual_file(_trained_like(5), str(tmp_path / "b.safetensors"), "test")
+    assert open(a, "rb").read() == open(b, "rb").read()

@@ -1,0 +1,428 @@
+"""Generate the example workflows (UI format and API format) from one description.
+
+    . ~/ComfyUI/.venv/bin/activate && python tools/make_workflows.py [--comfyui ~/ComfyUI]
+
+Each workflow below is described once: nodes with their widget values by input name and their
+links by input name. The script starts the real ComfyUI in-process (like tests/comfy_host.py),
+reads every node's inputs the way GET /object_info reports them, and writes
+
+  example_workflows/<name>.json      the frontend's workflow format ("version": 0.4), whose
+                                     widgets_values follow the node's input order;
+  example_workflows/api/<name>.json  the same graph for POST /prompt.
+
+tests/test_workflows.py converts every UI file back to API form and checks it equals its twin, then
+runs each API workflow through ComfyUI's executor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_DIR = os.path.join(ROOT, "example_workflows")
+log = logging.getLogger("perres.make_workflows")
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Frontend-only nodes: they are saved in UI workflows but never sent to the server.
+VIRTUAL_TYPES = {"Note", "MarkdownNote"}
+SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these unless told otherwise
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+ROBOT_RESIDUAL = "perres/robot_00001.safetensors"
+DOG_RESIDUAL = "perres/dog_00001.safetensors"
+CAT_RESIDUAL = "perres/cat_00001.safetensors"
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+# Paper §4.1: DDIM, 50 steps, eta 0, guidance 6.0.
+SAMPLER = {"seed": 42, "steps": 50, "cfg": 6.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Description
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[float, float]
+    values: dict[str, Any] = field(default_factory=dict)        # widget values by input name
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input name -> (source node, output slot)
+    title: Optional[str] = None
+    size: Optional[tuple[float, float]] = None
+
+
+@dataclass
+class Group:
+    title: str
+    members: list[int]
+    color: str = "#3f789e"
+
+
+@dataclass
+class Workflow:
+    name: str
+    nodes: list[Node]
+    groups: list[Group] = field(default_factory=list)
+
+
+def note(node_id: int, pos, text: str, size=(360, 220)) -> Node:
+    return Node(node_id, "MarkdownNote", pos, {"text": text}, size=size)
+
+
+def sampler(node_id: int, pos, model, positive, negative, latent, title=None, **overrides) -> Node:
+    return Node(node_id, "KSampler", pos, {**SAMPLER, **overrides},
+                {"model": model, "positive": positive, "negative": negative, "latent_image": latent}, title=title)
+
+
+def base_nodes(ckpt_id: int = 1, negative_id: int = 5, latent_id: int = 6, y: float = 0) -> list[Node]:
+    return [
+        Node(ckpt_id, "CheckpointLoaderSimple", (0, y), {"ckpt_name": CHECKPOINT}),
+        Node(negative_id, "CLIPTextEncode", (420, y + 460), {"text": NEGATIVE}, {"clip": (ckpt_id, 1)},
+             title="Negative prompt"),
+        Node(latent_id, "EmptyLatentImage", (420, y + 680), {"width": 512, "height": 512, "batch_size": 1}),
+    ]
+
+
+def train_and_sample() -> Workflow:
+    prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
+    return Workflow("perres_train_and_sample", [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
+        Node(2, "PerResLoadConceptImages", (0, 200), {"folder": "perres_example", "resolution": 512}),
+        Node(3, "PerResTrainResiduals", (420, 0),
+             {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_size": 4, "learning_rate": 1e-3,
+              "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
+        Node(4, "PerResSaveResiduals", (840, 0), {"filename_prefix": "perres/robot"}, {"residuals": (3, 1)}),
+        Node(5, "LossGraphNode", (840, 140), {"filename_prefix": "perres_loss_graph"}, {"loss": (3, 2)},
+             size=(400, 300)),
+        Node(6, "PreviewImage", (0, 360), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
+        Node(7, "CLIPTextEncode", (420, 760), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        Node(8, "CLIPTextEncode", (420, 980), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
+        Node(9, "EmptyLatentImage", (420, 1200), {"width": 512, "height": 512, "batch_size": 1}),
+        sampler(10, (840, 760), (3, 0), (7, 0), (8, 0), (9, 0)),
+        Node(11, "VAEDecode", (1180, 760), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SaveImage", (1400, 760), {"filename_prefix": "perres/trained"}, {"images": (11, 0)},
+             size=(400, 450)),
+        note(13, (1320, 0), (
+            "## Train personalized residuals\n\n"
+            "1. Put 3-20 photos of your concept in a folder under `ComfyUI/input` (e.g. `input/my_dog`) and "
+            "enter that folder name. The default `perres_example` uses the pack's bundled toy robot.\n"
+            "2. Choose a rare `identifier` (`sks`) and the concept's `class_word` (`dog`, `toy`, ...).\n"
+            "3. Queue. 150 steps take a few minutes on a GPU. The residual is saved to "
+            "`models/loras/perres/robot_00001.safetensors`. The other example workflows load that file.\n\n"
+            "The prompt must contain the identifier and class word (`sks toy`)."), size=(420, 300)),
+    ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
+                                                    color="#8A8")])
+
+
+def load_and_apply() -> Workflow:
+    prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
+    return Workflow("perres_load_and_apply", base_nodes() + [
+        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
+        Node(3, "PerResApplyResiduals", (420, 0), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)}),
+        Node(4, "CLIPTextEncode", (420, 200), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        sampler(7, (840, 0), (3, 0), (4, 0), (5, 0), (6, 0)),
+        Node(8, "VAEDecode", (1180, 0), {}, {"samples": (7, 0), "vae": (1, 2)}),
+        Node(9, "SaveImage", (1400, 0), {"filename_prefix": "perres/applied"}, {"images": (8, 0)}, size=(400, 450)),
+        note(10, (0, 360), (
+            "## Sample with saved residuals (normal sampling)\n\n"
+            "Pick a file saved by **PerRes Save Residuals** (under `models/loras`). The residual is added "
+            "to all 16 `proj_out` layers, exactly like **LoraLoaderModelOnly** at strength 1.\n\n"
+            "Write the identifier and class word in the prompt (`sks toy`).")),
+    ])
+
+
+def lag_sampling() -> Workflow:
+    prompt = "a photo of a sks toy on a sandy beach, a sandcastle in the background"
+    return Workflow("perres_lag_sampling", base_nodes() + [
+        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
+        Node(3, "PerResLAGSampling", (420, 0),
+             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
+              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
+             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, size=(400, 400)),
+        sampler(7, (840, 0), (3, 0), (3, 1), (5, 0), (6, 0)),
+        Node(8, "VAEDecode", (1180, 0), {}, {"samples": (7, 0), "vae": (1, 2)}),
+        Node(9, "SaveImage", (1400, 0), {"filename_prefix": "perres/lag"}, {"images": (8, 0)}, size=(400, 450)),
+        Node(10, "PerResLAGMaskPreview", (1180, 520), {}, {"model": (3, 0), "samples": (7, 0)}, size=(400, 450)),
+        note(11, (0, 360), (
+            "## LAG sampling\n\n"
+            "**PerRes LAG Sampling** encodes the prompt (wire its `positive` output to the sampler) and applies "
+            "the residual only where the concept words (`sks toy`) attend; the base model draws the rest.\n\n"
+            "**PerRes LAG Mask Preview** shows where the residual acted, per block resolution.")),
+    ])
+
+
+def normal_vs_lag() -> Workflow:
+    prompt = "a photo of a sks toy on a mossy rock in a forest, a red fox in the background"
+    nodes = base_nodes() + [
+        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
+        Node(3, "PerResApplyResiduals", (420, -460), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)},
+             title="Normal: residual everywhere"),
+        Node(4, "PerResLAGSampling", (420, 0),
+             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
+              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
+             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, size=(400, 400)),
+        # both samplers: same seed, same empty latent, same positive conditioning (from the LAG node)
+        sampler(7, (880, -460), (3, 0), (4, 1), (5, 0), (6, 0), title="KSampler (normal)", seed=1234),
+        sampler(8, (880, 80), (4, 0), (4, 1), (5, 0), (6, 0), title="KSampler (LAG)", seed=1234),
+        Node(9, "VAEDecode", (1220, -460), {}, {"samples": (7, 0), "vae": (1, 2)}),
+        Node(10, "VAEDecode", (1220, 80), {}, {"samples": (8, 0), "vae": (1, 2)}),
+        Node(11, "ImageBatch", (1680, -150), {}, {"image1": (9, 0), "image2": (10, 0)}),
+        Node(12, "SaveImage", (1940, -150), {"filename_prefix": "perres/normal_vs_lag"}, {"images": (11, 0)},
+             size=(520, 450)),
+        Node(13, "PerResLAGMaskPreview", (1220, 420), {}, {"model": (4, 0), "samples": (8, 0)}, size=(400, 450)),
+        note(14, (0, 360), (
+            "## Normal vs. LAG sampling (paper, Figure 4)\n\n"
+            "Both samplers start from the same noise (same seed, same latent, same prompt). The saved batch "
+            "holds the normal image first and the LAG image second.\n\n"
+            "LAG tends to win for new backgrounds, added objects and identity; normal sampling for artistic "
+            "styles and changed attributes of the concept.")),
+    ]
+    return Workflow("perres_normal_vs_lag", nodes, [
+        Group("Normal sampling (W + ΔW everywhere)", [3, 7, 9]),
+        Group("LAG sampling (residual only where the concept attends)", [4, 8, 10, 13], color="#8A8"),
+    ])
+
+
+def two_concepts_lag() -> Workflow:
+    prompt = "a photo of a sks dog and a ktn cat on a beach"
+    return Workflow("perres_two_concepts_lag", base_nodes() + [
+        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": DOG_RESIDUAL}, title="Concept 1 (sks dog)"),
+        Node(3, "PerResLoadResiduals", (0, 320), {"residual_name": CAT_RESIDUAL}, title="Concept 2 (ktn cat)"),
+        Node(4, "PerResLAGConcept", (0, 460), {"concept_words": "", "strength": 1.0}, {"residuals": (3, 0)}),
+        Node(7, "PerResLAGSampling", (420, 0),
+             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
+              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
+             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0), "extra_concepts": (4, 0)}, size=(400, 420)),
+        sampler(8, (880, 0), (7, 0), (7, 1), (5, 0), (6, 0)),
+        Node(9, "VAEDecode", (1220, 0), {}, {"samples": (8, 0), "vae": (1, 2)}),
+        Node(10, "SaveImage", (1460, 0), {"filename_prefix": "perres/two_concepts"}, {"images": (9, 0)},
+             size=(400, 450)),
+        Node(11, "PerResLAGMaskPreview", (1220, 520), {}, {"model": (7, 0), "samples": (8, 0)}, size=(400, 450)),
+        note(12, (0, 640), (
+            "## Two concepts with LAG\n\n"
+            "Train one residual per concept with different identifiers, e.g. `sks` + `dog` and `ktn` + `cat`, "
+            "and save them as `perres/dog` and `perres/cat`.\n\n"
+            "Each residual acts only where its own words attend; where both claim a location the stronger "
+            "attention wins. In the mask preview concept 1 is red, concept 2 blue. Chain more "
+            "**PerRes LAG Concept** nodes through their `concepts` input.")),
+    ])
+
+
+WORKFLOWS = [train_and_sample, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag]
+
+
+# --------------------------------------------------------------------------------------------------
+# Node definitions, as GET /object_info reports them
+# --------------------------------------------------------------------------------------------------
+def node_info(class_type: str) -> dict:
+    """The /object_info entry of a node (server.py node_info), for V1 and V3 nodes alike."""
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal
+
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if issubclass(cls, _ComfyNodeInternal):
+        return cls.GET_NODE_INFO_V1()
+    inputs = cls.INPUT_TYPES()
+    return {"input": inputs, "input_order": {key: list(value.keys()) for key, value in inputs.items()},
+            "output": list(cls.RETURN_TYPES), "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES))}
+
+
+def display_name(class_type: str, info: dict) -> str:
+    import nodes
+
+    return info.get("display_name") or nodes.NODE_DISPLAY_NAME_MAPPINGS.get(class_type, class_type)
+
+
+def ordered_inputs(info: dict) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) for every visible input, in the order the frontend creates them."""
+    result = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(specs)):
+            result.append((name, list(specs[name]), section == "optional"))
+    return result
+
+
+def input_type(spec: list) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def is_widget(spec: list) -> bool:
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return input_type(spec) in WIDGET_TYPES and not options.get("forceInput", False)
+
+
+def has_control_widget(name: str, spec: list) -> bool:
+    """The frontend's rule: control_after_generate if given, else true for inputs named seed / noise_seed."""
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if input_type(spec) != "INT":
+        return False
+    flag = options.get("control_after_generate")
+    return bool(flag) if flag is not None else name in SEED_NAMES
+
+
+def default_value(spec: list):
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0] if spec[0] else None
+    if spec[0] == "COMBO":
+        return (options.get("options") or [None])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Building both formats
+# --------------------------------------------------------------------------------------------------
+def node_size(node: Node, info: Optional[dict]) -> list[float]:
+    if node.size:
+        return list(node.size)
+    if info is None:
+        return [360, 200]
+    entries = ordered_inputs(info)
+    widgets = sum(1 + has_control_widget(n, s) for n, s, _ in entries if is_widget(s))
+    sockets = max(sum(not is_widget(s) for _, s, _ in entries), len(info["output"]))
+    multiline = sum(1 for _, s, _ in entries if is_widget(s) and len(s) > 1 and s[1].get("multiline"))
+    return [360 if multiline else 320, 46 + 22 * sockets + 26 * widgets + 110 * multiline]
+
+
+def topological_order(wf: Workflow) -> dict[int, int]:
+    pending = {n.id: {src for src, _ in n.links.values()} for n in wf.nodes}
+    order: dict[int, int] = {}
+    while pending:
+        ready = sorted(i for i, deps in pending.items() if deps <= set(order))
+        if not ready:
+            raise ValueError(f"{wf.name}: the graph has a cycle")
+        for i in ready:
+            order[i] = len(order)
+            del pending[i]
+    return order
+
+
+def build(wf: Workflow) -> tuple[dict, dict]:
+    by_id = {n.id: n for n in wf.nodes}
+    if len(by_id) != len(wf.nodes):
+        raise ValueError(f"{wf.name}: duplicate node ids")
+    infos = {n.id: (None if n.type in VIRTUAL_TYPES else node_info(n.type)) for n in wf.nodes}
+    order = topological_order(wf)
+
+    # links, numbered in node order then input order
+    links, link_of_input, links_from = [], {}, {}
+    for node in sorted(wf.nodes, key=lambda n: order[n.id]):
+        info = infos[node.id]
+        if info is None:
+            continue
+        for name, spec, _ in ordered_inputs(info):
+            if name not in node.links:
+                continue
+            src, slot = node.links[name]
+            src_info = infos[src]
+            src_type = src_info["output"][slot]
+            if src_type != input_type(spec) and input_type(spec) != "*":
+                raise ValueError(f"{wf.name}: {by_id[src].type}[{slot}] is {src_type}, {node.type}.{name} wants "
+                                 f"{input_type(spec)}")
+            link_id = len(links) + 1
+            if is_widget(spec):
+                raise ValueError(f"{wf.name}: {node.type}.{name} is a widget; linking widgets is not supported here")
+            target_slot = [n for n, s, _ in ordered_inputs(info) if not is_widget(s)].index(name)
+            links.append([link_id, src, slot, node.id, target_slot, src_type])
+            link_of_input[(node.id, name)] = link_id
+            links_from.setdefault((src, slot), []).append(link_id)
+        unknown = set(node.links) - {n for n, _, _ in ordered_inputs(info)}
+        unknown |= set(node.values) - {n for n, _, _ in ordered_inputs(info)}
+        if unknown:
+            raise ValueError(f"{wf.name}: {node.type} has no inputs {sorted(unknown)}")
+
+    ui_nodes, api = [], {}
+    for node in wf.nodes:
+        info = infos[node.id]
+        ui = {"id": node.id, "type": node.type, "pos": list(node.pos), "size": node_size(node, info), "flags": {},
+              "order": order[node.id], "mode": 0, "inputs": [], "outputs": [], "properties": {}}
+        if node.title:
+            ui["title"] = node.title
+        if info is None:  # a note
+            ui["widgets_values"] = [node.values["text"]]
+            ui["color"], ui["bgcolor"] = "#432", "#653"
+            ui_nodes.append(ui)
+            continue
+        ui["properties"] = {"Node name for S&R": node.type}
+        api_inputs, widgets = {}, []
+        for name, spec, optional in ordered_inputs(info):
+            linked = name in node.links
+            if is_widget(spec):
+                value = node.values[name] if name in node.values else default_value(spec)
+                widgets.append(value)
+                if has_control_widget(name, spec):
+                    widgets.append("fixed")
+                api_inputs[name] = value
+            else:
+                entry = {"name": name, "type": input_type(spec), "link": link_of_input.get((node.id, name))}
+                if optional:
+                    entry["shape"] = 7  # the frontend's hollow dot for optional inputs
+                ui["inputs"].append(entry)
+                if linked:
+                    src, slot = node.links[name]
+                    api_inputs[name] = [str(src), slot]
+        for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"])):
+            ui["outputs"].append({"name": out_name, "type": out_type, "links": links_from.get((node.id, slot), []),
+                                  "slot_index": slot})
+        if widgets:
+            ui["widgets_values"] = widgets
+        ui_nodes.append(ui)
+        api[str(node.id)] = {"class_type": node.type, "inputs": api_inputs,
+                             "_meta": {"title": node.title or display_name(node.type, info)}}
+
+    groups = []
+    for index, group in enumerate(wf.groups, start=1):
+        boxes = [(by_id[i].pos, next(u["size"] for u in ui_nodes if u["id"] == i)) for i in group.members]
+        x0 = min(p[0] for p, _ in boxes) - 20
+        y0 = min(p[1] for p, _ in boxes) - 60
+        x1 = max(p[0] + s[0] for p, s in boxes) + 20
+        y1 = max(p[1] + s[1] for p, s in boxes) + 20
+        groups.append({"id": index, "title": group.title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                       "color": group.color, "font_size": 24, "flags": {}})
+
+    ui_workflow = {
+        "last_node_id": max(by_id), "last_link_id": len(links),
+        "nodes": sorted(ui_nodes, key=lambda u: u["id"]), "links": links, "groups": groups, "config": {},
+        "extra": {"ds": {"scale": 0.75, "offset": [80, 120]}}, "version": 0.4,
+    }
+    return ui_workflow, dict(sorted(api.items(), key=lambda kv: int(kv[0])))
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH, the enclosing ComfyUI, ~/ComfyUI)")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from comfy_host import find_comfyui, start_host
+
+    comfy_root = args.comfyui or find_comfyui()
+    if not comfy_root:
+        parser.error("ComfyUI not found; pass --comfyui or set COMFYUI_PATH")
+    start_host(os.path.abspath(os.path.expanduser(comfy_root)), tempfile.mkdtemp(prefix="perres-workflows-"))
+    os.makedirs(os.path.join(OUT_DIR, "api"), exist_ok=True)
+    for make in WORKFLOWS:
+        wf = make()
+        ui, api = build(wf)
+        write_json(os.path.join(OUT_DIR, wf.name + ".json"), ui)
+        write_json(os.path.join(OUT_DIR, "api", wf.name + ".json"), api)
+        log.info("wrote %s (%d nodes, %d links)", wf.name, len(ui["nodes"]), len(ui["links"]))
+
+
+if __name__ == "__main__":
+    main()
