@@ -16,7 +16,8 @@ NAME = "PerRes Apply Residuals"
 
 def check_strength(strength: float) -> None:
     if not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise PerResError(f"strength must be a finite number, got {strength}.")
+        raise PerResError(f"strength must be a finite number, got {strength}; 1 applies the learned residual, "
+                          "0 gives the base model.")
 
 
 class ApplyResiduals(io.ComfyNode):

@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
-from ..perres_core.images import prepare_batch
+from ..perres_core.images import MIN_SIDE, prepare_batch
 from .errors import reported_as
 
 log = logging.getLogger("perres")
@@ -44,8 +44,9 @@ def resolve_input_folder(folder: str) -> str:
 def read_image(path: str) -> torch.Tensor:
     with Image.open(path) as image:
         if image.width * image.height > MAX_PIXELS:
-            raise PerResError(f"'{os.path.basename(path)}' is {image.width}×{image.height} px, larger than "
-                              f"the {MAX_PIXELS // 8192} px² PerRes reads; downscale it first.")
+            raise PerResError(f"'{os.path.basename(path)}' is {image.width}×{image.height} px, more than the "
+                              f"{MAX_PIXELS / 1e6:.0f} megapixels PerRes reads; downscale it first "
+                              "(it is resized to the training resolution anyway).")
         image = ImageOps.exif_transpose(image)
         mode = {"L": "L", "LA": "LA", "RGBA": "RGBA", "P": "RGBA", "I;16": "L", "I": "L", "F": "L"}.get(image.mode, "RGB")
         array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
@@ -95,7 +96,14 @@ class LoadConceptImages(io.ComfyNode):
                 except PerResError:
                     raise
                 except Exception as exc:
-                    raise PerResError(f"'{name}' cannot be read as an image ({exc}).") from exc
+                    raise PerResError(f"'{name}' in folder '{folder}' cannot be read as an image ({exc}); "
+                                      "remove or replace it.") from exc
+            for name, image in zip(names, images):
+                height, width = image.shape[0], image.shape[1]
+                if min(height, width) < MIN_SIDE:
+                    raise PerResError(f"'{name}' is only {width}×{height} px; reference images must be at least "
+                                      f"{MIN_SIDE} px on each side. Replace it with a larger photo or remove it "
+                                      f"from folder '{folder}'.")
             try:
                 batch = prepare_batch(images, resolution)
             except PerResError as exc:

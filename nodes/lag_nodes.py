@@ -120,7 +120,8 @@ class LagSampling(io.ComfyNode):
             if not prompt.strip():
                 raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
             if start_percent > end_percent:
-                raise PerResError(f"start_percent ({start_percent}) is after end_percent ({end_percent}).")
+                raise PerResError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); set "
+                                  "start_percent ≤ end_percent (0 and 1 apply LAG at every step).")
             if outside_window not in OUTSIDE:
                 raise PerResError(f"outside_window must be one of {list(OUTSIDE)}.")
             settings = MaskSettings(mode=threshold, quantile=quantile)

@@ -89,7 +89,8 @@ class TrainResiduals(io.ComfyNode):
                 log.warning("%s: identifier '%s' is split into several tokens; a single rare token such as 'sks' "
                             "binds the concept more cleanly.", NAME, identifier)
             if images is None or images.shape[0] == 0:
-                raise PerResError("no reference images were given.")
+                raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
+                                  "with a folder of 3–20 photos of the concept.")
             if images.shape[0] < batch_size:
                 log.warning("%s: %d image(s) for batch size %d; batches are drawn with replacement.",
                             NAME, images.shape[0], batch_size)

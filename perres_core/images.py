@@ -44,5 +44,6 @@ def prepare_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
     if not images:
         raise PerResError("no reference images were given.")
     if size < MIN_SIDE or size % 8:
-        raise PerResError(f"resolution must be a multiple of 8 and at least {MIN_SIDE}, got {size}.")
+        raise PerResError(f"resolution must be a multiple of 8 and at least {MIN_SIDE}, got {size}; "
+                          "512 suits SD1.x.")
     return torch.stack([center_crop_resize(to_rgb(image), size) for image in images])

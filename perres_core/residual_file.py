@@ -27,6 +27,7 @@ UP, DOWN, ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
 # Full-rank residuals on all 16 SD1.5 layers in fp32 take 99 MB; nothing legitimate is larger.
 MAX_FILE_BYTES = 128 * 1024 * 1024
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+DAMAGED_FIX = "Copy the file again, or train and save the residual again with 'PerRes Save Residuals'."
 
 
 def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
@@ -87,18 +88,28 @@ def save_residual_file(residuals: ResidualSet, path: str, pack_version: str) -> 
     """Write `path` atomically and never over an existing file. Returns the path written."""
     data = serialize_safetensors(residuals_to_state_dict(residuals), residuals_metadata(residuals, pack_version))
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".perres-", suffix=".partial", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".perres-", suffix=".partial", dir=directory)
+    except OSError as exc:
+        raise _not_written(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         _publish_without_overwrite(tmp, path)
+    except OSError as exc:  # full disk, no permission, ...: the temp file goes, the final name never appears
+        raise _not_written(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _not_written(path: str, exc: OSError) -> PerResError:
+    return PerResError(f"could not write '{path}' ({exc.strerror or exc}); nothing was saved. "
+                       "Free disk space or fix the folder's permissions, then run the workflow again.")
 
 
 def _publish_without_overwrite(tmp: str, path: str) -> None:
@@ -135,35 +146,43 @@ def _read_header(path: str) -> dict:
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) < 8:
-            raise PerResError(f"'{os.path.basename(path)}' is truncated or not a safetensors file.")
+            raise PerResError(f"'{os.path.basename(path)}' is truncated or not a safetensors file. {DAMAGED_FIX}")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8 or header_len > 100 * 1024 * 1024:
-            raise PerResError(f"'{os.path.basename(path)}' is truncated or corrupt (bad safetensors header).")
+            raise PerResError(f"'{os.path.basename(path)}' is truncated or corrupt (bad safetensors header). "
+                              f"{DAMAGED_FIX}")
         try:
-            return json.loads(handle.read(header_len))
+            header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise PerResError(f"'{os.path.basename(path)}' is corrupt: its safetensors header is not valid JSON.")
+            header = None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise PerResError(f"'{os.path.basename(path)}' is corrupt: its safetensors header is not a valid JSON "
+                          f"object. {DAMAGED_FIX}")
+    return header
 
 
 def load_residual_file(path: str) -> ResidualSet:
     """Read and validate a PerRes residual file; every problem becomes a PerResError that names it."""
     check_loadable_path(path)
     name = os.path.basename(path)
-    header = _read_header(path)
+    try:
+        header = _read_header(path)
+    except OSError as exc:
+        raise PerResError(f"'{name}' cannot be read ({exc.strerror or exc}); check that the file is readable.") from exc
     metadata = header.get("__metadata__") or {}
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise PerResError(f"'{name}' is truncated or corrupt and cannot be read ({exc}).") from exc
+        raise PerResError(f"'{name}' is truncated or corrupt and cannot be read ({exc}). {DAMAGED_FIX}") from exc
     return residuals_from_state_dict(tensors, metadata, name)
 
 
 def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                               name: str = "residual") -> ResidualSet:
     if metadata.get(META_PREFIX + "format") is None:
-        kind = "an ordinary LoRA" if any(k.endswith(UP) or "lora" in k for k in tensors) else "not a residual"
-        raise PerResError(f"'{name}' is {kind}, not a PerRes residual (it has no PerRes metadata). "
+        kind = "an ordinary LoRA, not" if any(k.endswith(UP) or "lora" in k for k in tensors) else "not"
+        raise PerResError(f"'{name}' is {kind} a PerRes residual (it has no PerRes metadata). "
                           "Load LoRAs with ComfyUI's LoraLoader, or pick a file saved by 'PerRes Save Residuals'.")
     if metadata[META_PREFIX + "format"] != FORMAT_VERSION:
         raise PerResError(f"'{name}' uses PerRes file format {metadata[META_PREFIX + 'format']!r}; "
@@ -186,7 +205,8 @@ def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict
             unknown.append(key)
     if unknown:
         raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not SD1.x proj_out residuals, "
-                          f"e.g. {sorted(unknown)[:3]}. It is not a PerRes residual.")
+                          f"e.g. {sorted(unknown)[:3]}. It is not a PerRes residual; pick a file saved by "
+                          "'PerRes Save Residuals'.")
     if not prefixes:
         raise PerResError(f"'{name}' contains no residual tensors.")
     layers = {}
@@ -195,20 +215,27 @@ def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict
         if UP not in parts or DOWN not in parts:
             raise PerResError(f"'{name}': layer {slot.proj_out} lacks its lora_up or lora_down tensor.")
         up, down = parts[UP].float(), parts[DOWN].float()
+        if up.dim() not in (2, 4) or down.dim() not in (2, 4):
+            raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down "
+                              f"{tuple(down.shape)}, which are not low-rank factors. {DAMAGED_FIX}")
         conv = up.dim() == 4
         up2, down2 = up.flatten(1), down.flatten(1)
         m, r = up2.shape
         if (conv and (up.shape[2:] != (1, 1) or down.dim() != 4 or down.shape[2:] != (1, 1))) \
                 or down2.shape[0] != r or m != slot.channels or down2.shape[1] != slot.channels:
             raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
-                              f"which do not fit SD1.x's {slot.channels}×{slot.channels} proj_out.")
+                              f"which do not fit SD1.x's {slot.channels}×{slot.channels} proj_out. The file was "
+                              "made for another model; train the residual again on an SD1.x model.")
         if not (torch.isfinite(up2).all() and torch.isfinite(down2).all()):
             raise PerResError(f"'{name}': layer {slot.proj_out} contains NaN or Inf values; the file is damaged "
-                              "or came from a diverged training run.")
+                              "or came from a diverged training run. Train it again with a lower learning rate.")
         alpha = parts.get(ALPHA)
+        if alpha is not None and alpha.numel() != 1:
+            raise PerResError(f"'{name}': layer {slot.proj_out} has an alpha of shape {tuple(alpha.shape)} "
+                              f"instead of one number. {DAMAGED_FIX}")
         scale = 1.0 if alpha is None else float(alpha) / r
         if not math.isfinite(scale):
-            raise PerResError(f"'{name}': layer {slot.proj_out} has a non-finite alpha.")
+            raise PerResError(f"'{name}': layer {slot.proj_out} has a non-finite alpha. {DAMAGED_FIX}")
         layer = LowRankResidual(m, down2.shape[1], r, conv=True)
         with torch.no_grad():
             layer.up.copy_(up2 * scale)  # fold alpha/r so that ΔW = up·down
@@ -233,6 +260,8 @@ def _metadata_fields(metadata: Mapping[str, str], name: str) -> tuple[ConceptInf
     try:
         template.format(identifier=identifier, class_word=class_word)
         rank_ratio = float(field("rank_ratio", "0.05"))
+        if not 0.0 < rank_ratio <= 1.0:  # also refuses nan
+            raise ValueError(f"rank_ratio {rank_ratio} is not in (0, 1]")
     except (KeyError, IndexError, ValueError) as exc:
         raise PerResError(f"'{name}': garbled metadata ({exc}). Re-save the residual.") from exc
     known = {"format", "identifier", "class_word", "caption_template", "rank_ratio", "base_model"}

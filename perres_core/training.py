@@ -34,7 +34,7 @@ class TrainSettings:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise PerResError(f"steps must be at least 1, got {self.steps}. The paper trains 150 steps.")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise PerResError(f"batch_size must be at least 1, got {self.batch_size}.")
+            raise PerResError(f"batch_size must be at least 1, got {self.batch_size}. The paper uses 4.")
         lr = self.learning_rate
         if not isinstance(lr, (int, float)) or math.isnan(lr) or math.isinf(lr) or lr <= 0:
             raise PerResError(f"learning_rate must be a positive finite number, got {lr}. The paper uses 0.001.")

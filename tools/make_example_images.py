@@ -10,7 +10,6 @@ The output is deterministic (fixed seeds), so re-running reproduces the same fil
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 

@@ -190,10 +190,10 @@ def normal_vs_lag() -> Workflow:
 
 
 def two_concepts_lag() -> Workflow:
-    prompt = "a photo of a sks dog and a ktn cat on a beach"
+    prompt = "a photo of a sks dog and an olis cat on a beach"
     return Workflow("perres_two_concepts_lag", base_nodes() + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": DOG_RESIDUAL}, title="Concept 1 (sks dog)"),
-        Node(3, "PerResLoadResiduals", (0, 320), {"residual_name": CAT_RESIDUAL}, title="Concept 2 (ktn cat)"),
+        Node(3, "PerResLoadResiduals", (0, 320), {"residual_name": CAT_RESIDUAL}, title="Concept 2 (olis cat)"),
         Node(4, "PerResLAGConcept", (0, 460), {"concept_words": "", "strength": 1.0}, {"residuals": (3, 0)}),
         Node(7, "PerResLAGSampling", (420, 0),
              {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
@@ -206,8 +206,8 @@ def two_concepts_lag() -> Workflow:
         Node(11, "PerResLAGMaskPreview", (1220, 520), {}, {"model": (7, 0), "samples": (8, 0)}, size=(400, 450)),
         note(12, (0, 640), (
             "## Two concepts with LAG\n\n"
-            "Train one residual per concept with different identifiers, e.g. `sks` + `dog` and `ktn` + `cat`, "
-            "and save them as `perres/dog` and `perres/cat`.\n\n"
+            "Train one residual per concept with different identifiers, e.g. `sks` + `dog` and `olis` + `cat` "
+            "(rare words that CLIP keeps as one token), and save them as `perres/dog` and `perres/cat`.\n\n"
             "Each residual acts only where its own words attend; where both claim a location the stronger "
             "attention wins. In the mask preview concept 1 is red, concept 2 blue. Chain more "
             "**PerRes LAG Concept** nodes through their `concepts` input.")),

@@ -1,0 +1,322 @@
+"""Shared plumbing of the PerRes benchmarks: the real ComfyUI host in-process, timers, memory.
+
+The host is started exactly as the tests start it (tests/comfy_host.py): ComfyUI's root goes on
+sys.path and the pack is loaded with nodes.load_custom_node. The pack root itself is never put on
+sys.path, because the pack's `nodes/` folder would shadow ComfyUI's `nodes` module.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.join(os.path.dirname(BENCH_DIR), "tests")
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)  # the tests' helper modules (comfy_host, sd15_checkpoint), not the pack
+
+from comfy_host import PACK_DIR, find_comfyui, start_host  # noqa: E402
+
+CHECKPOINT_NAME = "sd15_random_arch.safetensors"
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def start(device: str) -> str:
+    """Start ComfyUI in-process (CPU, or CUDA with --device cuda) with the pack loaded; returns the workdir.
+
+    fp32 UNet weights are forced so every benchmark measures fp32 on every device.
+    """
+    root = find_comfyui()
+    if root is None:
+        raise SystemExit("No ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout (0.3.64 was used here).")
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from comfy.cli_args import args
+    args.fp32_unet = True
+    args.fp32_vae = True
+    args.fp32_text_enc = True
+    if device != "cpu":
+        # comfy.model_management fixes its device when it is first imported; importing it here, before
+        # start_host() sets args.cpu = True for the tests, keeps the accelerator.
+        args.cpu = False
+        import comfy.model_management  # noqa: F401
+    workdir = tempfile.mkdtemp(prefix="perres-bench-")
+    start_host(root, workdir)
+    import comfy.model_management as mm
+    say(f"ComfyUI {comfy_version(root)} at {root}; torch device {mm.get_torch_device()}; "
+        f"torch {torch_version()}, {torch_threads()} CPU threads; pack {PACK_DIR}")
+    return workdir
+
+
+def comfy_version(root: str) -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except Exception:
+        return "?"
+
+
+def torch_version() -> str:
+    import torch
+    return torch.__version__
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def checkpoint(workdir: str) -> str:
+    """The random-weight SD1.5-architecture checkpoint of the tests (built once, cached), linked into workdir."""
+    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
+    os.makedirs(cache_dir, exist_ok=True)
+    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
+    if not os.path.exists(cached):
+        from sd15_checkpoint import write_sd15_checkpoint
+        say(f"building {cached} (once) ...")
+        write_sd15_checkpoint(cached, seed=0)
+    target = os.path.join(workdir, "models", "checkpoints", CHECKPOINT_NAME)
+    if not os.path.exists(target):
+        os.symlink(cached, target)
+    return CHECKPOINT_NAME
+
+
+def pack_module(relative: str):
+    """A module of the loaded pack, e.g. pack_module('nodes.residual_hooks') (the pack's own, not ComfyUI's)."""
+    import nodes
+    package = nodes.NODE_CLASS_MAPPINGS["PerResTrainResiduals"].__module__.rsplit(".", 2)[0]
+    return importlib.import_module(f"{package}.{relative}")
+
+
+def run_node(node_id: str, **inputs):
+    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
+    import nodes
+    import torch
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    with torch.inference_mode():
+        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+            output = cls.execute(**inputs)
+            return tuple(output.result) if output.result is not None else ()
+        return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def sync() -> None:
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class StepClock:
+    """Wall-clock and process-CPU timestamps of events (optimizer or sampler steps).
+
+    CPU time is reported next to wall time because it is far less sensitive to other processes
+    competing for the same cores. With one torch thread it is the CPU time of the calling thread
+    (all CPU ops, forward and backward, run there), else of the whole process.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
+
+    def tick(self, *_args, **_kwargs) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(cpu_time())
+
+    def reset(self) -> None:
+        self.stamps.clear()
+        self.cpu_stamps.clear()
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def cpu_durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
+
+
+@contextlib.contextmanager
+def optimizer_steps(clock: StepClock) -> Iterator[None]:
+    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(clock.tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class Segments:
+    """Where a training step's time goes: marks at UNet forward start/end and optimizer step start/end.
+
+    Segment names: 'glue' (optimizer step end -> next UNet forward: batch drawing, noise, host code),
+    'forward', 'loss+backward' (forward end -> optimizer step start), 'optimizer', and 'between UNet
+    calls' when one step runs the UNet more than once. Only whole steps after the first optimizer
+    step are counted, so setup and the warm-up step are excluded.
+    """
+
+    NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
+             ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
+             ("fwd_end", "fwd_start"): "between UNet calls"}
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float]] = []
+
+    def mark(self, label: str) -> None:
+        sync()
+        self.marks.append((label, time.perf_counter(), cpu_time()))
+
+    def reset(self) -> None:
+        self.marks.clear()
+
+    def per_step(self) -> dict[str, tuple[float, float]]:
+        """Segment -> (wall, cpu) seconds per step."""
+        ends = [i for i, (label, _, _) in enumerate(self.marks) if label == "opt_end"]
+        if len(ends) < 2:
+            return {}
+        marks = self.marks[ends[0]:ends[-1] + 1]
+        totals: dict[str, list[float]] = {}
+        for (a, wa, ca), (b, wb, cb) in zip(marks, marks[1:]):
+            name = self.NAMES.get((a, b), f"{a}->{b}")
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += wb - wa
+            acc[1] += cb - ca
+        steps = len(ends) - 1
+        return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
+
+
+@contextlib.contextmanager
+def segment_marks(segments: Segments, unet) -> Iterator[None]:
+    """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    handles = [
+        unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
+        unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
+        register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
+        register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def progress_steps(clock: StepClock) -> Iterator[None]:
+    """Tick `clock` on every comfy.utils.ProgressBar update (KSampler calls it once per sampling step)."""
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: clock.tick())
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+def cpu_time() -> float:
+    """CPU seconds: of this thread when torch runs single-threaded, else of the whole process."""
+    import torch
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+
+def rss_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak resident memory (sampled every 20 ms) of a phase on the CPU, or peak allocated CUDA memory."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.start_rss = 0
+        self.peak_rss = 0
+        self.cuda_peak: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        self.start_rss = self.peak_rss = rss_bytes()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+
+    def describe(self) -> str:
+        gib = 1024 ** 3
+        text = f"peak RSS {self.peak_rss / gib:.2f} GiB (+{(self.peak_rss - self.start_rss) / gib:.2f} GiB in phase)"
+        if self.cuda_peak is not None:
+            text += f", peak CUDA allocated {self.cuda_peak / gib:.2f} GiB"
+        return text
+
+
+def process_peak_rss() -> str:
+    """ru_maxrss of the whole process (kB on Linux)."""
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GiB"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"median {median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "OK" if ratio <= target else "OVER TARGET"
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def set_threads(threads: int) -> None:
+    """torch.set_num_threads(threads) unless 0; on a machine shared with other jobs 1 gives steadier numbers."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_note() -> str:
+    """The 1-minute load average against the core count, to flag a busy machine in the output."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "load average unknown"
+    cores = os.cpu_count() or 1
+    busy = " (BUSY: other processes compete for the cores; trust the CPU-time ratios more)" if load > cores + 0.5 else ""
+    return f"load average {load:.2f} on {cores} cores{busy}"
