@@ -56,6 +56,24 @@ class _CallState:
     active: bool
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     masks: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # slot -> per concept (B_total, N)
+    _selector: object = None
+    _gather: Optional[torch.Tensor] = None
+
+    def positive(self, device: torch.device):
+        """Selects the positive rows: a slice (a view, no copy) when they are contiguous, as in ComfyUI's
+        [uncond…, cond…] layout, else an index tensor. Built once per call, not once per block."""
+        if self._selector is None:
+            rows = self.positive_rows
+            contiguous = rows == list(range(rows[0], rows[-1] + 1))
+            self._selector = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=device)
+        return self._selector
+
+    def partner_index(self, device: torch.device) -> torch.Tensor:
+        """For each row of the call, the index of its positive partner among the positive rows."""
+        if self._gather is None:
+            index = {row: i for i, row in enumerate(self.positive_rows)}
+            self._gather = torch.tensor([index[p] for p in self.pair_of_row], device=device)
+        return self._gather
 
 
 class MaskRecorder:
@@ -69,7 +87,7 @@ class MaskRecorder:
         self.sums.clear()
         self.counts.clear()
 
-    def add(self, height: int, width: int, masks: list[torch.Tensor], rows: list[int]) -> None:
+    def add(self, height: int, width: int, masks: list[torch.Tensor], rows) -> None:
         stacked = torch.stack([m[rows].float().mean(dim=0) for m in masks]).reshape(len(masks), height, width)
         key = (height, width)
         # summed on the sampling device: a copy to the CPU here would stall the GPU 16 times per step
@@ -93,8 +111,8 @@ class LagPatch:
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.outside = outside          # "full": W + ΔW outside the LAG steps; "base": W
         self.recorder = MaskRecorder()
-        self._last_positive: dict[int, list[torch.Tensor]] = {}
-        self._columns: dict[tuple[int, int], torch.Tensor] = {}
+        self._last_positive: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self._columns: dict[tuple, torch.Tensor] = {}
         self._device_factors: dict[tuple, Optional[tuple]] = {}
         self._warned_length = False
 
@@ -160,8 +178,8 @@ class LagPatch:
             state.queries[slot.index] = output
         return hook
 
-    def _columns_for(self, concept_index: int, context_length: int) -> torch.Tensor:
-        key = (concept_index, context_length)
+    def _columns_for(self, concept_index: int, context_length: int, device: torch.device) -> torch.Tensor:
+        key = (concept_index, context_length, device)
         if key not in self._columns:
             if context_length % self.prompt_length and not self._warned_length:
                 self._warned_length = True
@@ -169,16 +187,19 @@ class LagPatch:
                             "LAG node's conditioning output to the sampler so the concept tokens line up.",
                             context_length, self.prompt_length)
             positions = self.concepts[concept_index].positions
-            self._columns[key] = concept_columns(context_length, positions, self.prompt_length)
+            self._columns[key] = concept_columns(context_length, positions, self.prompt_length).to(device)
         return self._columns[key]
 
     def _factors(self, concept_index: int, slot: TransformerSlot, x: torch.Tensor):
-        """The concept's (A, B) for this layer on x's device and dtype, cached (the residual is not moved)."""
+        """(strength·A, B) of the concept for this layer on x's device and dtype, cached (the residual itself
+        is never moved); None where the concept has no residual for the layer or zero strength."""
         key = (concept_index, slot.index, x.device, x.dtype)
         if key not in self._device_factors:
-            layer = self.concepts[concept_index].residuals.layers.get(slot.proj_out)
-            self._device_factors[key] = None if layer is None else (
-                layer.up.detach().to(x.device, x.dtype), layer.down.detach().to(x.device, x.dtype), layer.conv)
+            concept = self.concepts[concept_index]
+            layer = concept.residuals.layers.get(slot.proj_out)
+            self._device_factors[key] = None if layer is None or concept.strength == 0 else (
+                (layer.up.detach().float() * concept.strength).to(x.device, x.dtype),
+                layer.down.detach().to(x.device, x.dtype), layer.conv)
         return self._device_factors[key]
 
     def _make_masks(self, slot: TransformerSlot, state: _CallState, heads: int):
@@ -186,23 +207,18 @@ class LagPatch:
             queries = state.queries.pop(slot.index, None)
             if queries is None or not state.positive_rows:
                 return None
-            rows = torch.tensor(state.positive_rows, device=queries.device)
-            located = [k for k, concept in enumerate(self.concepts) if concept.positions]
-            maps = [concept_attention(queries[rows], keys[rows], heads, self._columns_for(k, keys.shape[1]))
-                    for k in located]
+            positive = state.positive(queries.device)
+            q, k = queries[positive], keys[positive]
+            located = [c for c, concept in enumerate(self.concepts) if concept.positions]
+            maps = [concept_attention(q, k, heads, self._columns_for(c, keys.shape[1], keys.device)) for c in located]
             found = dict(zip(located, concept_masks(maps, self.settings)))   # each (P, N)
             # a concept whose words are not in the prompt falls back to the residual everywhere
-            everywhere = torch.ones(len(rows), queries.shape[1], device=queries.device)
-            positive_masks = [found.get(k, everywhere) for k in range(len(self.concepts))]
-            state.masks[slot.index] = [self._spread(m, state) for m in positive_masks]
+            everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
+            partner = state.partner_index(q.device)
+            state.masks[slot.index] = [found.get(c, everywhere).index_select(0, partner)
+                                       for c in range(len(self.concepts))]
             return None
         return hook
-
-    def _spread(self, positive_mask: torch.Tensor, state: _CallState) -> torch.Tensor:
-        """(P, N) masks of the positive rows → (B_total, N), negative rows copying their partner's."""
-        index = {row: i for i, row in enumerate(state.positive_rows)}
-        gather = torch.tensor([index[p] for p in state.pair_of_row], device=positive_mask.device)
-        return positive_mask[gather]
 
     def _masks_for(self, slot: TransformerSlot, state: _CallState, batch: int, tokens: int,
                    device: torch.device) -> Optional[list[torch.Tensor]]:
@@ -210,13 +226,15 @@ class LagPatch:
             return None
         masks = state.masks.get(slot.index)
         if masks is not None:
-            self._last_positive[slot.index] = [m[state.positive_rows] for m in masks]
+            # kept unsliced: only a later negative-only call (a split CFG batch) reads them
+            self._last_positive[slot.index] = (masks, state.positive(device))
             return masks
         # a negative-only call (ComfyUI split the batch): reuse the last positive masks of this block
         last = self._last_positive.get(slot.index)
-        if last is None or last[0].shape[1] != tokens:
+        if last is None or last[0][0].shape[1] != tokens:
             return [torch.ones(batch, tokens, device=device) for _ in self.concepts]
-        return [m if m.shape[0] == batch else m[:1].expand(batch, -1) for m in last]
+        previous = [m[last[1]] for m in last[0]]
+        return [m if m.shape[0] == batch else m[:1].expand(batch, -1) for m in previous]
 
     def _add_residuals(self, slot: TransformerSlot, state: _CallState):
         def hook(module, args, output):
@@ -226,15 +244,13 @@ class LagPatch:
             if masks is None and self.outside == "base":
                 return output
             result = output
-            for k, concept in enumerate(self.concepts):
+            for k in range(len(self.concepts)):
                 factors = self._factors(k, slot, x)
-                if factors is None or concept.strength == 0:
+                if factors is None:
                     continue
-                delta = apply_low_rank(x, *factors)
-                if masks is not None:
-                    delta = delta * masks[k].reshape(batch, 1, height, width).to(delta.dtype)
-                result = result + (concept.strength * delta).to(output.dtype)
+                mask = None if masks is None else masks[k].reshape(batch, 1, height, width)
+                result = result + apply_low_rank(x, *factors, mask=mask).to(output.dtype)
             if masks is not None and state.masks.get(slot.index) is not None and state.positive_rows:
-                self.recorder.add(height, width, masks, state.positive_rows)
+                self.recorder.add(height, width, masks, state.positive(x.device))
             return result
         return hook

@@ -40,24 +40,21 @@ class MaskSettings:
 
 
 def concept_columns(context_length: int, positions: Sequence[int], prompt_length: int) -> torch.Tensor:
-    """Boolean (T,) selecting the concept tokens' columns.
+    """Indices (LongTensor) of the concept tokens' columns in a context of `context_length` tokens.
 
     When ComfyUI batches prompts of different lengths it repeats the shorter context up to the LCM
     length, so column j holds token j mod prompt_length.
     """
-    columns = torch.zeros(context_length, dtype=torch.bool)
     wanted = set(positions)
-    for j in range(context_length):
-        if (j % prompt_length) in wanted:
-            columns[j] = True
-    return columns
+    return torch.tensor([j for j in range(context_length) if j % prompt_length in wanted], dtype=torch.long)
 
 
 def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
     """A_C of Eq. 2 summed over the selected columns and averaged over heads: (B, N).
 
-    q: (B, N, heads·d) and k: (B, T, heads·d) as produced by the block's own to_q / to_k (heads merged).
-    The softmax is over all T context tokens, in fp32; only the selected columns are exponentiated.
+    q: (B, N, heads·d) and k: (B, T, heads·d) as produced by the block's own to_q / to_k (heads merged);
+    columns: indices of the concept tokens, on q's device. The softmax is over all T context tokens, in
+    fp32; only the selected columns are exponentiated.
     """
     batch, tokens, inner = q.shape
     dim_head = inner // heads
@@ -65,7 +62,7 @@ def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, columns: tor
     kh = k.float().reshape(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
     logits = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5   # (B, h, N, T)
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    selected = (logits[..., columns.to(logits.device)] - log_norm).exp().sum(dim=-1)  # (B, h, N)
+    selected = (logits.index_select(-1, columns) - log_norm).exp().sum(dim=-1)  # (B, h, N)
     return selected.mean(dim=1)
 
 

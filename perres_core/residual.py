@@ -75,12 +75,23 @@ class LowRankResidual(nn.Module):
         return apply_low_rank(x, self.up, self.down, self.conv)
 
 
-def apply_low_rank(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, conv: bool) -> torch.Tensor:
-    """A·(B·x) as two thin products, cheaper than forming ΔW when r ≪ m; computed in x's dtype."""
+def apply_low_rank(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, conv: bool,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A·(B·x), or M⊙(A·(B·x)) with a per-location mask, computed in x's dtype.
+
+    Two thin products are cheaper than forming ΔW when r ≪ m, and a mask that is constant over channels
+    commutes with the 1×1 A, so it is applied to the r-channel intermediate (the cheapest place).
+    """
     up, down = up.to(x.device, x.dtype), down.to(x.device, x.dtype)
     if conv:
-        return F.conv2d(F.conv2d(x, down[..., None, None]), up[..., None, None])
-    return F.linear(F.linear(x, down), up)
+        hidden = F.conv2d(x, down[..., None, None])
+        if mask is not None:
+            hidden = hidden * mask.to(hidden.dtype)
+        return F.conv2d(hidden, up[..., None, None])
+    hidden = F.linear(x, down)
+    if mask is not None:
+        hidden = hidden * mask.to(hidden.dtype)
+    return F.linear(hidden, up)
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,17 @@ def test_same_seed_same_file_bytes(tmp_path):
     a = save_residual_file(_trained_like(5), str(tmp_path / "a.safetensors"), "test")
     b = save_residual_file(_trained_like(5), str(tmp_path / "b.safetensors"), "test")
     assert open(a, "rb").read() == open(b, "rb").read()
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_masked_low_rank_equals_mask_times_delta(conv):
+    """M·(A·(B·x)) computed on the rank-r intermediate equals masking the full residual output."""
+    from perres_core.residual import apply_low_rank
+
+    layer = LowRankResidual(16, 16, 2, conv=conv)
+    layer.initialize("random", torch.Generator().manual_seed(1), std=0.5)
+    if conv:
+        x, mask = torch.randn(2, 16, 3, 3), (torch.rand(2, 1, 3, 3) > 0.5).float()
+    else:
+        x, mask = torch.randn(2, 9, 16), (torch.rand(2, 9, 1) > 0.5).float()
+    torch.testing.assert_close(apply_low_rank(x, layer.up, layer.down, conv, mask=mask), mask * layer(x))
