@@ -7,7 +7,6 @@ sys.path, because the pack's `nodes/` folder would shadow ComfyUI's `nodes` modu
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import resource
 import statistics
@@ -22,7 +21,7 @@ TESTS_DIR = os.path.join(os.path.dirname(BENCH_DIR), "tests")
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # the tests' helper modules (comfy_host, sd15_checkpoint), not the pack
 
-from comfy_host import PACK_DIR, find_comfyui, start_host  # noqa: E402
+from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
 
 CHECKPOINT_NAME = "sd15_random_arch.safetensors"
 
@@ -94,22 +93,7 @@ def checkpoint(workdir: str) -> str:
 
 def pack_module(relative: str):
     """A module of the loaded pack, e.g. pack_module('nodes.residual_hooks') (the pack's own, not ComfyUI's)."""
-    import nodes
-    package = nodes.NODE_CLASS_MAPPINGS["PerResTrainResiduals"].__module__.rsplit(".", 2)[0]
-    return importlib.import_module(f"{package}.{relative}")
-
-
-def run_node(node_id: str, **inputs):
-    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
-    import nodes
-    import torch
-
-    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-    with torch.inference_mode():
-        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
-            output = cls.execute(**inputs)
-            return tuple(output.result) if output.result is not None else ()
-        return getattr(cls(), cls.FUNCTION)(**inputs)
+    return pack(relative)
 
 
 def sync() -> None:

@@ -9,7 +9,6 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..perres_core import __version__
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from ..perres_core.residual import DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, rank_for

@@ -55,3 +55,23 @@ def start_host(comfy_root: str, workdir: str) -> None:
     if not asyncio.run(nodes.load_custom_node(PACK_DIR)):
         raise RuntimeError(f"ComfyUI could not load the pack from {PACK_DIR}; see the log above.")
     logging.getLogger().setLevel(logging.INFO)
+
+
+def pack(submodule: str):
+    """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
+    import importlib
+
+    return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)
+
+
+def run_node(node_id: str, **inputs):
+    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
+    import nodes
+    import torch
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    with torch.inference_mode():
+        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+            output = cls.execute(**inputs)
+            return tuple(output.result) if output.result is not None else ()
+        return getattr(cls(), cls.FUNCTION)(**inputs)

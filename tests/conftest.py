@@ -1,7 +1,6 @@
 """Shared fixtures: the real ComfyUI host, the random SD1.5 checkpoint, and helpers to run nodes."""
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
-from comfy_host import PACK_DIR, find_comfyui, start_host  # noqa: E402
+from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
 
 
 def _load_standalone_core() -> None:
@@ -66,23 +65,6 @@ def checkpoint_name(workdir) -> str:
     if not os.path.exists(target):
         os.symlink(cached, target)
     return CHECKPOINT_NAME
-
-
-def pack(submodule: str):
-    """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
-    return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)
-
-
-def run_node(node_id: str, **inputs):
-    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
-    import nodes
-
-    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-    with torch.inference_mode():
-        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
-            output = cls.execute(**inputs)
-            return tuple(output.result) if output.result is not None else ()
-        return getattr(cls(), cls.FUNCTION)(**inputs)
 
 
 @pytest.fixture(scope="session")
