@@ -304,3 +304,10 @@ def load_note() -> str:
     cores = os.cpu_count() or 1
     busy = " (BUSY: other processes compete for the cores; trust the CPU-time ratios more)" if load > cores + 0.5 else ""
     return f"load average {load:.2f} on {cores} cores{busy}"
+
+
+def load_sd15(device: str, threads: int):
+    """Start the host, set torch's threads and load the cached random SD1.5 checkpoint: (model, clip, vae)."""
+    workdir = start(device)
+    set_threads(threads)
+    return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))

@@ -106,14 +106,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     opts = parse_args()
-    workdir = bc.start(opts.device)
+    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
     import torch
     import comfy.model_management as mm
-
-    bc.set_threads(opts.threads)
     say = bc.say
-    ckpt = bc.checkpoint(workdir)
-    model, clip, vae = bc.run_node("CheckpointLoaderSimple", ckpt_name=ckpt)
 
     residual = bc.pack_module("perres_core.residual")
     layout = bc.pack_module("perres_core.sd15_layout")

@@ -114,13 +114,9 @@ def run_stock(model, latents, positive, batch: int, steps: int, rank: int, check
 
 def main() -> None:
     opts = parse_args()
-    workdir = bc.start(opts.device)
+    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
     import torch
-
-    bc.set_threads(opts.threads)
     say = bc.say
-    ckpt = bc.checkpoint(workdir)
-    model, clip, vae = bc.run_node("CheckpointLoaderSimple", ckpt_name=ckpt)
     images = make_images(opts.batch, opts.resolution)
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
