@@ -12,7 +12,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
-from ..perres_core.images import MIN_SIDE, prepare_batch
+from ..perres_core.images import prepare_batch
 from .errors import reported_as
 
 log = logging.getLogger("perres")
@@ -98,14 +98,8 @@ class LoadConceptImages(io.ComfyNode):
                 except Exception as exc:
                     raise PerResError(f"'{name}' in folder '{folder}' cannot be read as an image ({exc}); "
                                       "remove or replace it.") from exc
-            for name, image in zip(names, images):
-                height, width = image.shape[0], image.shape[1]
-                if min(height, width) < MIN_SIDE:
-                    raise PerResError(f"'{name}' is only {width}×{height} px; reference images must be at least "
-                                      f"{MIN_SIDE} px on each side. Replace it with a larger photo or remove it "
-                                      f"from folder '{folder}'.")
             try:
-                batch = prepare_batch(images, resolution)
+                batch = prepare_batch(images, resolution, labels=[f"'{name}'" for name in names])
             except PerResError as exc:
                 raise PerResError(f"{exc} (folder '{folder}')") from exc
             if len(names) == 1:

@@ -25,12 +25,15 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
     raise PerResError(f"an image has {channels} channels; expected grayscale, RGB or RGBA.")
 
 
-def center_crop_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W, 3) → (size, size, 3): the largest centred square, resized with antialiasing."""
+def center_crop_resize(image: torch.Tensor, size: int, label: str = "an image") -> torch.Tensor:
+    """(H, W, 3) → (size, size, 3): the largest centred square, resized with antialiasing.
+
+    `label` names the image in the error for one that is too small (e.g. its file name).
+    """
     height, width = image.shape[0], image.shape[1]
     if min(height, width) < MIN_SIDE:
-        raise PerResError(f"an image is only {width}×{height} px; reference images must be at least "
-                          f"{MIN_SIDE} px on each side.")
+        raise PerResError(f"{label} is only {width}×{height} px; reference images must be at least "
+                          f"{MIN_SIDE} px on each side. Replace it with a larger photo or remove it.")
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     square = image[top:top + side, left:left + side]
@@ -39,11 +42,15 @@ def center_crop_resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return resized.squeeze(0).movedim(0, -1).clamp(0.0, 1.0)
 
 
-def prepare_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """A list of (H_i, W_i, C_i) images of any sizes → one (N, size, size, 3) batch."""
+def prepare_batch(images: list[torch.Tensor], size: int, labels: list[str] | None = None) -> torch.Tensor:
+    """A list of (H_i, W_i, C_i) images of any sizes → one (N, size, size, 3) batch.
+
+    labels, one per image, name the images in errors (file names); by default "an image".
+    """
     if not images:
         raise PerResError("no reference images were given.")
     if size < MIN_SIDE or size % 8:
         raise PerResError(f"resolution must be a multiple of 8 and at least {MIN_SIDE}, got {size}; "
                           "512 suits SD1.x.")
-    return torch.stack([center_crop_resize(to_rgb(image), size) for image in images])
+    labels = labels or ["an image"] * len(images)
+    return torch.stack([center_crop_resize(to_rgb(image), size, label) for image, label in zip(images, labels)])
