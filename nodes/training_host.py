@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 import comfy.model_management
 
+from ..perres_core.errors import PerResError
+from ..perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
+from ..perres_core.memory import is_out_of_memory
 from ..perres_core.residual import ResidualSet
 from ..perres_core.training import TrainSettings, train_residuals
 from .host_model import unet_of
@@ -52,34 +56,91 @@ def alphas_cumprod(model) -> torch.Tensor:
     return 1.0 / (sigmas * sigmas + 1.0)
 
 
+def checkpoint_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """What gradient checkpointing wraps: every ResBlock, SpatialTransformer, Down/Upsample and conv.
+
+    The same granularity as ComfyUI's TrainLoraNode (the highest non-container children of the UNet);
+    benchmarks/bench_paper_scale.py measures what it saves and costs at 512 px.
+    """
+    return outermost_compute_modules(unet)
+
+
+def training_dtype(base) -> torch.dtype:
+    """The dtype the UNet computes in: its manual-cast dtype if ComfyUI set one, else its weights' dtype."""
+    return base.manual_cast_dtype or base.get_dtype()
+
+
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> Optional["torch.amp.GradScaler"]:
+    """fp16 gradients through the UNet underflow without loss scaling; bf16 and fp32 need none.
+
+    torch's GradScaler exists for CUDA and the CPU alike, so the fp16 path is the same on every device.
+    """
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
 def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residuals: ResidualSet,
-                   settings: TrainSettings, on_step: Callable[[int, float], None]) -> list[float]:
+                   settings: TrainSettings, on_step: Callable[[int, float], None],
+                   gradient_checkpointing: bool = False) -> list[float]:
     """Train `residuals` in place on a frozen copy of `model`; latents are VAE latents (unscaled).
 
     Runs outside inference mode; only the residual parameters get gradients and optimizer state.
+    Running out of memory raises OutOfMemoryDuringTraining after everything the run allocated (hooks,
+    activations, optimizer state) has been released.
     """
     patcher = model.clone()
-    with torch.inference_mode(False), torch.enable_grad():
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        base = patcher.model
-        device = patcher.load_device
-        dtype = base.manual_cast_dtype or base.get_dtype()
-        unet = unet_of(patcher)
-        x0 = base.process_latent_in(latents.clone().float()).cpu()
-        for layer in residuals.layers.values():
-            layer.to(device)
-            layer.requires_grad_(True)
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and torch.device(device).type == "cuda" else None
-
-        def predict_noise(x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-            return unet(x_t, t.float(), context=ctx)
-
-        try:
-            with frozen_for_backward(unet), proj_out_hooks(unet, full_residual(residuals.layers)):
-                return train_residuals(predict_noise, x0, context.clone().float().cpu(), alphas_cumprod(patcher),
-                                       residuals.parameters(), settings, on_step, device=device, dtype=dtype,
-                                       grad_scaler=scaler)
-        finally:
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+            base = patcher.model
+            device = patcher.load_device
+            dtype = training_dtype(base)
+            unet = unet_of(patcher)
+            x0 = base.process_latent_in(latents.clone().float()).cpu()
             for layer in residuals.layers.values():
-                layer.requires_grad_(False)
-                layer.to("cpu")
+                layer.to(device)
+                layer.requires_grad_(True)
+
+            def predict_noise(x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+                return unet(x_t, t.float(), context=ctx)
+
+            units = checkpoint_units(unet) if gradient_checkpointing else []
+            try:
+                with frozen_for_backward(unet), proj_out_hooks(unet, full_residual(residuals.layers)), \
+                        recompute_in_backward(units):
+                    return train_residuals(predict_noise, x0, context.clone().float().cpu(), alphas_cumprod(patcher),
+                                           residuals.parameters(), settings, on_step, device=device, dtype=dtype,
+                                           grad_scaler=loss_scaler(dtype, device))
+            finally:
+                for layer in residuals.layers.values():
+                    layer.requires_grad_(False)
+                    layer.to("cpu")
+                    layer.zero_grad(set_to_none=True)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        device_name = str(patcher.load_device)
+    # Outside the except block: the OOM's traceback, and with it every activation its frames hold, is gone.
+    del patcher
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+    raise OutOfMemoryDuringTraining(latents, settings.batch_size, gradient_checkpointing, device_name, failure)
+
+
+class OutOfMemoryDuringTraining(PerResError):
+    """Training ran out of memory; the message says what to change in the workflow."""
+
+    def __init__(self, latents: torch.Tensor, batch_size: int, gradient_checkpointing: bool, device: str,
+                 failure: str) -> None:
+        resolution = latents.shape[-1] * 8
+        advice = ["lower batch_size (1 or 2 still trains; the paper uses 4)",
+                  "lower the resolution (e.g. 384 or 256)"]
+        if not gradient_checkpointing:
+            advice.insert(0, "turn on gradient_checkpointing (it needs about a third of the memory, for ~1.3× time)")
+        super().__init__(f"out of memory on {device} while training at {resolution} px with batch_size "
+                         f"{batch_size}{' and gradient checkpointing' if gradient_checkpointing else ''}. "
+                         f"Nothing was saved and the model is unchanged. To fit: " + "; ".join(advice) +
+                         f"; or close other programs that use the {'GPU' if device.startswith('cuda') else 'memory'}. "
+                         f"({failure})")

@@ -95,7 +95,7 @@ def train_and_sample() -> Workflow:
         Node(2, "PerResLoadConceptImages", (0, 200), {"folder": "perres_example", "resolution": 512}),
         Node(3, "PerResTrainResiduals", (420, 0),
              {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_size": 4, "learning_rate": 1e-3,
-              "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random"},
+              "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
         Node(4, "PerResSaveResiduals", (840, 0), {"filename_prefix": "perres/robot"}, {"residuals": (3, 1)}),
         Node(5, "LossGraphNode", (840, 140), {"filename_prefix": "perres_loss_graph"}, {"loss": (3, 2)},
