@@ -31,10 +31,14 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def start(device: str) -> str:
+def start(device: str, precision: str = "fp32", attention: str = "default") -> str:
     """Start ComfyUI in-process (CPU, or CUDA with --device cuda) with the pack loaded; returns the workdir.
 
-    fp32 UNet weights are forced so every benchmark measures fp32 on every device.
+    precision "fp32" forces fp32 UNet, VAE and text encoder weights on every device (the default, so the
+    CPU benchmarks compare like with like); "fp16" is ComfyUI's --fp16-unet, what an SD1.5 user's GPU runs.
+    attention "pytorch" is ComfyUI's --use-pytorch-cross-attention (torch's fused scaled_dot_product_attention,
+    which ComfyUI picks by itself on NVIDIA GPUs); "default" leaves ComfyUI's choice for the device (on the
+    CPU: sub-quadratic attention, which keeps the N×N attention scores for the backward pass).
     """
     root = find_comfyui()
     if root is None:
@@ -42,9 +46,16 @@ def start(device: str) -> str:
     if root not in sys.path:
         sys.path.insert(0, root)
     from comfy.cli_args import args
-    args.fp32_unet = True
-    args.fp32_vae = True
-    args.fp32_text_enc = True
+    if precision == "fp32":
+        args.fp32_unet = True
+        args.fp32_vae = True
+        args.fp32_text_enc = True
+    elif precision == "fp16":
+        args.fp16_unet = True
+    else:
+        raise SystemExit(f"unknown precision {precision!r}; use fp32 or fp16")
+    if attention == "pytorch":
+        args.use_pytorch_cross_attention = True
     if device != "cpu":
         # comfy.model_management fixes its device when it is first imported; importing it here, before
         # start_host() sets args.cpu = True for the tests, keeps the accelerator.
@@ -261,6 +272,63 @@ class PeakMemory:
         return text
 
 
+class TrainingPeak:
+    """Peak memory of the training steps alone, above what was in use when the UNet first ran.
+
+    The baseline is taken at the first UNet forward of the phase, so the loaded model, the latents and
+    everything before (the VAE encoding a training node does first) are excluded: what remains is the
+    memory the steps themselves add (activations kept for backward, gradients, optimizer state). On CUDA
+    it is torch's allocator peak; on the CPU the resident set size, sampled every 5 ms.
+    """
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.baseline: Optional[int] = None
+        self.cuda_total_peak: Optional[int] = None
+        self._rss = PeakMemory(interval=0.005)
+        self._handle = None
+
+    def _on_first_forward(self, *_args) -> None:
+        import torch
+        if self.baseline is not None:
+            return
+        if _cuda_active():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            self.baseline = rss_bytes()
+            self._rss.peak_rss = self.baseline
+
+    def __enter__(self) -> "TrainingPeak":
+        self._handle = self.unet.register_forward_pre_hook(self._on_first_forward)
+        self._rss.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        self._handle.remove()
+        self._rss.__exit__(*exc)
+        if _cuda_active():
+            self.cuda_total_peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def extra_bytes(self) -> int:
+        if self.baseline is None:
+            return 0
+        peak = self.cuda_total_peak if self.cuda_total_peak is not None else self._rss.peak_rss
+        return max(0, peak - self.baseline)
+
+
+def _cuda_active() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def gib(num_bytes: Optional[float]) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 1024 ** 3:.2f} GiB"
+
+
 def process_peak_rss() -> str:
     """ru_maxrss of the whole process (kB on Linux)."""
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GiB"
@@ -306,8 +374,8 @@ def load_note() -> str:
     return f"load average {load:.2f} on {cores} cores{busy}"
 
 
-def load_sd15(device: str, threads: int):
+def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default"):
     """Start the host, set torch's threads and load the cached random SD1.5 checkpoint: (model, clip, vae)."""
-    workdir = start(device)
+    workdir = start(device, precision, attention)
     set_threads(threads)
     return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))

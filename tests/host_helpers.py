@@ -37,6 +37,32 @@ def encode(clip, text: str):
     return run_node("CLIPTextEncode", clip=clip, text=text)[0]
 
 
+def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torch.dtype = torch.float32) -> float:
+    """ε-MSE of the model with `residuals` on the images at fixed timesteps (150/450/750) and noise that
+    training never draws (seed 12345), with the UNet computing in `dtype`."""
+    training = pack("perres_core.training")
+    hooks = pack("nodes.residual_hooks")
+    host = pack("nodes.training_host")
+    with torch.inference_mode():
+        latents = model.model.process_latent_in(vae.encode(images)).clone()
+        context = encode(clip, "a photo of a sks dog")[0][0].clone()
+    unet = model.model.diffusion_model
+    with torch.no_grad(), hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
+        return training.evaluation_loss(lambda x, t, c: unet(x, t.float(), context=c), latents, context,
+                                        host.alphas_cumprod(model), torch.tensor([150, 450, 750]), seed=12345,
+                                        dtype=dtype)
+
+
+def untrained_residuals(seed: int):
+    """The residual a training run with `seed` starts from (random init, paper rank)."""
+    residual_mod = pack("perres_core.residual")
+    layout = pack("perres_core.sd15_layout")
+    residuals = residual_mod.ResidualSet.create(layout.sd15_layer_shapes())
+    with torch.inference_mode(False):
+        residuals.initialize("random", seed)
+    return residuals
+
+
 def proj_out_patch_keys(model) -> set[str]:
     return {key for key in model.patches if key.endswith(".weight")}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import pack, run_node
-from host_helpers import denoise, encode, proj_out_patch_keys, train
+from host_helpers import denoise, encode, held_out_loss, proj_out_patch_keys, train, untrained_residuals
 
 SD15_PROJ_OUT_KEYS = {f"diffusion_model.{slot.proj_out}.weight" for slot in pack("perres_core.sd15_layout").SD15_SLOTS}
 
@@ -88,30 +88,11 @@ def test_same_seed_gives_the_same_residual_file(sd15, concept_images, workdir):
 def test_training_lowers_held_out_epsilon_loss(sd15, concept_images):
     """ε-MSE on the training images at fixed timesteps and noise that training never drew drops below the
     untrained residual's: this fails if no gradient reaches the residual."""
-    training = pack("perres_core.training")
-    residual_mod = pack("perres_core.residual")
-    layout = pack("perres_core.sd15_layout")
-    hooks = pack("nodes.residual_hooks")
-    host = pack("nodes.training_host")
     model, clip, vae = sd15
     steps, seed, lr = 8, 4, 3e-3
     trained = train(sd15, concept_images, steps=steps, seed=seed, learning_rate=lr, batch_size=4)[1]
-    untrained = residual_mod.ResidualSet.create(layout.sd15_layer_shapes())
-    with torch.inference_mode(False):
-        untrained.initialize("random", seed)
-
-    with torch.inference_mode():
-        latents = model.model.process_latent_in(vae.encode(concept_images)).clone()
-        context = encode(clip, "a photo of a sks dog")[0][0].clone()
-    unet = model.model.diffusion_model
-    timesteps = torch.tensor([150, 450, 750])
-
-    def loss_with(residuals) -> float:
-        with torch.no_grad(), hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
-            return training.evaluation_loss(lambda x, t, c: unet(x, t.float(), context=c), latents, context,
-                                            host.alphas_cumprod(model), timesteps, seed=12345)
-
-    before, after = loss_with(untrained), loss_with(trained)
+    before = held_out_loss(model, clip, vae, concept_images, untrained_residuals(seed))
+    after = held_out_loss(model, clip, vae, concept_images, trained)
     assert after < before * 0.995, f"held-out ε-loss did not drop: {before:.5f} → {after:.5f}"
 
 

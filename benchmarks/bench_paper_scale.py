@@ -1,0 +1,144 @@
+"""Training at the paper's setting (512 px, batch 4): memory and time with and without gradient checkpointing.
+
+One run, one model (the tests' random-weight SD1.5 checkpoint, fp32 on the CPU), three trainers:
+
+  bound    the frozen UNet called directly, forward + backward + AdamW on the 16 residuals (no ComfyUI
+           code in the loop, no checkpointing): the least a training step can cost.
+  plain    the PerResTrainResiduals node with gradient_checkpointing off.
+  ckpt     the PerResTrainResiduals node with gradient_checkpointing on (its default).
+
+For each: seconds per step (the interval between optimizer steps, warm-up step excluded) and the
+training's extra peak memory (above what was in use when the UNet first ran: the loaded model and the
+latents are excluded, so is the VAE encoding the node does first). Each trainer runs in a fresh child
+process, so one trainer's freed-but-kept heap cannot hide the next one's peak. Ratios and targets:
+
+  plain extra peak / ckpt extra peak   >= 3     (checkpointing must cut the extra peak at least 3x)
+  ckpt s/step / plain s/step           <= 1.4   (and cost at most 1.4x per step)
+  plain s/step / bound s/step          <= 1.10  (without it, PerRes adds at most 10 % to the bound)
+
+On this 2-core CPU VM, 512 px needs about 23 GiB of memory in all without checkpointing and about
+2 minutes per step: run nothing else meanwhile. `--resolution 256` is a quicker look.
+
+Run from the pack root:  python benchmarks/bench_paper_scale.py [--resolution 512] [--batch 4] [--steps 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from bench_training import make_images, run_bound  # noqa: E402
+
+TRAINERS = ("bound", "plain", "ckpt")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
+    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per trainer (plus 1 warm-up); default 2")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
+    p.add_argument("--attention", default="pytorch", choices=["pytorch", "default"],
+                   help="pytorch: torch's fused attention, as ComfyUI runs on NVIDIA GPUs (default); default: "
+                        "ComfyUI's CPU choice, sub-quadratic attention that keeps the N×N scores for backward")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE as JSON")
+    p.add_argument("--only", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one child's trainer
+    return p.parse_args()
+
+
+def train_node(model, clip, vae, images, resolution: int, batch: int, steps: int, checkpointing: bool, seed: int = 0):
+    return bc.run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
+                       class_word="dog", steps=steps, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
+                       resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
+
+
+def measure(name: str, model, clip, vae, images, latents, context, opts) -> dict:
+    """Seconds per step and extra peak memory of one trainer."""
+    clock = bc.StepClock()
+    with bc.optimizer_steps(clock), bc.TrainingPeak(model.model.diffusion_model) as peak:
+        t0 = time.perf_counter()
+        if name == "bound":
+            run_bound(model, latents, context, opts.batch, opts.steps, seed=0, clock=clock)
+            durations = clock.durations()  # the bound restarts its clock after its warm-up step
+        else:
+            train_node(model, clip, vae, images, opts.resolution, opts.batch, opts.steps + 1, name == "ckpt")
+            durations = clock.durations()  # intervals between optimizer steps: steps 2..N
+        total = time.perf_counter() - t0
+    return {"seconds_per_step": bc.median(durations), "step_seconds": durations, "total_seconds": total,
+            "extra_peak_bytes": peak.extra_bytes, "cuda_peak_allocated_bytes": peak.cuda_total_peak}
+
+
+def run_one(opts: argparse.Namespace) -> dict:
+    """In a child process: load the model and measure the trainer opts.only."""
+    model, clip, vae = bc.load_sd15(opts.device, opts.threads, attention=opts.attention)
+    images = make_images(opts.batch, opts.resolution)
+    latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]["samples"]
+    context = bc.run_node("CLIPTextEncode", clip=clip, text="a photo of a sks dog")[0][0][0]
+    # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
+    # ones once (nodes/training_host.frozen_for_backward); that one-off copy must not count as a peak.
+    train_node(model, clip, vae, make_images(1, 64), 64, 1, 1, False)
+    result = measure(opts.only, model, clip, vae, images, latents, context, opts)
+    result["unet_dtype"] = str(model.model.get_dtype())
+    return result
+
+
+def run_children(opts: argparse.Namespace) -> dict:
+    import subprocess
+    results = {}
+    for name in TRAINERS:
+        args = [sys.executable, os.path.abspath(__file__), "--only", name, "--resolution", str(opts.resolution),
+                "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
+                "--threads", str(opts.threads), "--attention", opts.attention]
+        child = subprocess.run(args, capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        if child.returncode != 0 or not lines:
+            sys.stderr.write(child.stderr[-4000:])
+            raise SystemExit(f"the {name} measurement failed (exit {child.returncode}); its log is above")
+        results[name] = json.loads(lines[-1][len("RESULT "):])
+        r = results[name]
+        bc.say(f"  {name:5s}: {r['seconds_per_step']:.2f} s/step (steps "
+               f"{', '.join(f'{d:.2f}' for d in r['step_seconds'])}), extra peak {bc.gib(r['extra_peak_bytes'])}")
+    return results
+
+
+def main() -> None:
+    opts = parse_args()
+    if opts.only:
+        bc.say("RESULT " + json.dumps(run_one(opts)))
+        return
+    say = bc.say
+    say(f"settings: {opts.resolution} px, batch {opts.batch}, {opts.steps} timed steps (+1 warm-up) per trainer, "
+        f"device {opts.device}, one child process per trainer; {bc.load_note()}")
+    results = run_children(opts)
+    bound, plain, ckpt = (results[n] for n in TRAINERS)
+    ratios = {
+        "memory_cut": plain["extra_peak_bytes"] / max(ckpt["extra_peak_bytes"], 1),
+        "checkpointing_time_cost": ckpt["seconds_per_step"] / plain["seconds_per_step"],
+        "plain_over_bound": plain["seconds_per_step"] / bound["seconds_per_step"],
+    }
+    say("")
+    say("=" * 78)
+    say(f"PAPER SCALE  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}  device {opts.device}")
+    say(f"  {'trainer':22s} {'s/step':>8s} {'extra peak':>12s}")
+    labels = {"bound": "frozen-UNet bound", "plain": "PerRes, no checkpoint", "ckpt": "PerRes, checkpointing"}
+    for name in TRAINERS:
+        say(f"  {labels[name]:22s} {results[name]['seconds_per_step']:8.2f} {bc.gib(results[name]['extra_peak_bytes']):>12s}")
+    say(f"  extra peak plain / ckpt = {ratios['memory_cut']:.2f}   (target >= 3: "
+        f"{'OK' if ratios['memory_cut'] >= 3 else 'UNDER TARGET'})")
+    say(f"  s/step ckpt / plain     = {ratios['checkpointing_time_cost']:.3f}  (target <= 1.4: "
+        f"{bc.verdict(ratios['checkpointing_time_cost'], 1.4)})")
+    say(f"  s/step plain / bound    = {ratios['plain_over_bound']:.3f}  (target <= 1.10: "
+        f"{bc.verdict(ratios['plain_over_bound'], 1.10)})")
+    say("=" * 78)
+    if opts.json:
+        with open(opts.json, "w", encoding="utf-8") as handle:
+            json.dump({"settings": vars(opts), "results": results, "ratios": ratios}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

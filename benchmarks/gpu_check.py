@@ -1,0 +1,211 @@
+"""The paper-scale GPU check: one command, one table, one JSON file (about 5 minutes on one H100).
+
+On the random-weight SD1.5-architecture checkpoint, with ComfyUI running the UNet in fp16 (--fp16-unet,
+what SD1.5 users' GPUs run), at 512 px and batch 4:
+
+  perres_plain   PerRes Train Residuals, 150 steps, gradient_checkpointing off
+  perres_ckpt    PerRes Train Residuals, 150 steps, gradient_checkpointing on (the default)
+  stock_lora     ComfyUI's TrainLoraNode on the same images, steps and batch (its own defaults otherwise:
+                 rank 8, every layer, bf16 training dtype — it offers no fp16 — gradient checkpointing on)
+  sample_*       50-step DDIM sampling at 512 px (CFG 6, the paper's sampler), base model, PerRes Apply
+                 Residuals and PerRes LAG Sampling; one warm-up run each, then --sample-repeats timed runs
+
+Training figures are the node call's wall time (VAE encoding and setup included) and
+torch.cuda.max_memory_allocated during the call. Targets: perres_plain 150 steps <= 30 s on an H100;
+perres_ckpt peak <= 6 GiB (so 8 GB cards train with the defaults); LAG <= 1.05x Apply.
+
+    python benchmarks/gpu_check.py --json $OUT/gpu_check.json            # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu --smoke                  # the same code paths, tiny, on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from bench_training import make_images  # noqa: E402
+
+CAPTION = "a photo of a sks dog"
+PROMPT = "a photo of a sks dog on the beach"
+GIB = 1024 ** 3
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-repeats", type=int, default=2)
+    p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")
+    p.add_argument("--smoke", action="store_true",
+                   help="64 px, 2 training and 2 sampling steps: checks every code path in a minute on a CPU")
+    p.add_argument("--json", metavar="FILE", default="gpu_check.json", help="where to write the figures")
+    opts = p.parse_args()
+    if opts.smoke:
+        opts.resolution, opts.train_steps, opts.sample_steps, opts.sample_repeats = 64, 2, 2, 1
+    return opts
+
+
+class CudaPeak:
+    """Wall time and torch.cuda.max_memory_allocated of a phase (None on the CPU)."""
+
+    def __enter__(self) -> "CudaPeak":
+        import torch
+        self.peak = None
+        if bc._cuda_active():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        bc.sync()
+        self.seconds = time.perf_counter() - self.t0
+        if bc._cuda_active():
+            self.peak = torch.cuda.max_memory_allocated()
+
+
+def free_memory() -> None:
+    import gc
+    import comfy.model_management as mm
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def train_perres(model, clip, vae, images, opts, checkpointing: bool) -> dict:
+    free_memory()
+    with CudaPeak() as phase:
+        _, residuals, loss = bc.run_node(
+            "PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
+            class_word="dog", steps=opts.train_steps, batch_size=opts.batch, learning_rate=1e-3, rank_ratio=0.05,
+            resolution=opts.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
+    return {"seconds": phase.seconds, "peak_allocated": phase.peak, "final_loss": loss["loss"][-1],
+            "residuals": residuals}
+
+
+def stock_inputs(overrides: dict) -> tuple[type, dict]:
+    """TrainLoraNode's inputs: its own defaults for everything not overridden (its inputs differ by host)."""
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal
+
+    cls = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+    info = cls.GET_NODE_INFO_V1() if issubclass(cls, _ComfyNodeInternal) else {"input": cls.INPUT_TYPES()}
+    values = {}
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                values[name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                values[name] = spec[0][-1] if "[None]" in spec[0] else spec[0][0]
+    values.update(overrides)
+    return cls, values
+
+
+def train_stock(model, vae, clip, images, opts) -> dict:
+    latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
+    positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
+    cls, values = stock_inputs({"model": model, "latents": latents, "positive": positive,
+                                "steps": opts.train_steps, "batch_size": opts.batch, "seed": 0})
+    free_memory()
+    with CudaPeak() as phase:
+        import torch
+        with torch.inference_mode():
+            if getattr(cls, "define_schema", None) and cls.define_schema().is_input_list:
+                cls.execute(**{k: [v] for k, v in values.items()})  # newer hosts: every input is a list
+            elif hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+                cls.execute(**values)
+            else:
+                getattr(cls(), cls.FUNCTION)(**values)
+    settings = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+    return {"seconds": phase.seconds, "peak_allocated": phase.peak, "settings": settings}
+
+
+def sample_all(model, clip, residuals, opts) -> dict:
+    applied = bc.run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=1.0)[0]
+    lag_model, lag_positive = bc.run_node("PerResLAGSampling", model=model, clip=clip, residuals=residuals,
+                                          prompt=PROMPT, concept_words="sks dog", strength=1.0,
+                                          threshold="median", quantile=0.5, start_percent=0.0, end_percent=1.0,
+                                          outside_window="full residual")[:2]
+    positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
+    negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
+    latent = bc.run_node("EmptyLatentImage", width=opts.resolution, height=opts.resolution, batch_size=1)[0]
+    configs = {"base": (model, positive), "apply": (applied, positive), "lag": (lag_model, lag_positive)}
+    times = {name: [] for name in configs}
+    for repeat in range(opts.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
+        for name, (patcher, pos) in configs.items():
+            with CudaPeak() as phase:
+                bc.run_node("KSampler", model=patcher, seed=0, steps=opts.sample_steps, cfg=6.0, sampler_name="ddim",
+                            scheduler="ddim_uniform", positive=pos, negative=negative, latent_image=latent,
+                            denoise=1.0)
+            if repeat:
+                times[name].append(phase.seconds)
+    return {name: {"seconds": bc.median(values), "runs": values} for name, values in times.items()}
+
+
+def main() -> None:
+    opts = parse_args()
+    model, clip, vae = bc.load_sd15(opts.device, threads=0, precision="fp16")
+    import torch
+    import comfy.model_management as mm
+    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu"
+    images = make_images(opts.batch, opts.resolution)
+    bc.say(f"device {device_name}; UNet weights {model.model.get_dtype()}, compute "
+           f"{model.model.manual_cast_dtype or model.model.get_dtype()}; {opts.resolution} px, batch {opts.batch}, "
+           f"{opts.train_steps} training steps, {opts.sample_steps} DDIM steps")
+
+    results: dict = {"device": device_name, "comfyui": bc.comfy_version(mm.__file__.rsplit("/comfy/", 1)[0]),
+                     "torch": torch.__version__, "settings": {k: v for k, v in vars(opts).items() if k != "json"}}
+    plain = train_perres(model, clip, vae, images, opts, checkpointing=False)
+    ckpt = train_perres(model, clip, vae, images, opts, checkpointing=True)
+    residuals = ckpt.pop("residuals")
+    plain.pop("residuals")
+    results["perres_plain"], results["perres_ckpt"] = plain, ckpt
+    if not opts.skip_stock:
+        results["stock_lora"] = train_stock(model, vae, clip, images, opts)
+    results["sampling"] = sample_all(model, clip, residuals, opts)
+
+    sampling = results["sampling"]
+    results["targets"] = {
+        "perres_plain_150_steps_s": {"value": plain["seconds"] * 150 / opts.train_steps, "target": 30.0},
+        "perres_ckpt_peak_gib": {"value": None if ckpt["peak_allocated"] is None else ckpt["peak_allocated"] / GIB,
+                                 "target": 6.0},
+        "lag_over_apply": {"value": sampling["lag"]["seconds"] / sampling["apply"]["seconds"], "target": 1.05},
+    }
+
+    def row(name: str, entry: dict) -> str:
+        peak = "n/a" if entry.get("peak_allocated") is None else f"{entry['peak_allocated'] / GIB:.2f} GiB"
+        return f"  {name:34s} {entry['seconds']:9.2f} s  {peak:>10s}"
+
+    bc.say("")
+    bc.say("=" * 78)
+    bc.say(f"GPU CHECK  {device_name}  ComfyUI {results['comfyui']}  torch {torch.__version__}")
+    bc.say(f"  {'phase':34s} {'wall':>11s}  {'peak alloc':>10s}")
+    bc.say(row("PerRes train, no checkpointing", plain))
+    bc.say(row("PerRes train, checkpointing", ckpt))
+    if "stock_lora" in results:
+        bc.say(row("ComfyUI TrainLoraNode (its defaults)", results["stock_lora"]))
+    for name in ("base", "apply", "lag"):
+        bc.say(row(f"DDIM {opts.sample_steps} steps, {name}", sampling[name]))
+    for name, entry in results["targets"].items():
+        if entry["value"] is None:
+            bc.say(f"  {name:34s}       n/a    (target <= {entry['target']}: not measured on this device)")
+            continue
+        verdict = "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
+        bc.say(f"  {name:34s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
+    bc.say("=" * 78)
+    with open(opts.json, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2, default=str)
+    bc.say(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
