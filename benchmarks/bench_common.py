@@ -23,7 +23,7 @@ if TESTS_DIR not in sys.path:
 
 from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
 
-CHECKPOINT_NAME = "sd15_random_arch.safetensors"
+CHECKPOINT_NAME = "sd15_random_arch.safetensors"  # sd15_checkpoint.CHECKPOINT_NAME; that module imports torch
 
 
 def say(text: str = "") -> None:
@@ -89,16 +89,9 @@ def torch_threads() -> int:
 
 def checkpoint(workdir: str) -> str:
     """The random-weight SD1.5-architecture checkpoint of the tests (built once, cached), linked into workdir."""
-    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
-    os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
-    if not os.path.exists(cached):
-        from sd15_checkpoint import write_sd15_checkpoint
-        say(f"building {cached} (once) ...")
-        write_sd15_checkpoint(cached, seed=0)
-    target = os.path.join(workdir, "models", "checkpoints", CHECKPOINT_NAME)
-    if not os.path.exists(target):
-        os.symlink(cached, target)
+    from sd15_checkpoint import link_sd15_checkpoint
+
+    link_sd15_checkpoint(workdir, CHECKPOINT_NAME)
     return CHECKPOINT_NAME
 
 

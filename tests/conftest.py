@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
 from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
+from sd15_checkpoint import CHECKPOINT_NAME  # noqa: E402
 
 
 def _load_standalone_core() -> None:
@@ -28,7 +29,6 @@ def _load_standalone_core() -> None:
 
 _load_standalone_core()
 
-CHECKPOINT_NAME = "sd15_random_arch.safetensors"
 _HOST_ROOT = find_comfyui()
 _WORKDIR = tempfile.mkdtemp(prefix="perres-tests-")
 if _HOST_ROOT is not None:
@@ -54,16 +54,9 @@ def workdir(host_root) -> str:
 @pytest.fixture(scope="session")
 def checkpoint_name(workdir) -> str:
     """The random SD1.5-architecture checkpoint, built once and cached between runs."""
-    from sd15_checkpoint import write_sd15_checkpoint
+    from sd15_checkpoint import link_sd15_checkpoint
 
-    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
-    os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
-    if not os.path.exists(cached):
-        write_sd15_checkpoint(cached, seed=0)
-    target = os.path.join(workdir, "models", "checkpoints", CHECKPOINT_NAME)
-    if not os.path.exists(target):
-        os.symlink(cached, target)
+    link_sd15_checkpoint(workdir, CHECKPOINT_NAME)
     return CHECKPOINT_NAME
 
 

@@ -10,11 +10,14 @@ hard-codes the architecture.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
 import torch
 from safetensors.torch import save_file
+
+CHECKPOINT_NAME = "sd15_random_arch.safetensors"
 
 SD15_UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -76,3 +79,23 @@ def write_sd15_checkpoint(path: str, seed: int = 0) -> str:
     save_file(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def cached_sd15_checkpoint() -> str:
+    """The random checkpoint in the test cache ($PERRES_TEST_CACHE or ~/.cache/perres-tests), built on first use."""
+    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
+    os.makedirs(cache_dir, exist_ok=True)
+    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
+    if not os.path.exists(cached):
+        logging.getLogger("perres.tests").info("building %s (once, about 30 s) ...", cached)
+        write_sd15_checkpoint(cached, seed=0)
+    return cached
+
+
+def link_sd15_checkpoint(root: str, name: str = CHECKPOINT_NAME) -> str:
+    """Make the cached random checkpoint available as `root`/models/checkpoints/`name` (a symlink)."""
+    target = os.path.join(root, "models", "checkpoints", name)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.symlink(cached_sd15_checkpoint(), target)
+    return target

@@ -79,12 +79,43 @@ def sampler(node_id: int, pos, model, positive, negative, latent, title=None, **
                 {"model": model, "positive": positive, "negative": negative, "latent_image": latent}, title=title)
 
 
-def base_nodes(ckpt_id: int = 1, negative_id: int = 5, latent_id: int = 6, y: float = 0) -> list[Node]:
+# Layout: columns of nodes, COLUMN_GAP apart, and ROW_GAP between a node's bottom and the next node's
+# pos (litegraph draws the 30 px title bar above pos). tests/test_ui.py checks in the real frontend that
+# no node overlaps another.
+COLUMNS = (0, 440, 900, 1280)
+ROW_GAP = 60
+PROMPT_HEIGHT = 204  # a CLIPTextEncode, as node_size() makes it
+
+
+def base_nodes(ckpt_id: int = 1, negative_id: int = 5, latent_id: int = 6,
+               prompts_at: tuple[float, float] = (COLUMNS[1], 460)) -> list[Node]:
+    """Load Checkpoint at the origin; the negative prompt at `prompts_at`, the empty latent below it."""
+    x, y = prompts_at
     return [
-        Node(ckpt_id, "CheckpointLoaderSimple", (0, y), {"ckpt_name": CHECKPOINT}),
-        Node(negative_id, "CLIPTextEncode", (420, y + 460), {"text": NEGATIVE}, {"clip": (ckpt_id, 1)},
+        Node(ckpt_id, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": CHECKPOINT}),
+        Node(negative_id, "CLIPTextEncode", (x, y), {"text": NEGATIVE}, {"clip": (ckpt_id, 1)},
              title="Negative prompt"),
-        Node(latent_id, "EmptyLatentImage", (420, y + 680), {"width": 512, "height": 512, "batch_size": 1}),
+        Node(latent_id, "EmptyLatentImage", (x, y + PROMPT_HEIGHT + ROW_GAP),
+             {"width": 512, "height": 512, "batch_size": 1}),
+    ]
+
+
+def lag_node(node_id: int, pos, prompt: str, links: dict, size: tuple[float, float]) -> Node:
+    return Node(node_id, "PerResLAGSampling", pos,
+                {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
+                 "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"}, links, size=size)
+
+
+def lag_outputs(ids: tuple[int, int, int, int], lag: int, negative: int, latent: int, prefix: str) -> list[Node]:
+    """KSampler, VAE Decode and Save Image right of a PerRes LAG Sampling node, its mask preview under the decode."""
+    sample_id, decode_id, save_id, preview_id = ids
+    return [
+        sampler(sample_id, (COLUMNS[2], 0), (lag, 0), (lag, 1), (negative, 0), (latent, 0)),
+        Node(decode_id, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (sample_id, 0), "vae": (1, 2)}),
+        Node(save_id, "SaveImage", (COLUMNS[3] + 460, 0), {"filename_prefix": prefix}, {"images": (decode_id, 0)},
+             size=(400, 450)),
+        Node(preview_id, "PerResLAGMaskPreview", (COLUMNS[3], 160), {}, {"model": (lag, 0), "samples": (sample_id, 0)},
+             size=(400, 450)),
     ]
 
 
@@ -92,21 +123,21 @@ def train_and_sample() -> Workflow:
     prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
     return Workflow("perres_train_and_sample", [
         Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
-        Node(2, "PerResLoadConceptImages", (0, 200), {"folder": "perres_example", "resolution": 512}),
+        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
         Node(3, "PerResTrainResiduals", (420, 0),
              {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_size": 4, "learning_rate": 1e-3,
               "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
         Node(4, "PerResSaveResiduals", (840, 0), {"filename_prefix": "perres/robot"}, {"residuals": (3, 1)}),
-        Node(5, "LossGraphNode", (840, 140), {"filename_prefix": "perres_loss_graph"}, {"loss": (3, 2)},
+        Node(5, "LossGraphNode", (840, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (3, 2)},
              size=(400, 300)),
-        Node(6, "PreviewImage", (0, 360), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
-        Node(7, "CLIPTextEncode", (420, 760), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
-        Node(8, "CLIPTextEncode", (420, 980), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
-        Node(9, "EmptyLatentImage", (420, 1200), {"width": 512, "height": 512, "batch_size": 1}),
-        sampler(10, (840, 760), (3, 0), (7, 0), (8, 0), (9, 0)),
-        Node(11, "VAEDecode", (1180, 760), {}, {"samples": (10, 0), "vae": (1, 2)}),
-        Node(12, "SaveImage", (1400, 760), {"filename_prefix": "perres/trained"}, {"images": (11, 0)},
+        Node(6, "PreviewImage", (0, 180), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
+        Node(7, "CLIPTextEncode", (420, 620), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        Node(8, "CLIPTextEncode", (420, 884), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
+        Node(9, "EmptyLatentImage", (420, 1148), {"width": 512, "height": 512, "batch_size": 1}),
+        sampler(10, (840, 620), (3, 0), (7, 0), (8, 0), (9, 0)),
+        Node(11, "VAEDecode", (1220, 620), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SaveImage", (1600, 620), {"filename_prefix": "perres/trained"}, {"images": (11, 0)},
              size=(400, 450)),
         note(13, (1320, 0), (
             "## Train personalized residuals\n\n"
@@ -122,13 +153,14 @@ def train_and_sample() -> Workflow:
 
 def load_and_apply() -> Workflow:
     prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
-    return Workflow("perres_load_and_apply", base_nodes() + [
+    return Workflow("perres_load_and_apply", base_nodes(prompts_at=(COLUMNS[1], 444)) + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
-        Node(3, "PerResApplyResiduals", (420, 0), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)}),
-        Node(4, "CLIPTextEncode", (420, 200), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
-        sampler(7, (840, 0), (3, 0), (4, 0), (5, 0), (6, 0)),
-        Node(8, "VAEDecode", (1180, 0), {}, {"samples": (7, 0), "vae": (1, 2)}),
-        Node(9, "SaveImage", (1400, 0), {"filename_prefix": "perres/applied"}, {"images": (8, 0)}, size=(400, 450)),
+        Node(3, "PerResApplyResiduals", (COLUMNS[1], 0), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)}),
+        Node(4, "CLIPTextEncode", (COLUMNS[1], 180), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        sampler(7, (COLUMNS[2], 0), (3, 0), (4, 0), (5, 0), (6, 0)),
+        Node(8, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (7, 0), "vae": (1, 2)}),
+        Node(9, "SaveImage", (COLUMNS[3] + 380, 0), {"filename_prefix": "perres/applied"}, {"images": (8, 0)},
+             size=(400, 450)),
         note(10, (0, 360), (
             "## Sample with saved residuals (normal sampling)\n\n"
             "Pick a file saved by **PerRes Save Residuals** (under `models/loras`). The residual is added "
@@ -141,14 +173,8 @@ def lag_sampling() -> Workflow:
     prompt = "a photo of a sks toy on a sandy beach, a sandcastle in the background"
     return Workflow("perres_lag_sampling", base_nodes() + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
-        Node(3, "PerResLAGSampling", (420, 0),
-             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
-              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
-             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, size=(400, 400)),
-        sampler(7, (840, 0), (3, 0), (3, 1), (5, 0), (6, 0)),
-        Node(8, "VAEDecode", (1180, 0), {}, {"samples": (7, 0), "vae": (1, 2)}),
-        Node(9, "SaveImage", (1400, 0), {"filename_prefix": "perres/lag"}, {"images": (8, 0)}, size=(400, 450)),
-        Node(10, "PerResLAGMaskPreview", (1180, 520), {}, {"model": (3, 0), "samples": (7, 0)}, size=(400, 450)),
+        lag_node(3, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, (400, 400)),
+        *lag_outputs((7, 8, 9, 10), lag=3, negative=5, latent=6, prefix="perres/lag"),
         note(11, (0, 360), (
             "## LAG sampling\n\n"
             "**PerRes LAG Sampling** encodes the prompt (wire its `positive` output to the sampler) and applies "
@@ -159,24 +185,23 @@ def lag_sampling() -> Workflow:
 
 def normal_vs_lag() -> Workflow:
     prompt = "a photo of a sks toy on a mossy rock in a forest, a red fox in the background"
-    nodes = base_nodes() + [
+    # the loaders on the left, the normal row above the LAG row, each in its group, the batch on the right
+    nodes = base_nodes(prompts_at=(0, 360)) + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
-        Node(3, "PerResApplyResiduals", (420, -460), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)},
+        Node(3, "PerResApplyResiduals", (COLUMNS[1], -480), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)},
              title="Normal: residual everywhere"),
-        Node(4, "PerResLAGSampling", (420, 0),
-             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
-              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
-             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, size=(400, 400)),
+        lag_node(4, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, (400, 400)),
         # both samplers: same seed, same empty latent, same positive conditioning (from the LAG node)
-        sampler(7, (880, -460), (3, 0), (4, 1), (5, 0), (6, 0), title="KSampler (normal)", seed=1234),
-        sampler(8, (880, 80), (4, 0), (4, 1), (5, 0), (6, 0), title="KSampler (LAG)", seed=1234),
-        Node(9, "VAEDecode", (1220, -460), {}, {"samples": (7, 0), "vae": (1, 2)}),
-        Node(10, "VAEDecode", (1220, 80), {}, {"samples": (8, 0), "vae": (1, 2)}),
-        Node(11, "ImageBatch", (1680, -150), {}, {"image1": (9, 0), "image2": (10, 0)}),
-        Node(12, "SaveImage", (1940, -150), {"filename_prefix": "perres/normal_vs_lag"}, {"images": (11, 0)},
+        sampler(7, (COLUMNS[2], -480), (3, 0), (4, 1), (5, 0), (6, 0), title="KSampler (normal)", seed=1234),
+        sampler(8, (COLUMNS[2], 0), (4, 0), (4, 1), (5, 0), (6, 0), title="KSampler (LAG)", seed=1234),
+        Node(9, "VAEDecode", (COLUMNS[3], -480), {}, {"samples": (7, 0), "vae": (1, 2)}),
+        Node(10, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (8, 0), "vae": (1, 2)}),
+        Node(11, "ImageBatch", (1740, -200), {}, {"image1": (9, 0), "image2": (10, 0)}),
+        Node(12, "SaveImage", (2120, -200), {"filename_prefix": "perres/normal_vs_lag"}, {"images": (11, 0)},
              size=(520, 450)),
-        Node(13, "PerResLAGMaskPreview", (1220, 420), {}, {"model": (4, 0), "samples": (8, 0)}, size=(400, 450)),
-        note(14, (0, 360), (
+        Node(13, "PerResLAGMaskPreview", (COLUMNS[3], 160), {}, {"model": (4, 0), "samples": (8, 0)},
+             size=(400, 450)),
+        note(14, (0, -480), (
             "## Normal vs. LAG sampling (paper, Figure 4)\n\n"
             "Both samplers start from the same noise (same seed, same latent, same prompt). The saved batch "
             "holds the normal image first and the LAG image second.\n\n"
@@ -191,20 +216,14 @@ def normal_vs_lag() -> Workflow:
 
 def two_concepts_lag() -> Workflow:
     prompt = "a photo of a sks dog and an olis cat on a beach"
-    return Workflow("perres_two_concepts_lag", base_nodes() + [
+    return Workflow("perres_two_concepts_lag", base_nodes(prompts_at=(COLUMNS[1], 480)) + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": DOG_RESIDUAL}, title="Concept 1 (sks dog)"),
-        Node(3, "PerResLoadResiduals", (0, 320), {"residual_name": CAT_RESIDUAL}, title="Concept 2 (olis cat)"),
-        Node(4, "PerResLAGConcept", (0, 460), {"concept_words": "", "strength": 1.0}, {"residuals": (3, 0)}),
-        Node(7, "PerResLAGSampling", (420, 0),
-             {"prompt": prompt, "concept_words": "", "strength": 1.0, "threshold": "median", "quantile": 0.5,
-              "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"},
-             {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0), "extra_concepts": (4, 0)}, size=(400, 420)),
-        sampler(8, (880, 0), (7, 0), (7, 1), (5, 0), (6, 0)),
-        Node(9, "VAEDecode", (1220, 0), {}, {"samples": (8, 0), "vae": (1, 2)}),
-        Node(10, "SaveImage", (1460, 0), {"filename_prefix": "perres/two_concepts"}, {"images": (9, 0)},
-             size=(400, 450)),
-        Node(11, "PerResLAGMaskPreview", (1220, 520), {}, {"model": (7, 0), "samples": (8, 0)}, size=(400, 450)),
-        note(12, (0, 640), (
+        Node(3, "PerResLoadResiduals", (0, 360), {"residual_name": CAT_RESIDUAL}, title="Concept 2 (olis cat)"),
+        Node(4, "PerResLAGConcept", (0, 520), {"concept_words": "", "strength": 1.0}, {"residuals": (3, 0)}),
+        lag_node(7, (COLUMNS[1], 0), prompt,
+                 {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0), "extra_concepts": (4, 0)}, (400, 420)),
+        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix="perres/two_concepts"),
+        note(12, (0, 720), (
             "## Two concepts with LAG\n\n"
             "Train one residual per concept with different identifiers, e.g. `sks` + `dog` and `olis` + `cat` "
             "(rare words that CLIP keeps as one token), and save them as `perres/dog` and `perres/cat`.\n\n"
@@ -383,7 +402,7 @@ def build(wf: Workflow) -> tuple[dict, dict]:
     for index, group in enumerate(wf.groups, start=1):
         boxes = [(by_id[i].pos, next(u["size"] for u in ui_nodes if u["id"] == i)) for i in group.members]
         x0 = min(p[0] for p, _ in boxes) - 20
-        y0 = min(p[1] for p, _ in boxes) - 60
+        y0 = min(p[1] for p, _ in boxes) - 80  # the node titles (30 px) and the group's title bar (34 px)
         x1 = max(p[0] + s[0] for p, s in boxes) + 20
         y1 = max(p[1] + s[1] for p, s in boxes) + 20
         groups.append({"id": index, "title": group.title, "bounding": [x0, y0, x1 - x0, y1 - y0],
