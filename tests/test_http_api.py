@@ -8,33 +8,17 @@ message (node name, what is wrong, how to fix it) in the history, and nothing ma
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
 
-from comfy_host import PACK_DIR
+from comfy_server import launch, prepare_root
 from conftest import pack
-
-STARTUP_TIMEOUT_S = 300
-PROMPT_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _MakeDir:
@@ -47,65 +31,9 @@ class _MakeDir:
         return os.mkdir, (self.path,)
 
 
-class Server:
-    def __init__(self, root: str, port: int, process: subprocess.Popen, log_path: str) -> None:
-        self.root, self.port, self.process, self.log_path = root, port, process, log_path
-        self.url = f"http://127.0.0.1:{port}"
-        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
-
-    def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        with open(self.log_path, "r", errors="replace") as handle:
-            return handle.read()[-chars:]
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def request(self, method: str, route: str, body=None, raw: bytes | None = None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.url + route, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with self.opener.open(request, timeout=30) as response:
-                return response.status, _parse(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, _parse(error.read())
-
-    def queue(self, prompt: dict):
-        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "perres-tests"})
-
-    def wait_for(self, prompt_id: str) -> dict:
-        deadline = time.monotonic() + PROMPT_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.alive(), "the server died:\n" + self.log_tail()
-            status, history = self.request("GET", f"/history/{prompt_id}")
-            if status == 200 and prompt_id in (history or {}):
-                entry = history[prompt_id]
-                if entry.get("status", {}).get("completed") is not None:
-                    return entry
-            time.sleep(0.25)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {PROMPT_TIMEOUT_S} s:\n" + self.log_tail())
-
-
-def _parse(raw: bytes):
-    try:
-        return json.loads(raw or b"null")
-    except ValueError:
-        return raw.decode(errors="replace")
-
-
 def _prepare(root: str, comfy_root: str) -> str:
     """Folders, files and the extra_model_paths yaml of the test server; returns the yaml path."""
-    for sub in ("models/checkpoints", "models/loras/perres", "custom_nodes", "input", "output", "temp", "user"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
-    # A checkout inside the host's own custom_nodes/ is loaded from there; never load the pack twice.
-    host_custom_nodes = os.path.realpath(os.path.join(comfy_root, "custom_nodes"))
-    installed = os.path.realpath(os.path.dirname(PACK_DIR)) == host_custom_nodes
-    if not installed:
-        os.symlink(PACK_DIR, os.path.join(root, "custom_nodes", "perres"))
-
+    config = prepare_root(root, comfy_root)
     residual, layout, residual_file = pack("perres_core.residual"), pack("perres_core.sd15_layout"), \
         pack("perres_core.residual_file")
     residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), 0.05,
@@ -125,54 +53,18 @@ def _prepare(root: str, comfy_root: str) -> str:
         for index in range(2):
             Image.new("RGB", (size, size + 8 * index), (40 * index, 120, 200)).save(
                 os.path.join(root, "input", folder, f"{index}.png"))
-
-    config = os.path.join(root, "extra_model_paths.yaml")
-    with open(config, "w") as handle:
-        handle.write(f"perres_tests:\n    base_path: {root}\n    is_default: true\n"
-                     "    checkpoints: models/checkpoints\n    loras: models/loras\n    custom_nodes: custom_nodes\n")
     return config
 
 
 @pytest.fixture(scope="module")
 def server(host_root):
     root = tempfile.mkdtemp(prefix="perres-http-")
-    config = _prepare(root, host_root)
-    port = free_port()
-    log_path = os.path.join(root, "server.log")
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--disable-auto-launch", "--extra-model-paths-config", config,
-               "--input-directory", os.path.join(root, "input"), "--output-directory", os.path.join(root, "output"),
-               "--temp-directory", os.path.join(root, "temp"), "--user-directory", os.path.join(root, "user"),
-               "--database-url", "sqlite:///:memory:"]
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=host_root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    instance = Server(root, port, process, log_path)
+    instance = launch(host_root, root, _prepare(root, host_root))
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if not instance.alive():
-                raise AssertionError("the server exited during startup:\n" + instance.log_tail())
-            try:
-                status, _ = instance.request("GET", "/object_info/PerResLoadResiduals")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not answer in {STARTUP_TIMEOUT_S} s:\n" + instance.log_tail())
-            time.sleep(0.5)
-        status, info = instance.request("GET", "/object_info/PerResLoadResiduals")
-        assert "PerResLoadResiduals" in info, f"the pack was not loaded:\n{instance.log_tail()}"
+        instance.wait_ready()
         yield instance
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+        instance.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
