@@ -65,6 +65,32 @@ class Server:
     def queue(self, prompt: dict):
         return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "perres-tests"})
 
+    def wait_ready(self) -> None:
+        """Block until the server answers with the pack's nodes loaded (bounded by STARTUP_TIMEOUT_S)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if not self.alive():
+                raise AssertionError("the server exited during startup:\n" + self.log_tail())
+            try:
+                status, info = self.request("GET", "/object_info/PerResLoadResiduals")
+                if status == 200:
+                    assert "PerResLoadResiduals" in info, f"the pack was not loaded:\n{self.log_tail()}"
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not answer in {STARTUP_TIMEOUT_S} s:\n" + self.log_tail())
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
     def wait_for(self, prompt_id: str) -> dict:
         deadline = time.monotonic() + PROMPT_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -115,11 +141,13 @@ def write_residual(path: str, identifier: str = "sks", class_word: str = "dog") 
     return path
 
 
-@contextlib.contextmanager
-def running_server(host_root: str, root: str, config: str, pack_folder: str,
-                   log_name: str = "server.log") -> Iterator[Server]:
-    """Start `main.py --cpu` on `root` (prepared by prepare_root), wait until the pack's nodes answer,
-    and stop it on exit."""
+LOOPBACK_ENV = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def launch(host_root: str, root: str, config: str, pack_folder: str = PACK_FOLDER,
+           log_name: str = "server.log") -> Server:
+    """Start `main.py --cpu` on a free loopback port with the folders of `root` (prepared by prepare_root);
+    call wait_ready() next, and stop() when done."""
     port = free_port()
     log_path = os.path.join(root, log_name)
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -127,36 +155,19 @@ def running_server(host_root: str, root: str, config: str, pack_folder: str,
                "--input-directory", os.path.join(root, "input"), "--output-directory", os.path.join(root, "output"),
                "--temp-directory", os.path.join(root, "temp"), "--user-directory", os.path.join(root, "user"),
                "--database-url", "sqlite:///:memory:"]
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=host_root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    instance = Server(root, port, process, log_path, pack_folder)
+        process = subprocess.Popen(command, cwd=host_root, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **LOOPBACK_ENV})
+    return Server(root, port, process, log_path, pack_folder)
+
+
+@contextlib.contextmanager
+def running_server(host_root: str, root: str, config: str, pack_folder: str,
+                   log_name: str = "server.log") -> Iterator[Server]:
+    """A started server whose pack answers, stopped on exit."""
+    instance = launch(host_root, root, config, pack_folder, log_name)
     try:
-        _wait_until_ready(instance)
+        instance.wait_ready()
         yield instance
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
-
-
-def _wait_until_ready(instance: Server) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if not instance.alive():
-            raise AssertionError("the server exited during startup:\n" + instance.log_tail())
-        try:
-            status, info = instance.request("GET", "/object_info/PerResLoadResiduals")
-            if status == 200:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the server did not answer in {STARTUP_TIMEOUT_S} s:\n" + instance.log_tail())
-        time.sleep(0.5)
-    assert "PerResLoadResiduals" in info, f"the pack was not loaded:\n{instance.log_tail()}"
-
+        instance.stop()
