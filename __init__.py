@@ -4,7 +4,8 @@ ComfyUI imports this package from custom_nodes/ and calls `comfy_entrypoint` (V3
 """
 from .nodes import PerResExtension
 
-WEB_DIRECTORY = None
+# Served at /extensions/<pack folder>/; holds the node help pages docs/<NodeId>.md (tools/make_docs.py).
+WEB_DIRECTORY = "web"
 
 
 async def comfy_entrypoint() -> PerResExtension:

@@ -35,7 +35,7 @@ class ApplyResiduals(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="1 applies the learned residual; 0 gives the base model."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The patched clone; connect it to the sampler.")],
         )
 
     @classmethod

@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..perres_core import __version__
 from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
-from ..perres_core.residual_file import load_residual_file, save_residual_file
+from ..perres_core.residual_file import is_residual_file, load_residual_file, save_residual_file
 from .errors import reported_as
 from .types import Residuals
 
@@ -81,7 +81,8 @@ class SaveResiduals(io.ComfyNode):
             inputs=[
                 Residuals.Input("residuals", tooltip="From PerRes Train Residuals or PerRes Load Residuals."),
                 io.String.Input("filename_prefix", default="perres/concept",
-                                tooltip="Path under models/loras; '_00001.safetensors' etc. is appended."),
+                                tooltip="Path under models/loras; '_00001.safetensors' etc. is appended. Absolute "
+                                        "paths and '..' are refused."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip="The saved file, relative to models/loras.")],
             is_output_node=True,
@@ -96,7 +97,13 @@ class SaveResiduals(io.ComfyNode):
 
 
 def residual_file_list() -> list[str]:
-    return [name for name in folder_paths.get_filename_list("loras") if name.lower().endswith(".safetensors")]
+    """The files under models/loras whose header says PerRes saved them, not every LoRA installed.
+
+    folder_paths rescans when a folder changes and the header check is cached per file version, so
+    files saved while the server runs appear at the next refresh at the cost of one header read each.
+    """
+    return [name for name in folder_paths.get_filename_list("loras")
+            if is_residual_file(folder_paths.get_full_path("loras", name) or "")]
 
 
 class LoadResiduals(io.ComfyNode):
@@ -108,8 +115,10 @@ class LoadResiduals(io.ComfyNode):
             category="PerRes",
             description="Loads a residual file saved by PerRes Save Residuals from models/loras and checks it.",
             inputs=[io.Combo.Input("residual_name", options=residual_file_list(),
-                                   tooltip="A .safetensors file under models/loras saved by PerRes.")],
-            outputs=[Residuals.Output(display_name="residuals", tooltip="The concept's residuals and its words.")],
+                                   tooltip="A residual saved by PerRes Save Residuals; only files under "
+                                           "models/loras that carry PerRes metadata are listed.")],
+            outputs=[Residuals.Output(display_name="residuals", tooltip="The concept's residuals and its words "
+                                                                        "(identifier and class word).")],
         )
 
     @classmethod

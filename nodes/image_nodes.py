@@ -1,7 +1,6 @@
 """PerRes Load Concept Images: a folder of reference images → one centre-cropped batch."""
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -14,8 +13,8 @@ from comfy_api.latest import io
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from .errors import reported_as
+from .node_warnings import NodeWarnings, node_id_of
 
-log = logging.getLogger("perres")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAME = "PerRes Load Concept Images"
 MAX_PIXELS = 8192 * 8192  # refuse decompression bombs; 4096+ px photos are fine and get downscaled
@@ -71,6 +70,7 @@ class LoadConceptImages(io.ComfyNode):
                              tooltip="Side of the square training images; 512 for SD1.x."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The reference images, one batch.")],
+            hidden=[io.Hidden.unique_id],  # to show warnings on the node
         )
 
     @classmethod
@@ -103,5 +103,6 @@ class LoadConceptImages(io.ComfyNode):
             except PerResError as exc:
                 raise PerResError(f"{exc} (folder '{folder}')") from exc
             if len(names) == 1:
-                log.warning("%s: only one reference image in '%s'; 3 or more generalise much better.", NAME, folder)
+                NodeWarnings(NAME, node_id_of(cls)).warn(
+                    f"only one reference image in '{folder}'; 3 or more generalise much better.")
             return io.NodeOutput(batch)

@@ -1,8 +1,6 @@
 """LAG sampling nodes: single and multi-concept LAG, and the mask preview."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from comfy_api.latest import io, ui
@@ -15,10 +13,10 @@ from .apply_node import check_strength
 from .errors import reported_as
 from .host_model import require_sd1
 from .lag_patch import LagConcept, LagPatch
+from .node_warnings import NodeWarnings, node_id_of
 from .text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
 from .types import Concepts, Residuals
 
-log = logging.getLogger("perres")
 LAG_NAME = "PerRes LAG Sampling"
 CONCEPT_NAME = "PerRes LAG Concept"
 PREVIEW_NAME = "PerRes LAG Mask Preview"
@@ -34,12 +32,12 @@ def parse_concept_words(text: str, residuals: ResidualSet) -> list[str]:
     return [check_concept_word("concept word", word, single_word=False) for word in text.split(",") if word.strip()]
 
 
-def locate_concept(clip, chunks: list[list[int]], words: list[str], label: str) -> list[int]:
+def locate_concept(clip, chunks: list[list[int]], words: list[str], warnings: NodeWarnings) -> list[int]:
     positions, missing = concept_positions(chunks, {w: word_token_ids(clip, w) for w in words})
     if missing:
         fallback = "" if positions else " None of its words occur, so this residual is applied everywhere (normal sampling)."
-        log.warning("%s: %s not in the prompt.%s Put the concept words (e.g. '%s') in the prompt.",
-                    LAG_NAME, ", ".join(repr(m) for m in missing), fallback, " ".join(words))
+        warnings.warn(f"{', '.join(repr(m) for m in missing)} not in the prompt.{fallback} Put the concept words "
+                      f"(e.g. '{' '.join(words)}') in the prompt.")
     return positions
 
 
@@ -59,7 +57,7 @@ class LagConceptNode(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="Residual strength."),
                 Concepts.Input("concepts", optional=True, tooltip="Chain further concepts here."),
             ],
-            outputs=[Concepts.Output(display_name="concepts")],
+            outputs=[Concepts.Output(display_name="concepts", tooltip="The chain so far plus this concept.")],
         )
 
     @classmethod
@@ -108,6 +106,7 @@ class LagSampling(io.ComfyNode):
                 io.Model.Output(display_name="model", tooltip="A patched clone; connect to the sampler."),
                 io.Conditioning.Output(display_name="positive", tooltip="The encoded prompt; connect to the sampler."),
             ],
+            hidden=[io.Hidden.unique_id],  # to show warnings on the node
         )
 
     @classmethod
@@ -128,15 +127,18 @@ class LagSampling(io.ComfyNode):
             settings.validate()
             specs = [(residuals, parse_concept_words(concept_words, residuals), strength)] + list(extra_concepts or [])
             patched, positive = build_lag_model(model, clip, prompt, specs, settings, start_percent, end_percent,
-                                                OUTSIDE[outside_window])
+                                                OUTSIDE[outside_window], node_id=node_id_of(cls))
             return io.NodeOutput(patched, positive)
 
 
 def build_lag_model(model, clip, prompt: str, specs: list, settings: MaskSettings, start_percent: float = 0.0,
-                    end_percent: float = 1.0, outside: str = "full"):
-    """(patched clone, positive conditioning) for concepts given as (residuals, words, strength)."""
+                    end_percent: float = 1.0, outside: str = "full", node_id: str | None = None):
+    """(patched clone, positive conditioning) for concepts given as (residuals, words, strength).
+
+    `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
     chunks = prompt_token_chunks(clip, prompt)
-    concepts = [LagConcept(res, locate_concept(clip, chunks, words, ", ".join(words)), s, ", ".join(words))
+    warnings = NodeWarnings(LAG_NAME, node_id)
+    concepts = [LagConcept(res, locate_concept(clip, chunks, words, warnings), s, ", ".join(words))
                 for res, words, s in specs]
     sampling = model.get_model_object("model_sampling")
     patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
@@ -172,7 +174,7 @@ class LagMaskPreview(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model output of PerRes LAG Sampling."),
                 io.Latent.Input("samples", tooltip="The sampler's output (so the preview runs after sampling)."),
             ],
-            outputs=[io.Image.Output(display_name="masks")],
+            outputs=[io.Image.Output(display_name="masks", tooltip="The mask images (one per block resolution).")],
             is_output_node=True,
         )
 

@@ -16,6 +16,7 @@ from ..perres_core.sd15_layout import sd15_layer_shapes
 from ..perres_core.training import TrainSettings
 from .errors import reported_as
 from .host_model import require_trainable, with_residual_weights
+from .node_warnings import NodeWarnings, node_id_of
 from .text_tokens import check_concept_word, word_token_ids
 from .training_host import train_on_model
 from .types import Residuals
@@ -82,6 +83,7 @@ class TrainResiduals(io.ComfyNode):
                 Residuals.Output(display_name="residuals", tooltip="The trained residuals, for Save or LAG."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for the stock Plot Loss Graph node."),
             ],
+            hidden=[io.Hidden.unique_id],  # to show warnings on the node
         )
 
     @classmethod
@@ -93,15 +95,16 @@ class TrainResiduals(io.ComfyNode):
             require_trainable(model)
             identifier = check_concept_word("identifier", identifier, single_word=True)
             class_word = check_concept_word("class_word", class_word, single_word=False)
+            warnings = NodeWarnings(NAME, node_id_of(cls))
             if len(word_token_ids(clip, identifier)) > 1:
-                log.warning("%s: identifier '%s' is split into several tokens; a single rare token such as 'sks' "
-                            "binds the concept more cleanly.", NAME, identifier)
+                warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
+                              "'sks' binds the concept more cleanly.")
             if images is None or images.shape[0] == 0:
                 raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
                                   "with a folder of 3–20 photos of the concept.")
             if images.shape[0] < batch_size:
-                log.warning("%s: %d image(s) for batch size %d; batches are drawn with replacement.",
-                            NAME, images.shape[0], batch_size)
+                warnings.warn(f"{images.shape[0]} image(s) for batch size {batch_size}; batches are drawn with "
+                              "replacement.")
             pixels = prepare_batch(list(images), resolution)
             latents = vae.encode(pixels)
             concept = ConceptInfo(identifier, class_word)

@@ -5,6 +5,7 @@ A ∈ R^{m×r} ("up"), B ∈ R^{r×n} ("down"), r = max(1, round(ratio·m)) with
 """
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
@@ -21,6 +22,11 @@ DEFAULT_RANK_RATIO = 0.05
 INIT_STD = 1e-2
 
 InitMode = Literal["random", "zero"]
+
+
+def training_date() -> str:
+    """Today's ISO date: a residual set records the day its training run began (the file's modelspec.date)."""
+    return datetime.date.today().isoformat()
 
 
 def rank_for(features: int, ratio: float = DEFAULT_RANK_RATIO) -> int:
@@ -118,6 +124,9 @@ class ResidualSet:
     base_model: str = "SD1.x"
     rank_ratio: float = DEFAULT_RANK_RATIO
     training: dict[str, str] = field(default_factory=dict)  # steps, seed, lr, ... for the file metadata
+    # ISO date of the training run ("" if unknown). It comes from the run, not from the save, so that
+    # re-saving a loaded file keeps its date and one seed still gives byte-identical files.
+    date: str = ""
 
     @classmethod
     def create(cls, layer_shapes: dict[str, tuple[int, int]], rank_ratio: float = DEFAULT_RANK_RATIO,
@@ -128,6 +137,7 @@ class ResidualSet:
         for path, (out_f, in_f) in layer_shapes.items():
             rank = fixed_rank if fixed_rank is not None else rank_for(out_f, rank_ratio)
             layers[path] = LowRankResidual(out_f, in_f, rank, conv=conv)
+        kwargs.setdefault("date", training_date())
         return cls(layers=layers, concept=concept or ConceptInfo(), rank_ratio=rank_ratio, **kwargs)
 
     def initialize(self, mode: InitMode = "random", seed: int = 0) -> None:

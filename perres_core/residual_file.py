@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import tempfile
+from functools import lru_cache
 from typing import Mapping
 
 import torch
@@ -28,6 +29,17 @@ UP, DOWN, ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
 MAX_FILE_BYTES = 128 * 1024 * 1024
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 DAMAGED_FIX = "Copy the file again, or train and save the residual again with 'PerRes Save Residuals'."
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A PerRes header (48 tensor entries plus metadata) is about 10 KB; listing never reads more than this per file.
+LISTING_HEADER_BYTES = 1024 * 1024
+# modelspec (the Stability AI model spec) is what A1111/Forge and model sites read; "diffusers" is the
+# implementation kohya's sd-scripts writes for SD1 LoRAs with these diffusers-path key names.
+MODELSPEC = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "stable-diffusion-v1/lora",
+    "modelspec.implementation": "diffusers",
+}
+MODELSPEC_DATE = "modelspec.date"
 
 
 def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
@@ -63,6 +75,19 @@ def residuals_metadata(residuals: ResidualSet, pack_version: str) -> dict[str, s
     # Lets kohya-style tools recognise the file as a plain LoRA.
     out["ss_network_module"] = "networks.lora"
     out["ss_base_model_version"] = "sd_v1"
+    out.update(modelspec_metadata(residuals))
+    return out
+
+
+def modelspec_metadata(residuals: ResidualSet) -> dict[str, str]:
+    """The modelspec.* fields, so that the trigger words travel with the file into other tools."""
+    concept = residuals.concept
+    words = f"{concept.identifier} {concept.class_word}"
+    resolution = residuals.training.get("resolution", "512")
+    out = {**MODELSPEC, "modelspec.title": f"{words} (PerRes residual)", "modelspec.trigger_phrase": words,
+           "modelspec.resolution": f"{resolution}x{resolution}"}
+    if residuals.date:
+        out[MODELSPEC_DATE] = residuals.date
     return out
 
 
@@ -141,14 +166,15 @@ def check_loadable_path(path: str) -> None:
                           f"{MAX_FILE_BYTES / 2**20:.0f} MiB. This is not a residual (a checkpoint or a full LoRA?).")
 
 
-def _read_header(path: str) -> dict:
+def read_header(path: str, limit: int = MAX_HEADER_BYTES) -> dict:
+    """The safetensors JSON header only (8-byte length, then JSON); the tensors are never read."""
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         raw = handle.read(8)
         if len(raw) < 8:
             raise PerResError(f"'{os.path.basename(path)}' is truncated or not a safetensors file. {DAMAGED_FIX}")
         (header_len,) = struct.unpack("<Q", raw)
-        if header_len > size - 8 or header_len > 100 * 1024 * 1024:
+        if header_len > size - 8 or header_len > limit:
             raise PerResError(f"'{os.path.basename(path)}' is truncated or corrupt (bad safetensors header). "
                               f"{DAMAGED_FIX}")
         try:
@@ -161,12 +187,37 @@ def _read_header(path: str) -> dict:
     return header
 
 
+def is_residual_file(path: str) -> bool:
+    """Whether `path` is a .safetensors file whose header carries PerRes metadata (for file lists).
+
+    Cached by path, modification time and size, so a list of hundreds of LoRAs reads each header once.
+    """
+    if not path.lower().endswith(".safetensors"):
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return _has_perres_metadata(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4096)
+def _has_perres_metadata(path: str, mtime_ns: int, size: int) -> bool:
+    if size > MAX_FILE_BYTES:  # checkpoints and full LoRAs: not even their header is read
+        return False
+    try:
+        metadata = read_header(path, LISTING_HEADER_BYTES).get("__metadata__") or {}
+    except (OSError, PerResError):
+        return False
+    return META_PREFIX + "format" in metadata
+
+
 def load_residual_file(path: str) -> ResidualSet:
     """Read and validate a PerRes residual file; every problem becomes a PerResError that names it."""
     check_loadable_path(path)
     name = os.path.basename(path)
     try:
-        header = _read_header(path)
+        header = read_header(path)
     except OSError as exc:
         raise PerResError(f"'{name}' cannot be read ({exc.strerror or exc}); check that the file is readable.") from exc
     metadata = header.get("__metadata__") or {}
@@ -189,8 +240,10 @@ def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Map
                           f"this version of the pack reads format {FORMAT_VERSION}. Update the pack.")
     layers = _layers_from_tensors(tensors, name)
     concept, rank_ratio, training = _metadata_fields(metadata, name)
+    date = metadata.get(MODELSPEC_DATE, "")
     return ResidualSet(layers=layers, concept=concept, rank_ratio=rank_ratio,
-                       base_model=metadata.get(META_PREFIX + "base_model", "SD1.x"), training=training)
+                       base_model=metadata.get(META_PREFIX + "base_model", "SD1.x"), training=training,
+                       date=date if isinstance(date, str) else "")
 
 
 def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, LowRankResidual]:

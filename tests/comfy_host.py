@@ -57,6 +57,22 @@ def start_host(comfy_root: str, workdir: str) -> None:
     logging.getLogger().setLevel(logging.INFO)
 
 
+def start_host_for_tool(description: str, workdir_prefix: str, argv: Optional[list[str]] = None) -> None:
+    """Command line of the tools/ scripts: `--comfyui ROOT`, then the host started in a temp workdir."""
+    import argparse
+    import logging
+    import tempfile
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH, the enclosing ComfyUI, ~/ComfyUI)")
+    args = parser.parse_args(argv)
+    comfy_root = args.comfyui or find_comfyui()
+    if not comfy_root:
+        parser.error("ComfyUI not found; pass --comfyui or set COMFYUI_PATH")
+    start_host(os.path.abspath(os.path.expanduser(comfy_root)), tempfile.mkdtemp(prefix=workdir_prefix))
+
+
 def pack(submodule: str):
     """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
     import importlib

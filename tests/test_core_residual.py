@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from perres_core.errors import PerResError
 from perres_core.residual import ConceptInfo, LowRankResidual, ResidualSet, rank_for
-from perres_core.residual_file import load_residual_file, save_residual_file
+from perres_core.residual_file import is_residual_file, load_residual_file, read_header, save_residual_file
 from perres_core.sd15_layout import SD15_RESIDUAL_PARAMETERS, SD15_SLOTS, sd15_layer_shapes
 
 
@@ -58,7 +58,7 @@ def test_low_rank_forward_equals_full_delta_weight(conv):
 
 def _trained_like(seed: int = 0) -> ResidualSet:
     residuals = ResidualSet.create(sd15_layer_shapes(), concept=ConceptInfo("ktn", "cat"),
-                                   training={"steps": 7, "seed": seed})
+                                   training={"steps": 7, "seed": seed, "resolution": 512}, date="2024-05-20")
     residuals.initialize("random", seed)
     return residuals
 
@@ -98,6 +98,64 @@ def test_same_seed_same_file_bytes(tmp_path):
     a = save_residual_file(_trained_like(5), str(tmp_path / "a.safetensors"), "test")
     b = save_residual_file(_trained_like(5), str(tmp_path / "b.safetensors"), "test")
     assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_file_carries_modelspec_next_to_kohya_keys(tmp_path):
+    """The fields A1111/Forge and model sites read, with the trigger words and the training run's date."""
+    path = save_residual_file(_trained_like(), str(tmp_path / "cat.safetensors"), "test")
+    metadata = read_header(path)["__metadata__"]
+    assert {k: v for k, v in metadata.items() if k.startswith("modelspec.")} == {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": "ktn cat (PerRes residual)",
+        "modelspec.trigger_phrase": "ktn cat",
+        "modelspec.resolution": "512x512",
+        "modelspec.date": "2024-05-20",
+    }
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_resaving_a_loaded_file_keeps_its_training_date(tmp_path):
+    first = save_residual_file(_trained_like(), str(tmp_path / "a.safetensors"), "test")
+    loaded = load_residual_file(first)
+    assert loaded.date == "2024-05-20"
+    again = save_residual_file(loaded, str(tmp_path / "b.safetensors"), "test")
+    assert read_header(again)["__metadata__"]["modelspec.date"] == "2024-05-20"
+
+
+def test_new_residuals_are_dated_by_their_training_run():
+    import datetime
+
+    assert ResidualSet.create(sd15_layer_shapes()).date == datetime.date.today().isoformat()
+
+
+def test_listing_reads_only_the_header(tmp_path):
+    """A PerRes header is enough to be listed (the tensors are never read: here they are cut off); an
+    ordinary LoRA, a non-safetensors file and garbage are not listed."""
+    from safetensors.torch import save_file
+
+    full = save_residual_file(_trained_like(), str(tmp_path / "full.safetensors"), "test")
+    raw = open(full, "rb").read()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    (tmp_path / "header_only.safetensors").write_bytes(raw[:header_end])
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "lora.safetensors"),
+              metadata={"ss_network_module": "networks.lora"})
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "residual.pt").write_bytes(raw)
+    listed = {name for name in os.listdir(tmp_path) if is_residual_file(str(tmp_path / name))}
+    assert listed == {"full.safetensors", "header_only.safetensors"}
+
+
+def test_listing_cache_follows_changes_of_a_file(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "r.safetensors")
+    save_file({"x": torch.zeros(2)}, path)
+    assert not is_residual_file(path)
+    os.remove(path)
+    save_residual_file(_trained_like(), path, "test")  # same path, new size and mtime
+    assert is_residual_file(path)
 
 
 @pytest.mark.parametrize("conv", [True, False])

@@ -74,8 +74,12 @@ def test_stock_lora_loader_matches_apply_node(trained, sd15, caplog):
     assert torch.equal(denoise(zero, x, 3.0, context), base_out)
 
 
-def test_same_seed_gives_the_same_residual_file(sd15, concept_images, workdir):
-    """Determinism on the CPU: two runs with one seed save byte-identical files."""
+def test_same_seed_gives_the_same_residual_file(sd15, concept_images, workdir, monkeypatch):
+    """Determinism on the CPU: two runs with one seed save byte-identical files.
+
+    The file records the day of its training run (modelspec.date); a fixed clock keeps two runs that
+    straddle midnight identical too."""
+    monkeypatch.setattr(pack("perres_core.residual"), "training_date", lambda: "2024-05-20")
     names = []
     for _ in range(2):
         residuals = train(sd15, concept_images, steps=1, seed=11)[1]
@@ -83,6 +87,22 @@ def test_same_seed_gives_the_same_residual_file(sd15, concept_images, workdir):
     root = os.path.join(workdir, "models", "loras")
     a, b = (open(os.path.join(root, n), "rb").read() for n in names)
     assert names[0] != names[1] and a == b
+
+
+def test_saved_file_names_its_trigger_words_and_training_day(sd15, concept_images, workdir, monkeypatch):
+    """modelspec fields that A1111/Forge read; the date is the training run's, not the save's."""
+    residual = pack("perres_core.residual")
+    monkeypatch.setattr(residual, "training_date", lambda: "2024-05-20")
+    residuals = train(sd15, concept_images, steps=1, identifier="olis", class_word="cat")[1]
+    monkeypatch.setattr(residual, "training_date", lambda: "2099-01-01")
+    name = run_node("PerResSaveResiduals", residuals=residuals, filename_prefix="perres/modelspec")[0]
+    path = os.path.join(workdir, "models", "loras", name)
+    metadata = pack("perres_core.residual_file").read_header(path)["__metadata__"]
+    assert metadata["modelspec.trigger_phrase"] == "olis cat"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.resolution"] == "64x64"
+    assert metadata["modelspec.date"] == "2024-05-20"
+    assert metadata["perres.identifier"] == "olis"
 
 
 def test_training_lowers_held_out_epsilon_loss(sd15, concept_images):

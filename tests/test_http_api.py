@@ -8,16 +8,19 @@ message (node name, what is wrong, how to fix it) in the history, and nothing ma
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
+import struct
 import tempfile
 
 import pytest
 import torch
 from PIL import Image
 
-from comfy_server import prepare_root, running_server, write_residual
+from comfy_host import PACK_DIR
+from comfy_server import PROMPT_TIMEOUT_S, prepare_root, running_server, write_residual
 from conftest import pack
 
 
@@ -172,6 +175,80 @@ def test_good_prompt_after_the_bad_ones_succeeds(server):
     saved = server.path("models", "loras", "perres", "from_http_00001.safetensors")
     assert os.path.getsize(saved) > 1_000_000
     assert len(pack("perres_core.residual_file").load_residual_file(saved).layers) == 16
+
+
+def test_server_survived_everything(server):
+    assert server.alive(), server.log_tail()
+    status, stats = server.request("GET", "/system_stats")
+    assert status == 200 and "system" in stats
+    status, queue = server.request("GET", "/queue")
+    assert status == 200 and not queue["queue_running"] and not queue["queue_pending"], queue
+    assert not os.path.exists(server.path("UNPICKLED"))
+
+
+def test_help_pages_are_served_where_the_frontend_asks(server):
+    """The frontend asks /extensions/<pack folder>/docs/<NodeId>.md, the folder taken from python_module."""
+    import nodes
+
+    pack_nodes = sorted(n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith("PerRes"))
+    for node_id in pack_nodes:
+        status, info = server.request("GET", f"/object_info/{node_id}")
+        assert status == 200, info
+        folder = info[node_id]["python_module"].split(".")[1]  # "custom_nodes.<folder>", as the frontend reads it
+        status, page = server.request("GET", f"/extensions/{folder}/docs/{node_id}.md")
+        assert status == 200, (node_id, page)
+        with open(os.path.join(PACK_DIR, "web", "docs", f"{node_id}.md"), encoding="utf-8") as handle:
+            assert page == handle.read(), node_id
+
+
+def test_residual_list_shows_perres_files_also_those_saved_while_running(server):
+    status, body = server.queue(load_and_save("perres/good.safetensors", "perres/listed"))
+    assert status == 200, body
+    assert server.wait_for(body["prompt_id"])["status"]["status_str"] == "success"
+    status, info = server.request("GET", "/object_info/PerResLoadResiduals")
+    options = info["PerResLoadResiduals"]["input"]["required"]["residual_name"][1]["options"]
+    assert "perres/good.safetensors" in options and "perres/listed_00001.safetensors" in options, options
+    assert "perres/lora.safetensors" not in options and "perres/evil.pt" not in options, options
+
+
+def test_warning_reaches_a_websocket_client_on_its_node(server):
+    """A single reference image: the warning arrives during the run as a binary TEXT message (type 3:
+    node id length, node id, text), which the frontend shows under that node."""
+    import asyncio
+
+    import aiohttp
+
+    folder = server.path("input", "perres_single")
+    os.makedirs(folder, exist_ok=True)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(os.path.join(folder, "only.png"))
+    client_id = "perres-ws-test"
+
+    async def run() -> list[tuple[str, str]]:
+        texts = []
+        async with aiohttp.ClientSession() as session:  # no proxy: aiohttp ignores the environment's
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
+                response = await session.post(f"{server.url}/prompt", json={
+                    "prompt": images_preview("perres_single"), "client_id": client_id})
+                prompt_id = (await response.json())["prompt_id"]
+                while True:
+                    message = await asyncio.wait_for(ws.receive(), PROMPT_TIMEOUT_S)
+                    if message.type == aiohttp.WSMsgType.BINARY:
+                        event, = struct.unpack(">I", message.data[:4])
+                        if event == 3:
+                            length, = struct.unpack(">I", message.data[4:8])
+                            texts.append((message.data[8:8 + length].decode(),
+                                          message.data[8 + length:].decode()))
+                    elif message.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(message.data)
+                        if data["type"] in ("execution_success", "execution_error") \
+                                and data["data"].get("prompt_id") == prompt_id:
+                            assert data["type"] == "execution_success", data
+                            return texts
+                    else:
+                        raise AssertionError(f"websocket closed: {message}")
+
+    texts = asyncio.run(run())
+    assert any(node == "1" and "only one reference image in 'perres_single'" in text for node, text in texts), texts
 
 
 def test_server_survived_everything(server):

@@ -15,12 +15,10 @@ runs each API workflow through ComfyUI's executor.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -423,17 +421,10 @@ def write_json(path: str, data: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH, the enclosing ComfyUI, ~/ComfyUI)")
-    args = parser.parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from comfy_host import find_comfyui, start_host
+    from comfy_host import start_host_for_tool
 
-    comfy_root = args.comfyui or find_comfyui()
-    if not comfy_root:
-        parser.error("ComfyUI not found; pass --comfyui or set COMFYUI_PATH")
-    start_host(os.path.abspath(os.path.expanduser(comfy_root)), tempfile.mkdtemp(prefix="perres-workflows-"))
+    start_host_for_tool(__doc__.split("\n")[0], "perres-workflows-", argv)
     os.makedirs(os.path.join(OUT_DIR, "api"), exist_ok=True)
     for make in WORKFLOWS:
         wf = make()

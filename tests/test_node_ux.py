@@ -1,0 +1,108 @@
+"""What the user sees in the frontend, in the real host: warnings on the node, and the residual list.
+
+The websocket path of a warning (PromptServer.send_progress_text → a client of the real server) is
+tested in test_http_api.py; here every warning site must hand its text and its node's prompt id to it.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import pack, run_node
+
+
+class FrontendText:
+    """Records what PromptServer.send_progress_text would send to the frontend."""
+
+    client_id = "perres-client"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+
+    def send_progress_text(self, text, node_id, sid=None) -> None:
+        self.sent.append((node_id, text, sid))
+
+
+@pytest.fixture
+def frontend(host_root, monkeypatch) -> FrontendText:
+    import server
+
+    recorder = FrontendText()
+    monkeypatch.setattr(server.PromptServer, "instance", recorder, raising=False)
+    return recorder
+
+
+def run_in_prompt(class_type: str, unique_id: str, **inputs):
+    """Execute a node as the executor does for node `unique_id` of a prompt (with its hidden inputs set)."""
+    import nodes
+    from comfy_api.internal import shallow_clone_class
+    from comfy_api.latest import io
+    from comfy_api.latest._io import HiddenHolder
+
+    clone = shallow_clone_class(nodes.NODE_CLASS_MAPPINGS[class_type])
+    clone.hidden = HiddenHolder.from_dict({io.Hidden.unique_id: unique_id})
+    with torch.inference_mode():
+        return clone.execute(**inputs).result
+
+
+def untrained_residuals(identifier: str = "sks", class_word: str = "dog"):
+    residual, layout = pack("perres_core.residual"), pack("perres_core.sd15_layout")
+    residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), 0.05,
+                                            concept=residual.ConceptInfo(identifier, class_word))
+    residuals.initialize("zero", 0)
+    return residuals
+
+
+def test_training_warnings_appear_on_the_train_node(sd15, frontend):
+    """A multi-token identifier and fewer images than batch_size: both warnings, in one text on node 7."""
+    model, clip, vae = sd15
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    run_in_prompt("PerResTrainResiduals", "7", model=model, clip=clip, vae=vae, images=images,
+                  identifier="qzxvkwy", class_word="dog", steps=1, batch_size=2, learning_rate=1e-3,
+                  rank_ratio=0.05, resolution=64, seed=0, init="random")
+    assert [node for node, _, _ in frontend.sent] == ["7", "7"]
+    node, text, sid = frontend.sent[-1]
+    assert sid == FrontendText.client_id
+    assert "identifier 'qzxvkwy' is split into several tokens" in text
+    assert "1 image(s) for batch size 2; batches are drawn with replacement" in text
+
+
+def test_missing_concept_words_appear_on_the_lag_node(sd15, frontend):
+    model, clip, _ = sd15
+    run_in_prompt("PerResLAGSampling", "12", model=model, clip=clip, residuals=untrained_residuals(),
+                  prompt="a photo of a cat", concept_words="", strength=1.0, threshold="median", quantile=0.5,
+                  start_percent=0.0, end_percent=1.0, outside_window="full residual")
+    assert len(frontend.sent) == 1
+    node, text, _ = frontend.sent[0]
+    assert node == "12" and "'sks', 'dog' not in the prompt" in text and "applied everywhere" in text
+
+
+def test_no_warning_no_text(sd15, frontend):
+    model, clip, _ = sd15
+    run_in_prompt("PerResLAGSampling", "12", model=model, clip=clip, residuals=untrained_residuals(),
+                  prompt="a photo of a sks dog", concept_words="", strength=1.0, threshold="median", quantile=0.5,
+                  start_percent=0.0, end_percent=1.0, outside_window="full residual")
+    assert frontend.sent == []
+
+
+def residual_names() -> list[str]:
+    import nodes
+
+    info = nodes.NODE_CLASS_MAPPINGS["PerResLoadResiduals"].GET_NODE_INFO_V1()
+    return info["input"]["required"]["residual_name"][1]["options"]
+
+
+def test_residual_list_holds_perres_files_only_also_new_ones(workdir):
+    """Files saved after the host started are listed; an ordinary LoRA beside them is not."""
+    from safetensors.torch import save_file
+
+    before = residual_names()
+    saved = run_node("PerResSaveResiduals", residuals=untrained_residuals(), filename_prefix="perres/listing")[0]
+    lora = os.path.join(workdir, "models", "loras", "perres", "ordinary_listing.safetensors")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4, 1, 1)}, lora,
+              metadata={"ss_network_module": "networks.lora"})
+    names = residual_names()
+    assert saved not in before and saved in names
+    assert "perres/ordinary_listing.safetensors" not in names

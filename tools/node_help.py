@@ -1,0 +1,137 @@
+"""What the node schemas cannot say: when to use each PerRes node, the paper's defaults, an example and
+its common errors. tools/make_docs.py joins this text with the schemas (display name, description,
+inputs, outputs, tooltips) into the help pages web/docs/<NodeId>.md and README's "Node reference".
+Edit the text here, then run the script; never edit the generated pages or README section by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class NodeHelp:
+    when: str                      # when to use the node, and what it does beyond its description
+    paper: str = ""                # the paper's defaults that concern this node ("" when none)
+    example: str = ""              # a short example workflow or setting
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (message, fix); messages shortened with …
+    type_labels: dict[str, str] = field(default_factory=dict)    # input -> type shown instead of the schema's
+
+
+HELP: dict[str, NodeHelp] = {
+    "PerResLoadConceptImages": NodeHelp(
+        when="Use it first when training: its batch goes to PerRes Train Residuals. It reads `.png .jpg .jpeg "
+             ".webp .bmp` files. If ComfyUI's input directory has no folder of that name, the pack's bundled "
+             "`example_images/` is searched (that is how `perres_example` is found). Paths that leave these "
+             "directories are refused.",
+        paper="512 px for SD1.x. The paper trains on the 3–15 photos per concept of CustomConcept101.",
+        example="Put 3–20 photos of your dog in `ComfyUI/input/my_dog/`, set `folder` to `my_dog`, and connect "
+                "`images` to PerRes Train Residuals.",
+        errors=[
+            ("folder '…' does not exist in ComfyUI's input directory", "Put the photos in a folder under "
+             "`ComfyUI/input` and give its relative name, e.g. `perres/dog`."),
+            ("folder '…' has no images (.png, .jpg, .jpeg, .webp, .bmp)", "Add photos in one of these formats."),
+            ("'….png' is only 40×30 px; reference images must be at least 64 px on each side",
+             "Replace the image with a larger photo, or remove it."),
+            ("*warning* only one reference image in '…'; 3 or more generalise much better",
+             "Training works, but add more photos for better results. The warning is shown on the node."),
+        ],
+    ),
+    "PerResTrainResiduals": NodeHelp(
+        when="Use it to teach the model a new concept from 3–20 photos. The input model is never modified: "
+             "the `model` output is a patched copy, ready for sampling. The node reports progress and can be "
+             "cancelled. Save the `residuals` output with PerRes Save Residuals to use the concept again.",
+        paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
+              "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100).",
+        example="Load Checkpoint (SD1.5) → PerRes Load Concept Images → PerRes Train Residuals (`identifier` "
+                "`sks`, `class_word` `dog`) → PerRes Save Residuals. Then prompt 'a sks dog in the snow'. "
+                "See the example workflow `perres_train_and_sample`.",
+        errors=[
+            ("the model is SDXL …; PerRes supports SD1.x models", "Load an SD1.4/SD1.5 checkpoint or an SD1.x "
+             "fine-tune with Load Checkpoint."),
+            ("identifier 'sks toy' has spaces; the identifier must be one rare word such as 'sks'",
+             "Use one word. The class word may have several words."),
+            ("learning_rate must be a positive finite number", "Set a learning rate > 0 (paper: 0.001)."),
+            ("*warning* identifier '…' is split into several tokens", "Training works, but a rare single-token "
+             "word such as `sks` binds the concept more cleanly."),
+            ("*warning* N image(s) for batch size B; batches are drawn with replacement",
+             "Training works. Lower batch_size or add photos if you like."),
+        ],
+    ),
+    "PerResSaveResiduals": NodeHelp(
+        when="Use it after PerRes Train Residuals to keep the concept. A1111/Forge and model sites read the "
+             "file as an SD1 LoRA too, and its metadata (`modelspec.trigger_phrase`) carries the trigger words, "
+             "the identifier and class word. This is an output node.",
+        example="`filename_prefix` `perres/my_dog` writes `models/loras/perres/my_dog_00001.safetensors`.",
+        errors=[
+            ("filename_prefix '…' contains '..'", "Give a path relative to models/loras, without `..` or an "
+             "absolute path."),
+            ("could not write '…' (…); nothing was saved", "Free disk space or fix the folder's permissions."),
+        ],
+    ),
+    "PerResLoadResiduals": NodeHelp(
+        when="Use it to sample with a concept trained earlier. The list shows only files whose header carries "
+             "PerRes metadata, so ordinary LoRAs do not crowd it; press R (refresh) after adding files. The "
+             "file is checked when loaded: `.safetensors` only (pickles are never opened), the SD1.x layer "
+             "shapes and finite values. Load ordinary LoRAs with the stock LoraLoader.",
+        example="PerRes Load Residuals (`perres/robot_00001.safetensors`) → PerRes LAG Sampling or PerRes Apply "
+                "Residuals.",
+        errors=[
+            ("'…' is an ordinary LoRA, not a PerRes residual", "Load ordinary LoRAs with ComfyUI's LoraLoader."),
+            ("'…' is not in models/loras; refresh the node list or re-save it", "Refresh the node list (press R) "
+             "after adding files."),
+            ("uses PerRes file format '…'", "The file comes from a newer PerRes. Update the pack."),
+        ],
+        type_labels={"residual_name": "file list"},
+    ),
+    "PerResApplyResiduals": NodeHelp(
+        when="Use it for the paper's \"normal sampling\", the residual everywhere. Prefer it to LAG for prompts "
+             "that change the concept itself: artistic styles (\"a watercolor painting of a sks dog\"), changed "
+             "attributes (\"a red sks chair\").",
+        paper="strength 1 (the residual as trained); DDIM, 50 steps, guidance 6.0 in the sampler.",
+        example="PerRes Load Residuals → PerRes Apply Residuals → KSampler with 'a watercolor painting of a sks "
+                "dog'. See `perres_load_and_apply`.",
+        errors=[
+            ("the model is SDXL …; PerRes supports SD1.x models", "Use an SD1.x checkpoint."),
+        ],
+    ),
+    "PerResLAGSampling": NodeHelp(
+        when="Use it when the concept should stay as it is and the rest of the image should change: new "
+             "backgrounds, added objects, identity preservation. The residual no longer pulls the background "
+             "towards the training photos. Add more concepts with PerRes LAG Concept.",
+        paper="threshold `median` (the upper half of each attention map), strength 1, LAG at every step "
+              "(start 0, end 1); DDIM, 50 steps, guidance 6.0 in the sampler.",
+        example="PerRes Load Residuals → PerRes LAG Sampling (prompt 'a photo of a sks dog on a mossy rock in a "
+                "forest') → KSampler (model and positive from this node) → VAE Decode. See "
+                "`perres_lag_sampling` and `perres_normal_vs_lag`.",
+        errors=[
+            ("prompt is empty; write the prompt with the concept words", "Write a prompt that contains the "
+             "identifier and class word, e.g. 'a photo of a sks dog'."),
+            ("start_percent (…) is after end_percent (…)", "Set start_percent ≤ end_percent."),
+            ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this residual is applied "
+             "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
+             "that the prompt contains. The warning is shown on the node."),
+        ],
+    ),
+    "PerResLAGConcept": NodeHelp(
+        when="Use it for two or more concepts in one image. Where two concepts claim the same place, the one "
+             "with the higher attention wins. Chain several nodes through `concepts` and connect the last one to "
+             "PerRes LAG Sampling's `extra_concepts`. Train each concept with its own identifier.",
+        example="Residuals trained as 'sks dog' and 'olis cat': PerRes LAG Sampling gets the dog, a PerRes LAG "
+                "Concept gets the cat, and the prompt is 'a photo of a sks dog and an olis cat on a beach'. "
+                "See `perres_two_concepts_lag`.",
+        errors=[
+            ("… '(sks:1.2)' contains prompt syntax characters such as ( ) [ ] :", "Give the plain words; put "
+             "weights in the prompt."),
+        ],
+    ),
+    "PerResLAGMaskPreview": NodeHelp(
+        when="Use it to see where LAG applied each residual. Concept 4 is yellow and 5 purple; brightness is "
+             "the share of steps in which the residual was active. This is an output node, and it re-runs with "
+             "every sampling run.",
+        example="Connect PerRes LAG Sampling's `model` and the KSampler's `LATENT` output.",
+        errors=[
+            ("the model does not come from PerRes LAG Sampling", "Connect that node's model output."),
+            ("no masks were recorded", "Connect this node after a sampler that used the LAG model."),
+        ],
+    ),
+}
