@@ -55,6 +55,10 @@ HELP: dict[str, NodeHelp] = {
              "word such as `sks` binds the concept more cleanly."),
             ("*warning* N image(s) for batch size B; batches are drawn with replacement",
              "Training works. Lower batch_size or add photos if you like."),
+            ("out of memory on cuda:0 while training at 512 px with batch_size 4 …",
+             "Nothing was saved and the model is unchanged. Turn on `gradient_checkpointing` (the default), lower "
+             "`batch_size` or `resolution`, or close other programs that use the GPU. The README's Hardware "
+             "section says what fits on which card."),
         ],
     ),
     "PerResSaveResiduals": NodeHelp(
