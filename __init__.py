@@ -1,6 +1,7 @@
 """PerRes: personalized residuals and localized attention-guided sampling for ComfyUI (SD1.x).
 
-ComfyUI imports this package from custom_nodes/ and calls `comfy_entrypoint` (V3 node API).
+ComfyUI imports this package from custom_nodes/ and calls `comfy_entrypoint` (V3 node API). The tests
+never import it as a package (tests/pack_root_plugin.py); they load it the way ComfyUI does.
 """
 from .nodes import PerResExtension
 

@@ -54,6 +54,25 @@ def require_trainable(model) -> None:
                           "(paper Eq. 1); use an ε-prediction SD1.x checkpoint.")
 
 
+def resident_clone(model):
+    """A clone of `model` whose weights stay on the device for a whole training step.
+
+    Current ComfyUI loads models on NVIDIA GPUs through ModelPatcherDynamic (comfy-aimdo): weights live in
+    system memory and are streamed to the GPU per operation, reusing their buffers, so a backward pass
+    could read weights that were already overwritten. Those hosts offer clone(disable_dynamic=True), which
+    reloads the model through its loader as an ordinary ModelPatcher; older hosts have no dynamic loading
+    and a plain clone is already resident. Patches and object patches of `model` carry over either way.
+    """
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if is_dynamic is None or not is_dynamic():
+        return model.clone()
+    if getattr(model, "cached_patcher_init", None) is None:  # the host reloads through it; without: RuntimeError
+        raise PerResError("this model is loaded with dynamic VRAM by a loader that cannot reload it fully into "
+                          "memory, which training needs. Load it with 'Load Checkpoint', or start ComfyUI with "
+                          "--disable-dynamic-vram.")
+    return model.clone(disable_dynamic=True)
+
+
 def _find(root: torch.nn.Module, path: str):
     try:
         return root.get_submodule(path)

@@ -15,7 +15,7 @@ from ..perres_core.grad_checkpoint import outermost_compute_modules, recompute_i
 from ..perres_core.memory import is_out_of_memory
 from ..perres_core.residual import ResidualSet
 from ..perres_core.training import TrainSettings, train_residuals
-from .host_model import unet_of
+from .host_model import resident_clone, unet_of
 from .residual_hooks import full_residual, proj_out_hooks
 
 log = logging.getLogger("perres")
@@ -90,7 +90,7 @@ def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residual
     Running out of memory raises OutOfMemoryDuringTraining after everything the run allocated (hooks,
     activations, optimizer state) has been released.
     """
-    patcher = model.clone()
+    patcher = resident_clone(model)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)

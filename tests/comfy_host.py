@@ -80,14 +80,62 @@ def pack(submodule: str):
     return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)
 
 
-def run_node(node_id: str, **inputs):
-    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
+def _execute(node_id: str, inputs: dict):
     import nodes
     import torch
 
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     with torch.inference_mode():
         if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
-            output = cls.execute(**inputs)
-            return tuple(output.result) if output.result is not None else ()
+            return cls.execute(**inputs)
         return getattr(cls(), cls.FUNCTION)(**inputs)
+
+
+def run_node(node_id: str, **inputs):
+    """Execute one node the way ComfyUI does (inference mode), returning its outputs as a tuple."""
+    output = _execute(node_id, inputs)
+    if isinstance(output, (tuple, dict)):  # a V1 node
+        return output
+    return tuple(output.result) if output.result is not None else ()
+
+
+def node_ui(node_id: str, **inputs) -> dict:
+    """What one node shows in the frontend ({"images": [...]} etc.), as ComfyUI's executor reads it from V1
+    and V3 nodes alike (a stock node may be either, depending on the host's version)."""
+    output = _execute(node_id, inputs)
+    ui = output.get("ui") if isinstance(output, dict) else output.ui
+    return ui.as_dict() if hasattr(ui, "as_dict") else (ui or {})
+
+
+class RecordingServer:
+    """What PromptExecutor needs of ComfyUI's PromptServer; the messages it would send are kept."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None) -> None:
+        self.messages.append((event, data))
+
+    def queue_updated(self) -> None:
+        pass
+
+
+def prompt_executor(server=None):
+    """An execution.PromptExecutor built the way ComfyUI's main.py builds it with --cache-classic.
+
+    main.py passes the cache settings as cache_size before ComfyUI 0.4 and as cache_args after; the
+    constructor's signature says which host this is.
+    """
+    import inspect
+
+    import execution
+
+    server = server if server is not None else RecordingServer()
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_size=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
-from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
+from comfy_host import PACK_DIR, find_comfyui, node_ui, pack, prompt_executor, run_node, start_host  # noqa: E402,F401
 from sd15_checkpoint import CHECKPOINT_NAME  # noqa: E402
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import pack, run_node
+from conftest import pack, prompt_executor, run_node
 from sd15_checkpoint import SD15_UNET_CONFIG
 
 TRAIN = "PerRes Train Residuals"
@@ -120,9 +120,20 @@ SD2_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial
                 use_linear_in_transformer=True, context_dim=1024, num_head_channels=64,
                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_attention=False,
                 use_temporal_resblock=False)
-FLUX_UNET = dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=768,
-                 context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19,
-                 depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True)
+
+
+def flux_dev_keys() -> dict:
+    """The FLUX.1-dev keys ComfyUI's model detection reads, as meta tensors (shapes only, no memory).
+
+    Flux is built through detection, as Load Checkpoint / Load Diffusion Model build it, because its
+    parameter list (FluxParams) grows between ComfyUI releases.
+    """
+    hidden = 3072
+    keys = {"img_in.weight": (hidden, 64), "txt_in.weight": (hidden, 4096), "vector_in.in_layer.weight": (hidden, 768),
+            "guidance_in.in_layer.weight": (hidden, 256)}
+    keys.update({f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(19)})
+    keys.update({f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(38)})
+    return {key: torch.empty(shape, device="meta") for key, shape in keys.items()}
 
 
 def meta_model(family: str, model_type=None):
@@ -131,9 +142,15 @@ def meta_model(family: str, model_type=None):
     import comfy.model_patcher
     import comfy.supported_models as supported
 
-    config_class, unet = {"SDXL": (supported.SDXL, SDXL_UNET), "SD20": (supported.SD20, SD2_UNET),
-                          "Flux": (supported.Flux, FLUX_UNET), "SD15": (supported.SD15, SD15_UNET_CONFIG)}[family]
-    config = config_class(dict(unet))
+    if family == "Flux":
+        import comfy.model_detection
+
+        config = comfy.model_detection.model_config_from_unet(flux_dev_keys(), "")
+        assert isinstance(config, supported.Flux), f"ComfyUI detects {type(config).__name__}, not Flux"
+    else:
+        config_class, unet = {"SDXL": (supported.SDXL, SDXL_UNET), "SD20": (supported.SD20, SD2_UNET),
+                              "SD15": (supported.SD15, SD15_UNET_CONFIG)}[family]
+        config = config_class(dict(unet))
     config.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
         if model_type is None:
@@ -688,28 +705,14 @@ class _ProvideInputs:
         return PROVIDED["model"], PROVIDED["clip"], PROVIDED["vae"], PROVIDED["images"]
 
 
-class _StubServer:
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-    sockets_metadata: dict = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-
 @pytest.fixture
 def executor(sd15, images4):
-    import execution
     import nodes
 
     PROVIDED.update(model=sd15[0], clip=sd15[1], vae=sd15[2], images=images4[:2])
     nodes.NODE_CLASS_MAPPINGS["PerResTestProvideInputs"] = _ProvideInputs
     try:
-        yield execution.PromptExecutor(_StubServer())
+        yield prompt_executor()
     finally:
         nodes.NODE_CLASS_MAPPINGS.pop("PerResTestProvideInputs", None)
         PROVIDED.clear()

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import pack, run_node
+from conftest import node_ui, pack, run_node
 from host_helpers import denoise, encode, held_out_loss, proj_out_patch_keys, train, untrained_residuals
 
 SD15_PROJ_OUT_KEYS = {f"diffusion_model.{slot.proj_out}.weight" for slot in pack("perres_core.sd15_layout").SD15_SLOTS}
@@ -31,10 +31,15 @@ def test_train_node_outputs_residuals_loss_map_and_patched_model(trained):
     assert not any(p.requires_grad for p in residuals.parameters())
 
 
-def test_stock_loss_graph_plots_the_loss_map(trained, workdir):
-    run_node("LossGraphNode", loss=trained[2], filename_prefix="perres_loss")
-    assert any(name.startswith("perres_loss") for name in os.listdir(os.path.join(workdir, "temp")) +
-               os.listdir(os.path.join(workdir, "output")))
+def test_stock_loss_graph_plots_the_loss_map(trained):
+    import folder_paths
+
+    # The images the node shows; where it writes them and how it names them differ between ComfyUI versions.
+    images = node_ui("LossGraphNode", loss=trained[2], filename_prefix="perres_loss").get("images")
+    assert images, "Plot Loss Graph shows no image"
+    for image in images:
+        path = os.path.join(folder_paths.get_directory_by_type(image["type"]), image["subfolder"], image["filename"])
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, path
 
 
 def test_saved_file_is_listed_for_stock_loaders_and_never_overwritten(trained, workdir):
