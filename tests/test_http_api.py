@@ -199,15 +199,6 @@ def test_good_prompt_after_the_bad_ones_succeeds(server):
     assert len(pack("perres_core.residual_file").load_residual_file(saved).layers) == 16
 
 
-def test_server_survived_everything(server):
-    assert server.alive(), server.log_tail()
-    status, stats = server.request("GET", "/system_stats")
-    assert status == 200 and "system" in stats
-    status, queue = server.request("GET", "/queue")
-    assert status == 200 and not queue["queue_running"] and not queue["queue_pending"], queue
-    assert not os.path.exists(server.path("UNPICKLED"))
-
-
 def test_help_pages_are_served_where_the_frontend_asks(server):
     """The frontend asks /extensions/<pack folder>/docs/<NodeId>.md, the folder taken from python_module."""
     import nodes
