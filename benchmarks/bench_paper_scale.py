@@ -9,15 +9,21 @@ One run, one model (the tests' random-weight SD1.5 checkpoint, fp32 on the CPU),
 
 For each: seconds per step (the interval between optimizer steps, warm-up step excluded) and the
 training's extra peak memory (above what was in use when the UNet first ran: the loaded model and the
-latents are excluded, so is the VAE encoding the node does first). Each trainer runs in a fresh child
-process, so one trainer's freed-but-kept heap cannot hide the next one's peak. Ratios and targets:
+latents are excluded, so is the VAE encoding the node does first). Each trainer runs in fresh child
+processes, so one trainer's freed-but-kept heap cannot hide the next one's peak. On the CPU, memory
+comes from a second child per trainer that runs with glibc's mmap threshold fixed at 128 KiB
+(MALLOC_MMAP_THRESHOLD_): every larger block freed goes back to the OS at once, so the resident set
+follows the live tensors. With glibc's default (dynamic) threshold freed blocks stay in the heap and the
+resident set overstates what is live (at 512 px: checkpointing 3.1 GiB instead of 1.2), but the fixed
+threshold's page faults slow the steps, so seconds per step come from the default child. Ratios and targets:
 
   plain extra peak / ckpt extra peak   >= 3     (checkpointing must cut the extra peak at least 3x)
   ckpt s/step / plain s/step           <= 1.4   (and cost at most 1.4x per step)
   plain s/step / bound s/step          <= 1.10  (without it, PerRes adds at most 10 % to the bound)
 
-On this 2-core CPU VM, 512 px needs about 23 GiB of memory in all without checkpointing and about
-2 minutes per step: run nothing else meanwhile. `--resolution 256` is a quicker look.
+On this 2-core CPU VM, 512 px needs about 13 GiB of memory in all without checkpointing and about
+30 s per step (six child processes, about 15 minutes): run nothing else meanwhile. `--resolution 256`
+is a quicker look.
 
 Run from the pack root:  python benchmarks/bench_paper_scale.py [--resolution 512] [--batch 4] [--steps 2]
 """
@@ -88,22 +94,36 @@ def run_one(opts: argparse.Namespace) -> dict:
     return result
 
 
-def run_children(opts: argparse.Namespace) -> dict:
+# glibc: blocks of 128 KiB and more are mmapped and unmapped on free, so RSS tracks live memory
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def run_child(opts: argparse.Namespace, name: str, extra_env: dict) -> dict:
     import subprocess
+    args = [sys.executable, os.path.abspath(__file__), "--only", name, "--resolution", str(opts.resolution),
+            "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
+            "--threads", str(opts.threads), "--attention", opts.attention]
+    child = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **extra_env})
+    lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode != 0 or not lines:
+        sys.stderr.write(child.stderr[-4000:])
+        raise SystemExit(f"the {name} measurement failed (exit {child.returncode}); its log is above")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_children(opts: argparse.Namespace) -> dict:
     results = {}
     for name in TRAINERS:
-        args = [sys.executable, os.path.abspath(__file__), "--only", name, "--resolution", str(opts.resolution),
-                "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
-                "--threads", str(opts.threads), "--attention", opts.attention]
-        child = subprocess.run(args, capture_output=True, text=True)
-        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
-        if child.returncode != 0 or not lines:
-            sys.stderr.write(child.stderr[-4000:])
-            raise SystemExit(f"the {name} measurement failed (exit {child.returncode}); its log is above")
-        results[name] = json.loads(lines[-1][len("RESULT "):])
-        r = results[name]
+        timing = run_child(opts, name, {})
+        if opts.device == "cpu":
+            memory = run_child(opts, name, LIVE_MEMORY_ENV)
+            timing["extra_peak_bytes_default_malloc"] = timing["extra_peak_bytes"]
+            timing["extra_peak_bytes"] = memory["extra_peak_bytes"]
+        results[name] = r = timing
         bc.say(f"  {name:5s}: {r['seconds_per_step']:.2f} s/step (steps "
-               f"{', '.join(f'{d:.2f}' for d in r['step_seconds'])}), extra peak {bc.gib(r['extra_peak_bytes'])}")
+               f"{', '.join(f'{d:.2f}' for d in r['step_seconds'])}), extra peak {bc.gib(r['extra_peak_bytes'])}"
+               + (f" (RSS with glibc's default threshold: {bc.gib(r['extra_peak_bytes_default_malloc'])})"
+                  if opts.device == "cpu" else ""))
     return results
 
 
@@ -114,7 +134,7 @@ def main() -> None:
         return
     say = bc.say
     say(f"settings: {opts.resolution} px, batch {opts.batch}, {opts.steps} timed steps (+1 warm-up) per trainer, "
-        f"device {opts.device}, one child process per trainer; {bc.load_note()}")
+        f"device {opts.device}, fresh child processes per trainer; {bc.load_note()}")
     results = run_children(opts)
     bound, plain, ckpt = (results[n] for n in TRAINERS)
     ratios = {
