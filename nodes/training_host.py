@@ -139,7 +139,8 @@ class OutOfMemoryDuringTraining(PerResError):
         advice = ["lower batch_size (1 or 2 still trains; the paper uses 4)",
                   "lower the resolution (e.g. 384 or 256)"]
         if not gradient_checkpointing:
-            advice.insert(0, "turn on gradient_checkpointing (at 512 px it needed a quarter of the memory for 1.27× the time per step)")
+            advice.insert(0, "turn on gradient_checkpointing (at 512 px it needed a quarter of the memory for "
+                             "1.27× the time per step)")
         super().__init__(f"out of memory on {device} while training at {resolution} px with batch_size "
                          f"{batch_size}{' and gradient checkpointing' if gradient_checkpointing else ''}. "
                          f"Nothing was saved and the model is unchanged. To fit: " + "; ".join(advice) +
