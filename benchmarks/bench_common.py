@@ -100,9 +100,15 @@ def pack_module(relative: str):
     return pack(relative)
 
 
+def cuda_active() -> bool:
+    """True once this process uses a CUDA device (the benchmarks never initialise CUDA on the CPU)."""
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def sync() -> None:
     import torch
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda_active():
         torch.cuda.synchronize()
 
 
@@ -242,7 +248,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         import torch
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if cuda_active():
             torch.cuda.reset_peak_memory_stats()
         self.start_rss = self.peak_rss = rss_bytes()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -254,7 +260,7 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, rss_bytes())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if cuda_active():
             self.cuda_peak = torch.cuda.max_memory_allocated()
 
     def describe(self) -> str:
@@ -285,7 +291,7 @@ class TrainingPeak:
         import torch
         if self.baseline is not None:
             return
-        if _cuda_active():
+        if cuda_active():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.baseline = torch.cuda.memory_allocated()
@@ -302,7 +308,7 @@ class TrainingPeak:
         import torch
         self._handle.remove()
         self._rss.__exit__(*exc)
-        if _cuda_active():
+        if cuda_active():
             self.cuda_total_peak = torch.cuda.max_memory_allocated()
 
     @property
@@ -311,11 +317,6 @@ class TrainingPeak:
             return 0
         peak = self.cuda_total_peak if self.cuda_total_peak is not None else self._rss.peak_rss
         return max(0, peak - self.baseline)
-
-
-def _cuda_active() -> bool:
-    import torch
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def gib(num_bytes: Optional[float]) -> str:

@@ -59,7 +59,7 @@ class CudaPeak:
     def __enter__(self) -> "CudaPeak":
         import torch
         self.peak = None
-        if bc._cuda_active():
+        if bc.cuda_active():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
@@ -69,7 +69,7 @@ class CudaPeak:
         import torch
         bc.sync()
         self.seconds = time.perf_counter() - self.t0
-        if bc._cuda_active():
+        if bc.cuda_active():
             self.peak = torch.cuda.max_memory_allocated()
 
 
