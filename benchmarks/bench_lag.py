@@ -60,8 +60,8 @@ class HookMeter:
     def install(self, patch) -> None:
         patch._keep_queries = self.factory(patch._keep_queries, "masks (to_q/to_k hooks)")
         patch._make_masks = self.factory(patch._make_masks, "masks (to_q/to_k hooks)")
-        patch._add_residuals = self.factory(patch._add_residuals, "residual (proj_out hooks, incl. recorder)")
-        patch.recorder.add = self._timed(patch.recorder.add, "  of which MaskRecorder.add (in proj_out hooks)")
+        patch._add_deltas = self.factory(patch._add_deltas, "residual (proj_out hooks)")
+        patch.recorder.add = self._timed(patch.recorder.add, "  of which MaskRecorder.add (in to_k hooks)")
 
 
 def weight_state(unet) -> str:

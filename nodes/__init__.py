@@ -8,7 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_node import ApplyResiduals
 from .file_nodes import LoadResiduals, SaveResiduals
 from .image_nodes import LoadConceptImages
-from .lag_nodes import LagConceptNode, LagMaskPreview, LagSampling
+from .lag_nodes import LagConceptNode, LagLoraNode, LagMaskPreview, LagSampling
 from .train_node import TrainResiduals
 
 NODES: list[type[io.ComfyNode]] = [
@@ -19,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyResiduals,
     LagSampling,
     LagConceptNode,
+    LagLoraNode,
     LagMaskPreview,
 ]
 

@@ -1,8 +1,9 @@
-"""LAG sampling nodes: single and multi-concept LAG, and the mask preview."""
+"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any SD1.x LoRA), the mask preview."""
 from __future__ import annotations
 
 import torch
 
+import folder_paths
 from comfy_api.latest import io, ui
 
 from ..perres_core.errors import PerResError
@@ -12,6 +13,7 @@ from ..perres_core.tokens import concept_positions
 from .apply_node import check_strength
 from .errors import reported_as
 from .host_model import require_sd1
+from .lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .lag_patch import LagConcept, LagPatch
 from .node_warnings import NodeWarnings, node_id_of
 from .text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
@@ -19,6 +21,7 @@ from .types import Concepts, Residuals
 
 LAG_NAME = "PerRes LAG Sampling"
 CONCEPT_NAME = "PerRes LAG Concept"
+LORA_NAME = "PerRes LAG LoRA"
 PREVIEW_NAME = "PerRes LAG Mask Preview"
 OUTSIDE = {"full residual": "full", "base model": "base"}
 # colours of concepts 1, 2, 3, ... in the mask preview
@@ -35,7 +38,7 @@ def parse_concept_words(text: str, residuals: ResidualSet) -> list[str]:
 def locate_concept(clip, chunks: list[list[int]], words: list[str], warnings: NodeWarnings) -> list[int]:
     positions, missing = concept_positions(chunks, {w: word_token_ids(clip, w) for w in words})
     if missing:
-        fallback = "" if positions else " None of its words occur, so this residual is applied everywhere (normal sampling)."
+        fallback = "" if positions else " None of its words occur, so this concept acts everywhere (normal sampling)."
         warnings.warn(f"{', '.join(repr(m) for m in missing)} not in the prompt.{fallback} Put the concept words "
                       f"(e.g. '{' '.join(words)}') in the prompt.")
     return positions
@@ -65,7 +68,48 @@ class LagConceptNode(io.ComfyNode):
         with reported_as(CONCEPT_NAME):
             check_strength(strength)
             words = parse_concept_words(concept_words, residuals)
-            return io.NodeOutput(list(concepts or []) + [(residuals, words, strength)])
+            return io.NodeOutput(list(concepts or []) + [ConceptSpec(words, strength, residuals=residuals)])
+
+
+def parse_trigger_words(text: str, lora_name: str) -> list[str]:
+    words = [check_concept_word("trigger word", word, single_word=False) for word in text.split(",") if word.strip()]
+    if not words:
+        raise PerResError(f"trigger_words is empty; write the words that call up '{lora_name}' (comma-separated, as "
+                          "they appear in your prompt). LAG applies the LoRA where those words attend.")
+    return words
+
+
+class LagLoraNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PerResLAGLoRA",
+            display_name=LORA_NAME,
+            category="PerRes",
+            description="Turns any SD1.x LoRA into a LAG concept: it acts only where its trigger words attend, so "
+                        "two character LoRAs in one prompt stay apart and the background stays the base model's. "
+                        "UNet only (like LoraLoaderModelOnly); chain into PerRes LAG Sampling's extra_concepts.",
+            inputs=[
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="An SD1.x LoRA (.safetensors) from models/loras: kohya, diffusers/PEFT, LoCon, "
+                                       "LoHa, LoKr or DoRA, read by ComfyUI's own LoRA loader."),
+                io.String.Input("trigger_words", default="",
+                                tooltip="Comma-separated words of this LoRA in the prompt (its trigger words, and "
+                                        "the subject word if you like, e.g. 'ohwx, woman')."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="LoRA strength inside its mask, as strength_model of LoraLoaderModelOnly."),
+                Concepts.Input("concepts", optional=True, tooltip="Chain further concepts here."),
+            ],
+            outputs=[Concepts.Output(display_name="concepts", tooltip="The chain so far plus this LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str, trigger_words: str, strength: float, concepts=None) -> io.NodeOutput:
+        with reported_as(LORA_NAME):
+            check_strength(strength)
+            words = parse_trigger_words(trigger_words, lora_name)
+            spec = ConceptSpec(words, strength, lora=load_lora_file(lora_name), lora_name=lora_name)
+            return io.NodeOutput(list(concepts or []) + [spec])
 
 
 class LagSampling(io.ComfyNode):
@@ -81,7 +125,9 @@ class LagSampling(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x model (stock LoRAs may already be applied)."),
                 io.Clip.Input("clip", tooltip="Tokenizes and encodes the prompt."),
-                Residuals.Input("residuals", tooltip="From PerRes Train Residuals or PerRes Load Residuals."),
+                Residuals.Input("residuals", optional=True,
+                                tooltip="From PerRes Train Residuals or PerRes Load Residuals. Optional when "
+                                        "extra_concepts brings the concepts (e.g. PerRes LAG LoRA)."),
                 io.String.Input("prompt", multiline=True, default="a photo of a sks dog on the beach",
                                 tooltip="The positive prompt; it must contain the concept words."),
                 io.String.Input("concept_words", default="",
@@ -100,7 +146,8 @@ class LagSampling(io.ComfyNode):
                 io.Combo.Input("outside_window", options=list(OUTSIDE), default="full residual",
                                tooltip="What the steps outside start/end use: the residual everywhere, or the base model."),
                 Concepts.Input("extra_concepts", optional=True,
-                               tooltip="More concepts from PerRes LAG Concept nodes (multi-concept LAG)."),
+                               tooltip="More concepts from PerRes LAG Concept or PerRes LAG LoRA nodes "
+                                       "(multi-concept LAG)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A patched clone; connect to the sampler."),
@@ -110,8 +157,8 @@ class LagSampling(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, residuals: ResidualSet, prompt: str, concept_words: str, strength: float,
-                threshold: str, quantile: float, start_percent: float, end_percent: float, outside_window: str,
+    def execute(cls, model, clip, prompt: str, concept_words: str, strength: float, threshold: str, quantile: float,
+                start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
         with reported_as(LAG_NAME):
             require_sd1(model)
@@ -125,21 +172,37 @@ class LagSampling(io.ComfyNode):
                 raise PerResError(f"outside_window must be one of {list(OUTSIDE)}.")
             settings = MaskSettings(mode=threshold, quantile=quantile)
             settings.validate()
-            specs = [(residuals, parse_concept_words(concept_words, residuals), strength)] + list(extra_concepts or [])
+            specs = list(extra_concepts or [])
+            if residuals is not None:
+                specs.insert(0, ConceptSpec(parse_concept_words(concept_words, residuals), strength, residuals=residuals))
+            if not specs:
+                raise PerResError("no concept is connected: connect residuals (PerRes Load Residuals) or "
+                                  "extra_concepts (PerRes LAG LoRA / PerRes LAG Concept).")
             patched, positive = build_lag_model(model, clip, prompt, specs, settings, start_percent, end_percent,
                                                 OUTSIDE[outside_window], node_id=node_id_of(cls))
             return io.NodeOutput(patched, positive)
 
 
-def build_lag_model(model, clip, prompt: str, specs: list, settings: MaskSettings, start_percent: float = 0.0,
-                    end_percent: float = 1.0, outside: str = "full", node_id: str | None = None):
-    """(patched clone, positive conditioning) for concepts given as (residuals, words, strength).
+def concept_of(model, clip, chunks: list[list[int]], spec: ConceptSpec, warnings: NodeWarnings) -> LagConcept:
+    """The spec's layer changes on this model, and where its words are in the prompt."""
+    if spec.residuals is not None:
+        deltas = residual_deltas(spec.residuals, spec.strength)
+    else:
+        deltas, notes = lora_deltas(model, spec.lora, spec.strength, spec.lora_name)
+        for note in notes:
+            warnings.warn(note)
+    return LagConcept(deltas, locate_concept(clip, chunks, spec.words, warnings), spec.label)
+
+
+def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings: MaskSettings,
+                    start_percent: float = 0.0, end_percent: float = 1.0, outside: str = "full",
+                    node_id: str | None = None):
+    """(patched clone, positive conditioning) for the concepts.
 
     `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
     chunks = prompt_token_chunks(clip, prompt)
     warnings = NodeWarnings(LAG_NAME, node_id)
-    concepts = [LagConcept(res, locate_concept(clip, chunks, words, warnings), s, ", ".join(words))
-                for res, words, s in specs]
+    concepts = [concept_of(model, clip, chunks, spec, warnings) for spec in specs]
     sampling = model.get_model_object("model_sampling")
     patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
                      sigma_start=float(sampling.percent_to_sigma(start_percent)),

@@ -1,21 +1,23 @@
-"""LAG sampling as a ComfyUI model patch (paper §3.3, Eqs. 2-3), for one or several concepts.
+"""LAG sampling as a ComfyUI model patch (paper §3.3, Eqs. 2-3), for one or several concepts, each a
+PerRes residual or any SD1.x LoRA in residual form (perres_core.layer_delta).
 
-Per UNet call a DIFFUSION_MODEL wrapper registers three hooks on each of the 16 transformer blocks,
-removed again when the call returns (other clones of the same UNet never see them):
-  * attn2.to_q  – keeps the block's own cross-attention queries (no second projection);
-  * attn2.to_k  – with those queries, computes A_C for every concept on the positive rows and turns it
-                  into a mask (median split by default);
-  * proj_out    – adds M·(ΔW·x) per concept, so f̂ = W·x + Σ_k M_k·(ΔW_k·x).
+Per UNet call a DIFFUSION_MODEL wrapper registers forward hooks, removed again when the call returns (other
+clones of the same UNet never see them):
+  * attn2.to_q / to_k of every transformer block keep the block's own cross-attention queries and keys and
+    turn A_C of every concept into a mask (median split by default), on the positive rows;
+  * every layer a concept changes gets f̂ = W·x + Σ_k M_k·(ΔW_k·x), with the mask its role calls for
+    (perres_core.lag_layers: the block's own mask after the cross-attention, the newest mask at the
+    layer's resolution before it, the attention-output change for attn2's key/value projections).
 No attn2 replace patch is used, so packs that replace cross-attention (IP-Adapter style) keep working,
-and the attention itself is whatever ComfyUI computes. The stock LoraLoader's weight patches on the
-same layers compose, because the hooks only add to the layer outputs.
+and the attention itself is whatever ComfyUI computes. Stock LoRA weight patches on the same layers
+compose, because the hooks only add to the layer outputs.
 
 Batches: ComfyUI stacks chunks [uncond…, cond…] (transformer_options["cond_or_uncond"], 1 = negative,
-0 = positive), each with the latent batch's rows. Masks come from the positive rows; a negative row
-uses the mask of the positive row for the same image, so both CFG branches see the residual in the
-same place. When memory is short ComfyUI runs the negative chunk alone, before the positive one; it
-then reuses the previous step's positive mask for that block, and at the very first step applies the
-residual everywhere (M = 1).
+0 = positive), each with the latent batch's rows. Masks come from the positive rows; a negative row uses
+the mask of the positive row for the same image, so both CFG branches see the change in the same place.
+When memory is short ComfyUI runs the negative chunk alone, before the positive one; it then reuses the
+previous step's positive masks, and at the very first step applies a block's own-mask layers everywhere
+(M = 1).
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 import comfy.patcher_extension
 
 from ..perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
-from ..perres_core.residual import ResidualSet, apply_low_rank
-from ..perres_core.sd15_layout import TransformerSlot
+from ..perres_core.lag_layers import Placement, Role, level_sizes, placement
+from ..perres_core.layer_delta import LayerDelta, attention
+from ..perres_core.sd15_layout import SD15_SLOTS
 from .host_model import transformer_modules
 
 log = logging.getLogger("perres")
@@ -39,11 +43,10 @@ POSITIVE, NEGATIVE = 0, 1
 
 @dataclass
 class LagConcept:
-    """One residual and where its concept words sit in the prompt's tokens."""
+    """One concept: its layer deltas (strength folded in) and where its words sit in the prompt's tokens."""
 
-    residuals: ResidualSet
+    deltas: dict[str, LayerDelta]   # UNet layer path (e.g. 'input_blocks.1.1.proj_out') -> delta
     positions: list[int]
-    strength: float = 1.0
     label: str = ""
 
 
@@ -53,11 +56,17 @@ class _CallState:
 
     positive_rows: list[int]
     pair_of_row: list[int]          # for each row, the positive row whose mask it uses (or -1)
-    active: bool
+    rows_per_chunk: int
+    mode: str                       # "masked", "direct" (W + ΔW everywhere) or "off" (base model)
+    sizes: dict[int, tuple[int, int]]   # token count -> (h, w) of the UNet's resolution levels
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, tuple] = field(default_factory=dict)       # slot -> (K, {concept: K+ΔK})
+    values: dict[int, dict] = field(default_factory=dict)      # slot -> (V, {concept: V+ΔV})
     masks: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # slot -> per concept (B_total, N)
+    embeddings: dict[str, list] = field(default_factory=dict)  # resblock -> per concept Δe (B, C) or None
     _selector: object = None
     _gather: Optional[torch.Tensor] = None
+    _images: dict = field(default_factory=dict)
 
     def positive(self, device: torch.device):
         """Selects the positive rows: a slice (a view, no copy) when they are contiguous, as in ComfyUI's
@@ -76,6 +85,15 @@ class _CallState:
         return self._gather
 
 
+    def image_index(self, positives: int, batch: int, device: torch.device) -> torch.Tensor:
+        """For each row, its image's index among `positives` positive rows of an earlier call."""
+        key = (positives, batch, device)
+        if key not in self._images:
+            rows = [(row % self.rows_per_chunk) % positives for row in range(batch)]
+            self._images[key] = torch.tensor(rows, device=device)
+        return self._images[key]
+
+
 class MaskRecorder:
     """Average of the positive masks per block resolution and concept, over the steps of one sampling run."""
 
@@ -87,8 +105,9 @@ class MaskRecorder:
         self.sums.clear()
         self.counts.clear()
 
-    def add(self, height: int, width: int, masks: list[torch.Tensor], rows) -> None:
-        stacked = torch.stack([m[rows].float().mean(dim=0) for m in masks]).reshape(len(masks), height, width)
+    def add(self, height: int, width: int, masks: list[torch.Tensor]) -> None:
+        """masks: per concept (P positive rows, h·w)."""
+        stacked = torch.stack([m.float().mean(dim=0) for m in masks]).reshape(len(masks), height, width)
         key = (height, width)
         # summed on the sampling device: a copy to the CPU here would stall the GPU 16 times per step
         self.sums[key] = self.sums[key] + stacked if key in self.sums else stacked
@@ -99,8 +118,50 @@ class MaskRecorder:
         return {key: (self.sums[key] / self.counts[key]).cpu() for key in self.sums}
 
 
+class MaskBank:
+    """The newest positive masks (per concept, (P, N)) of each block and each resolution, kept across the
+    UNet calls of one sampling run: what layers without a mask of their own in the current call use."""
+
+    def __init__(self) -> None:
+        self.by_slot: dict[int, list[torch.Tensor]] = {}
+        self.by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.newest: Optional[tuple[int, int]] = None
+
+    def reset(self) -> None:
+        self.by_slot.clear()
+        self.by_size.clear()
+        self.newest = None
+
+    def store(self, slot: int, size: tuple[int, int], masks: list[torch.Tensor]) -> None:
+        self.by_slot[slot] = masks
+        self.by_size[size] = masks
+        self.newest = size
+
+    def at(self, size: tuple[int, int]) -> Optional[list[torch.Tensor]]:
+        """The newest masks at `size`, else the newest of any size resized to it, else None."""
+        if size in self.by_size:
+            return self.by_size[size]
+        if self.newest is None:
+            return None
+        (h, w), (h2, w2) = self.newest, size
+        resized = []
+        for mask in self.by_size[self.newest]:
+            grid = mask.float().reshape(mask.shape[0], 1, h, w)
+            mode = "area" if h2 <= h and w2 <= w else "nearest"
+            resized.append(F.interpolate(grid, size=(h2, w2), mode=mode).reshape(mask.shape[0], h2 * w2))
+        return resized
+
+
 class LagPatch:
     """The callable pieces of LAG, held by the patched ModelPatcher's wrappers."""
+
+    # The mask policies that perres_core.lag_layers chose by experiment; the alternatives stay selectable
+    # for benchmarks/bench_lag_lora.py, which measures them. text: "attention" (the attention output's
+    # change inside the mask) or "columns" (ΔK, ΔV only at the concept words' columns); before: "block"
+    # (the block's own mask of the previous step, else as "resolution") or "resolution" (the newest mask
+    # at the layer's resolution).
+    text_policy = "attention"
+    before_policy = "block"
 
     def __init__(self, concepts: list[LagConcept], prompt_length: int, settings: MaskSettings,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full") -> None:
@@ -111,9 +172,10 @@ class LagPatch:
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.outside = outside          # "full": W + ΔW outside the LAG steps; "base": W
         self.recorder = MaskRecorder()
-        self._last_positive: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.bank = MaskBank()
+        self.placements = {path: placement(path) for c in concepts for path in c.deltas}
+        self.text_slots = {where.slot.index for where in self.placements.values() if where.role is Role.TEXT}
         self._columns: dict[tuple, torch.Tensor] = {}
-        self._device_factors: dict[tuple, Optional[tuple]] = {}
         self._warned_length = False
 
     # --- registration -------------------------------------------------------------------------
@@ -133,26 +195,51 @@ class LagPatch:
     def outer_sample(self, executor, *args, **kwargs):
         """A new sampling run: forget masks of the previous one."""
         self.recorder.reset()
-        self._last_positive.clear()
+        self.bank.reset()
         return executor(*args, **kwargs)
 
     def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        state = self._call_state(x.shape[0], transformer_options)
-        unet = executor.class_obj
+        state = self._call_state(x, transformer_options)
+        if state.mode == "off":
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         handles = []
         try:
-            for slot, transformer in transformer_modules(unet):
-                attn2 = transformer.transformer_blocks[0].attn2
-                if state.active:
-                    handles.append(attn2.to_q.register_forward_hook(self._keep_queries(slot, state)))
-                    handles.append(attn2.to_k.register_forward_hook(self._make_masks(slot, state, attn2.heads)))
-                handles.append(transformer.proj_out.register_forward_hook(self._add_residuals(slot, state)))
+            self._register(executor.class_obj, state, handles)
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _call_state(self, batch: int, transformer_options: dict) -> _CallState:
+    def _register(self, unet: torch.nn.Module, state: _CallState, handles: list) -> None:
+        # layer deltas first, so that the mask hooks below see the queries the block really uses
+        for path, where in self.placements.items():
+            module = unet.get_submodule(path)
+            if where.role is Role.TEXT:
+                continue
+            handles.append(module.register_forward_hook(self._add_deltas(path, where, state)))
+            if where.role is Role.EMBEDDING:
+                out_layers = unet.get_submodule(where.resblock).out_layers
+                handles.append(out_layers.register_forward_pre_hook(self._add_embedding(where.resblock, state)))
+        for slot, transformer in transformer_modules(unet):
+            attn2 = transformer.transformer_blocks[0].attn2
+            has_text = slot.index in self.text_slots
+            if state.mode == "masked":
+                handles.append(attn2.to_q.register_forward_hook(self._keep_queries(slot.index, state)))
+                handles.append(attn2.to_k.register_forward_hook(self._make_masks(slot.index, state, attn2.heads)))
+            if has_text and state.mode == "masked":
+                handles.append(attn2.to_v.register_forward_hook(self._keep_values(slot.index, state)))
+                if self.text_policy == "attention":
+                    handles.append(attn2.to_out.register_forward_pre_hook(
+                        self._add_attention_change(slot.index, state, attn2.heads)))
+            elif has_text:   # W + ΔW everywhere: the LoRA's keys and values themselves
+                for projection in ("to_k", "to_v"):
+                    path = f"{slot.path}.transformer_blocks.0.attn2.{projection}"
+                    if path in self.placements:
+                        handles.append(getattr(attn2, projection).register_forward_hook(
+                            self._add_deltas(path, self.placements[path], state)))
+
+    def _call_state(self, x: torch.Tensor, transformer_options: dict) -> _CallState:
+        batch = x.shape[0]
         chunks = transformer_options.get("cond_or_uncond") or [POSITIVE]
         rows_per_chunk = max(1, batch // len(chunks))
         positive_rows, pair = [], []
@@ -166,18 +253,16 @@ class LagPatch:
                 else:
                     pair.append(-1 if first_positive is None else first_positive * rows_per_chunk + r)
         sigmas = transformer_options.get("sigmas")
-        active = True
+        mode = "masked"
         if sigmas is not None and len(sigmas):
             sigma = float(sigmas.reshape(-1)[0])
-            active = self.sigma_end <= sigma <= self.sigma_start
-        return _CallState(positive_rows=positive_rows, pair_of_row=pair, active=active)
+            if not self.sigma_end <= sigma <= self.sigma_start:
+                mode = "direct" if self.outside == "full" else "off"
+        sizes = {h * w: (h, w) for h, w in level_sizes(x.shape[-2], x.shape[-1])}
+        return _CallState(positive_rows=positive_rows, pair_of_row=pair, rows_per_chunk=rows_per_chunk,
+                          mode=mode, sizes=sizes)
 
-    # --- hooks --------------------------------------------------------------------------------
-    def _keep_queries(self, slot: TransformerSlot, state: _CallState):
-        def hook(module, args, output):
-            state.queries[slot.index] = output
-        return hook
-
+    # --- masks --------------------------------------------------------------------------------
     def _columns_for(self, concept_index: int, context_length: int, device: torch.device) -> torch.Tensor:
         key = (concept_index, context_length, device)
         if key not in self._columns:
@@ -190,67 +275,164 @@ class LagPatch:
             self._columns[key] = concept_columns(context_length, positions, self.prompt_length).to(device)
         return self._columns[key]
 
-    def _factors(self, concept_index: int, slot: TransformerSlot, x: torch.Tensor):
-        """(strength·A, B) of the concept for this layer on x's device and dtype, cached (the residual itself
-        is never moved); None where the concept has no residual for the layer or zero strength."""
-        key = (concept_index, slot.index, x.device, x.dtype)
-        if key not in self._device_factors:
-            concept = self.concepts[concept_index]
-            layer = concept.residuals.layers.get(slot.proj_out)
-            self._device_factors[key] = None if layer is None or concept.strength == 0 else (
-                (layer.up.detach().float() * concept.strength).to(x.device, x.dtype),
-                layer.down.detach().to(x.device, x.dtype), layer.conv)
-        return self._device_factors[key]
+    def _keep_queries(self, slot: int, state: _CallState):
+        def hook(module, args, output):
+            state.queries[slot] = output
+        return hook
 
-    def _make_masks(self, slot: TransformerSlot, state: _CallState, heads: int):
+    def _changed_text(self, path: str, text: torch.Tensor, projected: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per concept with a change of this key/value projection: the projection of the prompt with it."""
+        changed = {}
+        for c, concept in enumerate(self.concepts):
+            delta = concept.deltas.get(path)
+            if delta is not None:
+                changed[c] = projected + delta(text).to(projected.dtype)
+        return changed
+
+    def _at_columns(self, projected: torch.Tensor, changed: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The "columns" text policy: each concept's ΔK/ΔV only at its own words' token columns."""
+        for c, full in changed.items():
+            columns = self._columns_for(c, projected.shape[1], projected.device)
+            projected = projected.index_copy(1, columns, full.index_select(1, columns))
+        return projected
+
+    def _make_masks(self, slot: int, state: _CallState, heads: int):
+        key_path = SD15_SLOTS[slot].path + ".transformer_blocks.0.attn2.to_k"
+
         def hook(module, args, keys):
-            queries = state.queries.pop(slot.index, None)
+            # the attention change of a LoRA's key/value projections needs the queries once more
+            queries = state.queries.get(slot) if slot in self.text_slots else state.queries.pop(slot, None)
+            changed = self._changed_text(key_path, args[0], keys)
+            if self.text_policy == "columns":
+                keys = self._at_columns(keys, changed)
+                changed = {}
+            state.keys[slot] = (keys, changed)
             if queries is None or not state.positive_rows:
-                return None
+                return keys
             positive = state.positive(queries.device)
-            q, k = queries[positive], keys[positive]
+            q = queries[positive]
             located = [c for c, concept in enumerate(self.concepts) if concept.positions]
-            maps = [concept_attention(q, k, heads, self._columns_for(c, keys.shape[1], keys.device)) for c in located]
+            # a concept's mask comes from its own keys: a LoRA trained its trigger words' attention
+            maps = [concept_attention(q, changed.get(c, keys)[positive], heads,
+                                      self._columns_for(c, keys.shape[1], keys.device)) for c in located]
             found = dict(zip(located, concept_masks(maps, self.settings)))   # each (P, N)
-            # a concept whose words are not in the prompt falls back to the residual everywhere
+            # a concept whose words are not in the prompt falls back to its change everywhere
             everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
+            positive_masks = [found.get(c, everywhere) for c in range(len(self.concepts))]
+            size = state.sizes.get(q.shape[1])
+            if size is not None:
+                self.recorder.add(*size, positive_masks)
+                self.bank.store(slot, size, positive_masks)
             partner = state.partner_index(q.device)
-            state.masks[slot.index] = [found.get(c, everywhere).index_select(0, partner)
-                                       for c in range(len(self.concepts))]
+            state.masks[slot] = [m.index_select(0, partner) for m in positive_masks]
+            return keys
+        return hook
+
+    def _keep_values(self, slot: int, state: _CallState):
+        value_path = SD15_SLOTS[slot].path + ".transformer_blocks.0.attn2.to_v"
+
+        def hook(module, args, values):
+            changed = self._changed_text(value_path, args[0], values)
+            if self.text_policy == "columns":
+                return self._at_columns(values, changed)
+            state.values[slot] = (values, changed)
             return None
         return hook
 
-    def _masks_for(self, slot: TransformerSlot, state: _CallState, batch: int, tokens: int,
-                   device: torch.device) -> Optional[list[torch.Tensor]]:
-        if not state.active:
+    def _from_bank(self, masks: Optional[list[torch.Tensor]], state: _CallState, batch: int,
+                   tokens: int) -> Optional[list[torch.Tensor]]:
+        """Positive masks of an earlier block or call, (P, N) each, as rows of this call: each row takes the
+        mask of the positive row for the same image."""
+        if masks is None or masks[0].shape[1] != tokens:
             return None
-        masks = state.masks.get(slot.index)
-        if masks is not None:
-            # kept unsliced: only a later negative-only call (a split CFG batch) reads them
-            self._last_positive[slot.index] = (masks, state.positive(device))
-            return masks
-        # a negative-only call (ComfyUI split the batch): reuse the last positive masks of this block
-        last = self._last_positive.get(slot.index)
-        if last is None or last[0][0].shape[1] != tokens:
-            return [torch.ones(batch, tokens, device=device) for _ in self.concepts]
-        previous = [m[last[1]] for m in last[0]]
-        return [m if m.shape[0] == batch else m[:1].expand(batch, -1) for m in previous]
+        index = state.image_index(masks[0].shape[0], batch, masks[0].device)
+        return [m.index_select(0, index) for m in masks]
 
-    def _add_residuals(self, slot: TransformerSlot, state: _CallState):
+    def _masks_for(self, where: Placement, state: _CallState, batch: int, tokens: int,
+                   device: torch.device) -> Optional[list[torch.Tensor]]:
+        """Per concept (batch, tokens) masks for a layer; None: the change everywhere (M = 1)."""
+        if state.mode == "direct":
+            return None
+        if self.settings.constant is not None:
+            return [torch.full((batch, tokens), float(self.settings.constant), device=device) for _ in self.concepts]
+        if where.role is Role.GLOBAL:
+            return [torch.zeros(batch, tokens, device=device) for _ in self.concepts]
+        if where.role in (Role.AFTER, Role.TEXT):
+            own = state.masks.get(where.slot.index)
+            if own is not None:
+                return own
+            # a negative-only call (ComfyUI split the batch): the last positive masks of this block
+            return self._from_bank(self.bank.by_slot.get(where.slot.index), state, batch, tokens)
+        masks = None
+        if where.role is Role.BEFORE and self.before_policy == "block":
+            masks = self._from_bank(self.bank.by_slot.get(where.slot.index), state, batch, tokens)
+        size = state.sizes.get(tokens)
+        if masks is None and size is not None:
+            masks = self._from_bank(self.bank.at(size), state, batch, tokens)
+        if masks is None:   # nothing known yet in this sampling run: the base model
+            return [torch.zeros(batch, tokens, device=device) for _ in self.concepts]
+        return masks
+
+    # --- layer changes ------------------------------------------------------------------------
+    def _add_deltas(self, path: str, where: Placement, state: _CallState):
+        """f̂ = W·x + Σ_k M_k·(ΔW_k·x) at the layer's output."""
+        deltas = [c.deltas.get(path) for c in self.concepts]
+
         def hook(module, args, output):
             x = args[0]
-            batch, _, height, width = x.shape
-            masks = self._masks_for(slot, state, batch, height * width, x.device)
-            if masks is None and self.outside == "base":
-                return output
+            if where.role is Role.EMBEDDING and state.mode == "masked":
+                # moved to where the ResBlock adds the embedding to its feature map (_add_embedding)
+                state.embeddings[where.resblock] = [None if d is None else d(x) for d in deltas]
+                return None
+            spatial = output.dim() == 4
+            batch = output.shape[0]
+            tokens = output.shape[-2] * output.shape[-1] if spatial else output.shape[1] if output.dim() == 3 else 1
+            masks = None if where.role is Role.TEXT else self._masks_for(where, state, batch, tokens, x.device)
             result = output
-            for k in range(len(self.concepts)):
-                factors = self._factors(k, slot, x)
-                if factors is None:
+            for k, delta in enumerate(deltas):
+                if delta is None:
                     continue
-                mask = None if masks is None else masks[k].reshape(batch, 1, height, width)
-                result = result + apply_low_rank(x, *factors, mask=mask).to(output.dtype)
-            if masks is not None and state.masks.get(slot.index) is not None and state.positive_rows:
-                self.recorder.add(height, width, masks, state.positive(x.device))
+                mask = None if masks is None else (
+                    masks[k].reshape(batch, 1, *output.shape[-2:]) if spatial
+                    else masks[k].reshape(batch, tokens, 1) if output.dim() == 3 else masks[k].reshape(batch, 1))
+                result = result + delta(x, mask=mask).to(output.dtype)
             return result
         return hook
+
+    def _add_embedding(self, resblock: str, state: _CallState):
+        """h + e + Σ_k M_k·Δe_k, where the ResBlock hands h + e to its out_layers."""
+        where = Placement(Role.EMBEDDING, resblock=resblock)
+
+        def pre_hook(module, args):
+            changes = state.embeddings.pop(resblock, None)
+            if not changes:
+                return None
+            h = args[0]
+            batch, _, height, width = h.shape
+            masks = self._masks_for(where, state, batch, height * width, h.device)
+            for k, change in enumerate(changes):
+                if change is not None:
+                    h = h + masks[k].reshape(batch, 1, height, width).to(h.dtype) * change.to(h.dtype)[..., None, None]
+            return (h,) + tuple(args[1:])
+        return pre_hook
+
+    def _add_attention_change(self, slot: int, state: _CallState, heads: int):
+        """out + Σ_k M_k·(attn(q, K+ΔK_k, V+ΔV_k) − attn(q, K, V)): the LoRA's key/value change, inside the mask."""
+        where = Placement(Role.TEXT, slot=SD15_SLOTS[slot])
+
+        def pre_hook(module, args):
+            keys, changed_keys = state.keys.pop(slot, (None, {}))
+            values, changed_values = state.values.pop(slot, (None, {}))
+            concepts = sorted(set(changed_keys) | set(changed_values))
+            if keys is None or values is None or not concepts:
+                return None
+            out = args[0]
+            queries = state.queries.pop(slot)
+            batch, tokens = out.shape[0], out.shape[1]
+            masks = self._masks_for(where, state, batch, tokens, out.device)
+            base = attention(queries, keys, values, heads)
+            for c in concepts:
+                changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads)
+                out = out + (masks[c].reshape(batch, tokens, 1) * (changed - base)).to(out.dtype)
+            return (out,) + tuple(args[1:])
+        return pre_hook

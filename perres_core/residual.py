@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import PerResError
+from .layer_delta import ConvGeometry, low_rank
 
 DEFAULT_RANK_RATIO = 0.05
 # Both factors are drawn from N(0, INIT_STD²) by default ("each of the low-rank matrices are randomly
@@ -90,14 +90,8 @@ def apply_low_rank(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, conv: 
     """
     up, down = up.to(x.device, x.dtype), down.to(x.device, x.dtype)
     if conv:
-        hidden = F.conv2d(x, down[..., None, None])
-        if mask is not None:
-            hidden = hidden * mask.to(hidden.dtype)
-        return F.conv2d(hidden, up[..., None, None])
-    hidden = F.linear(x, down)
-    if mask is not None:
-        hidden = hidden * mask.to(hidden.dtype)
-    return F.linear(hidden, up)
+        return low_rank(x, up[..., None, None], down[..., None, None], ConvGeometry(), mask)
+    return low_rank(x, up, down, None, mask)
 
 
 @dataclass(frozen=True)

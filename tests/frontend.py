@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 from comfy_host import PACK_DIR
 from comfy_server import write_residual
+from lora_files import placeholder_lora
 from sd15_checkpoint import link_sd15_checkpoint
 
 CHROMIUM = os.environ.get("PERRES_CHROMIUM", "/usr/bin/chromium")
@@ -77,6 +78,10 @@ def prepare_frontend_root(root: str) -> None:
                 target = os.path.join(root, "models", "loras", inputs["residual_name"])
                 if not os.path.exists(target):
                     write_residual(target)
+            if "lora_name" in inputs:
+                target = os.path.join(root, "models", "loras", inputs["lora_name"])
+                if not os.path.exists(target):
+                    placeholder_lora(target)
 
 
 # Runs in the page: load one workflow the way the template browser does, then report what the frontend made

@@ -33,8 +33,12 @@ def second_residuals(residuals):
 def lag(model, clip, residuals, prompt, constant=None, extra=(), **settings):
     lag_nodes = pack("nodes.lag_nodes")
     mask_settings = pack("perres_core.lag").MaskSettings(constant=constant, **settings)
-    specs = [(residuals, residuals.concept.concept_words(), 1.0)] + list(extra)
+    specs = [spec(residuals, residuals.concept.concept_words())] + list(extra)
     return lag_nodes.build_lag_model(model, clip, prompt, specs, mask_settings)
+
+
+def spec(residuals, words, strength=1.0):
+    return pack("nodes.lag_concepts").ConceptSpec(words, strength, residuals=residuals)
 
 
 def recorded(model):
@@ -92,7 +96,7 @@ def test_median_masks_cover_half_of_every_map(sd15, residuals):
 
 def test_multi_concept_masks_are_disjoint(sd15, residuals, second_residuals):
     model, clip, _ = sd15
-    extra = [(second_residuals, ["ktn", "cat"], 1.0)]
+    extra = [spec(second_residuals, ["ktn", "cat"])]
     patched, positive = lag(model, clip, residuals, "a sks dog and a ktn cat on a beach", extra=extra)
     sample(patched, positive, encode(clip, ""), seed=8, steps=1)  # one step: the average is the mask
     for (height, width), masks in recorded(patched).items():
@@ -162,9 +166,9 @@ def test_weight_syntax_gives_the_same_token_positions(sd15, residuals):
 
 def test_multi_token_word_positions(sd15, residuals):
     model, clip, _ = sd15
-    patched, _ = lag(model, clip, residuals, "a photo of a sks dog", extra=[(residuals, ["photorealistic"], 1.0)])
+    patched, _ = lag(model, clip, residuals, "a photo of a sks dog", extra=[spec(residuals, ["photorealistic"])])
     # not in the prompt → warned and applied everywhere; a word split into several BPE tokens is found whole
-    patched2, _ = lag(model, clip, residuals, "photorealistic sks dog", extra=[(residuals, ["photorealistic"], 1.0)])
+    patched2, _ = lag(model, clip, residuals, "photorealistic sks dog", extra=[spec(residuals, ["photorealistic"])])
     word_ids = pack("nodes.text_tokens").word_token_ids(clip, "photorealistic")
     assert len(word_ids) > 1
     assert pack("nodes.lag_patch").LagPatch.of(patched2).concepts[1].positions == list(range(1, 1 + len(word_ids)))

@@ -24,13 +24,13 @@ UI_DIR = os.path.join(PACK_DIR, "example_workflows")
 API_DIR = os.path.join(UI_DIR, "api")
 
 EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_sampling", "perres_normal_vs_lag",
-            "perres_two_concepts_lag"}
+            "perres_two_concepts_lag", "perres_lag_lora"}
 # Frontend-only nodes (comments on the canvas): in UI files, never in API files.
 VIRTUAL_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Combos whose options are the files installed on the user's machine.
-FILE_COMBOS = {"ckpt_name", "residual_name"}
+FILE_COMBOS = {"ckpt_name", "residual_name", "lora_name"}
 # Residual files the workflows load -> (identifier, class word) of the stand-in the tests train.
 RESIDUALS = {
     "perres/robot_00001.safetensors": ("sks", "toy"),
@@ -298,6 +298,15 @@ def residual_files(sd15, concept_images) -> dict[str, str]:
     return saved
 
 
+@pytest.fixture(scope="module")
+def lora_stand_ins(sd15, workdir) -> None:
+    """Random kohya LoRAs under the names the workflows load (tests/lora_files.EXAMPLE_LORAS)."""
+    from lora_files import EXAMPLE_LORAS, build_lora, write_lora
+
+    for name, (seed, _words) in EXAMPLE_LORAS.items():
+        write_lora(os.path.join(workdir, "models", "loras"), name, build_lora(sd15[0], "kohya", seed=seed))
+
+
 def for_tests(name: str, prompt: dict, checkpoint: str, residuals: dict[str, str]) -> dict:
     """The workflow made cheap: test checkpoint, 64 px, 2 steps, stand-in residuals, own output folder."""
     prompt = copy.deepcopy(prompt)
@@ -333,7 +342,7 @@ def failure_report(executor) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, workdir, caplog):
+def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora_stand_ins, workdir, caplog):
     import execution
 
     prompt = for_tests(name, load(API_DIR, name), checkpoint_name, residual_files)

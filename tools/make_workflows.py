@@ -35,6 +35,8 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 ROBOT_RESIDUAL = "perres/robot_00001.safetensors"
 DOG_RESIDUAL = "perres/dog_00001.safetensors"
 CAT_RESIDUAL = "perres/cat_00001.safetensors"
+# Any two SD1.5 character LoRAs of the user's; their trigger words go into the LAG LoRA nodes and the prompt.
+LORA_A, LORA_B = "character_a.safetensors", "character_b.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 # Paper §4.1: DDIM, 50 steps, eta 0, guidance 6.0.
 SAMPLER = {"seed": 42, "steps": 50, "cfg": 6.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
@@ -231,7 +233,25 @@ def two_concepts_lag() -> Workflow:
     ])
 
 
-WORKFLOWS = [train_and_sample, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag]
+def lag_lora() -> Workflow:
+    prompt = "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves"
+    return Workflow("perres_lag_lora", base_nodes(prompts_at=(COLUMNS[1], 480)) + [
+        Node(2, "PerResLAGLoRA", (0, 200), {"lora_name": LORA_A, "trigger_words": "ohwx, woman", "strength": 1.0},
+             title="LoRA 1 (ohwx woman)"),
+        Node(3, "PerResLAGLoRA", (0, 420), {"lora_name": LORA_B, "trigger_words": "zkz, man", "strength": 1.0},
+             {"concepts": (2, 0)}, title="LoRA 2 (zkz man)"),
+        lag_node(7, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "extra_concepts": (3, 0)}, (400, 420)),
+        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix="perres/lag_lora"),
+        note(12, (0, 660), (
+            "## LAG for any LoRA\n\n"
+            "Pick two SD1.5 LoRAs (kohya, diffusers/PEFT, LoCon, LoHa, LoKr or DoRA) and write each one's "
+            "trigger words. Each LoRA then acts only where its own words attend, so the two do not bleed into "
+            "each other or into the background. No masks to draw, no extra UNet pass.\n\n"
+            "The UNet part only (like LoraLoaderModelOnly). In the mask preview LoRA 1 is red, LoRA 2 blue.")),
+    ])
+
+
+WORKFLOWS = [train_and_sample, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ HELP: dict[str, NodeHelp] = {
     "PerResLAGSampling": NodeHelp(
         when="Use it when the concept should stay as it is and the rest of the image should change: new "
              "backgrounds, added objects, identity preservation. The residual no longer pulls the background "
-             "towards the training photos. Add more concepts with PerRes LAG Concept.",
+             "towards the training photos. Add more concepts with PerRes LAG Concept, and any SD1.x LoRA with "
+             "PerRes LAG LoRA (then `residuals` may stay unconnected).",
         paper="threshold `median` (the upper half of each attention map), strength 1, LAG at every step "
               "(start 0, end 1); DDIM, 50 steps, guidance 6.0 in the sampler.",
         example="PerRes Load Residuals → PerRes LAG Sampling (prompt 'a photo of a sks dog on a mossy rock in a "
@@ -111,6 +112,7 @@ HELP: dict[str, NodeHelp] = {
             ("prompt is empty; write the prompt with the concept words", "Write a prompt that contains the "
              "identifier and class word, e.g. 'a photo of a sks dog'."),
             ("start_percent (…) is after end_percent (…)", "Set start_percent ≤ end_percent."),
+            ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
             ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this residual is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),
@@ -126,6 +128,27 @@ HELP: dict[str, NodeHelp] = {
         errors=[
             ("… '(sks:1.2)' contains prompt syntax characters such as ( ) [ ] :", "Give the plain words; put "
              "weights in the prompt."),
+        ],
+    ),
+    "PerResLAGLoRA": NodeHelp(
+        when="Use it to keep an ordinary SD1.x LoRA (a character, an object, a style) to the part of the image "
+             "its trigger words describe: two character LoRAs in one prompt stay apart, and the background "
+             "stays the base model's. Chain one node per LoRA through `concepts` into PerRes LAG Sampling's "
+             "`extra_concepts`; PerRes residuals and LoRAs mix in one chain. Only the LoRA's UNet part is "
+             "applied (like LoraLoaderModelOnly): the text-encoder part is not tied to image locations; add it "
+             "with a stock LoRA loader's strength_clip if you want it. Layers that run before a block's "
+             "cross-attention use that block's mask from the previous step, so at the very first step they "
+             "keep the base model; README, 'LAG for any LoRA', has the details and limits.",
+        example="Two PerRes LAG LoRA nodes (character_a.safetensors with 'ohwx, woman', character_b.safetensors "
+                "with 'zkz, man') → PerRes LAG Sampling (prompt 'a photo of ohwx woman and zkz man sitting on a "
+                "park bench') → KSampler. See `perres_lag_lora`.",
+        errors=[
+            ("trigger_words is empty", "Write the LoRA's trigger words, comma-separated, as in the prompt."),
+            ("'…' is not a .safetensors file", "PerRes reads only safetensors; convert the LoRA or pick another."),
+            ("LoRA '…' changes no layer of this SD1.x UNet", "The LoRA is for another model family (SDXL, "
+             "SD2, Flux, ...) or only trains the text encoder; use an SD1.x LoRA that trains the UNet."),
+            ("*warning* its text-encoder part is not applied", "Shown on PerRes LAG Sampling; add the LoRA to the "
+             "CLIP with a stock loader if you need its text-encoder part."),
         ],
     ),
     "PerResLAGMaskPreview": NodeHelp(

@@ -1,0 +1,98 @@
+"""Layer changes in residual form and the LAG roles of SD1.x layers (perres_core, no host needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perres_core.lag_layers import Role, level_sizes, placement
+from perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LowRankDelta, attention
+
+
+def test_low_rank_conv_delta_equals_the_merged_weight_with_the_layers_geometry():
+    """A LoCon 3×3, stride-2 factor pair gives the same output as the merged ΔW convolved like the layer."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
+    up, down = torch.randn(6, 2, 1, 1, generator=g), torch.randn(2, 8, 3, 3, generator=g)
+    delta = LowRankDelta(up, down, scale=0.5, geometry=ConvGeometry.of(conv))
+    x = torch.randn(2, 8, 9, 7, generator=g)
+    merged = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(6, 8, 3, 3)
+    torch.testing.assert_close(delta(x), F.conv2d(x, merged, stride=2, padding=1))
+    assert delta(x).shape == conv(x).shape
+
+
+def test_mask_on_the_rank_intermediate_equals_the_masked_output():
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(5, 3, generator=g), torch.randn(3, 4, generator=g)
+    x = torch.randn(2, 10, 4, generator=g)
+    mask = (torch.rand(2, 10, 1, generator=g) > 0.5).float()
+    delta = LowRankDelta(up, down)
+    torch.testing.assert_close(delta(x, mask), mask * delta(x))
+    assert torch.equal(delta(x, torch.zeros_like(mask)), torch.zeros(2, 10, 5))
+
+
+def test_dense_delta_computes_once_per_device_and_handles_bias():
+    calls = []
+
+    def compute(device):
+        calls.append(device)
+        return torch.ones(3, 2)
+
+    weight = DenseDelta(compute)
+    bias = DenseDelta(lambda device: torch.tensor([1.0, 2.0, 3.0]), is_bias=True)
+    x = torch.ones(4, 2)
+    both = DeltaSum((weight, bias))
+    torch.testing.assert_close(both(x), torch.full((4, 3), 2.0) + torch.tensor([1.0, 2.0, 3.0]))
+    both(x.double())
+    assert calls == [torch.device("cpu")]          # the fp64 call reuses the fp32 ΔW
+    conv_bias = DenseDelta(lambda device: torch.tensor([1.0, -1.0]), geometry=ConvGeometry(), is_bias=True)
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[..., 0, 0] = 1
+    out = conv_bias(torch.zeros(1, 4, 2, 2), mask)
+    assert out.shape == (1, 2, 2, 2) and out[0, :, 0, 0].tolist() == [1.0, -1.0] and out[0, :, 1, 1].abs().sum() == 0
+
+
+def test_attention_is_softmax_qk_v_per_head():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 5, 8, generator=g), torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    heads = 2
+    expected = []
+    for h in range(heads):
+        s = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / 2.0, dim=-1)
+        expected.append(weights @ v[..., s])
+    torch.testing.assert_close(attention(q, k, v, heads), torch.cat(expected, dim=-1))
+
+
+@pytest.mark.parametrize("path, role", [
+    ("input_blocks.1.1.proj_out", Role.AFTER),
+    ("input_blocks.1.1.transformer_blocks.0.attn2.to_out.0", Role.AFTER),
+    ("output_blocks.11.1.transformer_blocks.0.ff.net.0.proj", Role.AFTER),
+    ("middle_block.1.transformer_blocks.0.attn2.to_k", Role.TEXT),
+    ("middle_block.1.transformer_blocks.0.attn2.to_v", Role.TEXT),
+    ("input_blocks.1.1.proj_in", Role.BEFORE),
+    ("input_blocks.1.1.transformer_blocks.0.attn1.to_v", Role.BEFORE),
+    ("input_blocks.1.1.transformer_blocks.0.attn2.to_q", Role.BEFORE),
+    ("input_blocks.1.0.in_layers.2", Role.SPATIAL),
+    ("input_blocks.3.0.op", Role.SPATIAL),
+    ("out.2", Role.SPATIAL),
+    ("input_blocks.1.0.emb_layers.1", Role.EMBEDDING),
+    ("time_embed.0", Role.GLOBAL),
+])
+def test_every_kind_of_layer_has_its_role(path, role):
+    where = placement(path)
+    assert where.role is role
+    if role in (Role.AFTER, Role.TEXT, Role.BEFORE):
+        assert path.startswith(where.slot.path + ".")
+    if role is Role.EMBEDDING:
+        assert where.resblock == "input_blocks.1.0"
+
+
+def test_level_sizes_follow_the_stride_two_downsamplers():
+    assert level_sizes(64, 64) == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    assert level_sizes(9, 5) == [(9, 5), (5, 3), (3, 2), (2, 1)]
+    x = torch.zeros(1, 1, 9, 5)
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    for size in level_sizes(9, 5)[1:]:
+        x = conv(x)
+        assert tuple(x.shape[-2:]) == size
