@@ -50,6 +50,30 @@ def all_blocks(layers) -> list[str]:
     return [f"{slot.path}.{layer}" for slot in slots for layer in layers]
 
 
+def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
+    """A random kohya LoRA on `layers`, written to models/loras; returns its name."""
+    import folder_paths
+    loras = folder_paths.get_folder_paths("loras")[0]
+    return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
+
+
+def attention_ff_lora(model, rank: int = 32) -> str:
+    """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of the 16 blocks."""
+    return write_lora_of(model, f"bench_rank{rank}_attention_ff.safetensors", all_blocks(ATTENTION_AND_FF), rank)
+
+
+def merged_lora_model(model, name: str):
+    return bc.run_node("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=1.0)[0]
+
+
+def lag_lora_model(model, clip, name: str):
+    """(model, positive) of PerRes LAG LoRA + PerRes LAG Sampling with median masks."""
+    concepts = bc.run_node("PerResLAGLoRA", lora_name=name, trigger_words=TRIGGER, strength=1.0)[0]
+    return bc.run_node("PerResLAGSampling", model=model, clip=clip, extra_concepts=concepts, prompt=PROMPT,
+                       concept_words="", strength=1.0, threshold="median", quantile=0.5, start_percent=0.0,
+                       end_percent=1.0, outside_window="full residual")[:2]
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
@@ -69,22 +93,17 @@ class Setup:
     def __init__(self, opts) -> None:
         self.opts = opts
         self.model, self.clip, _ = bc.load_sd15(opts.device, opts.threads)
-        import folder_paths
-        self.loras = folder_paths.get_folder_paths("loras")[0]
         self.positive = bc.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
         self.negative = bc.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
 
     def lora(self, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
-        return write_lora(self.loras, name, build_lora(self.model, "kohya", rank=rank, scale=scale, layers=layers))
+        return write_lora_of(self.model, name, layers, rank, scale)
 
     def merged(self, name: str):
-        return bc.run_node("LoraLoaderModelOnly", model=self.model, lora_name=name, strength_model=1.0)[0]
+        return merged_lora_model(self.model, name)
 
     def lag(self, name: str):
-        concepts = bc.run_node("PerResLAGLoRA", lora_name=name, trigger_words=TRIGGER, strength=1.0)[0]
-        return bc.run_node("PerResLAGSampling", model=self.model, clip=self.clip, extra_concepts=concepts,
-                           prompt=PROMPT, concept_words="", strength=1.0, threshold="median", quantile=0.5,
-                           start_percent=0.0, end_percent=1.0, outside_window="full residual")[0]
+        return lag_lora_model(self.model, self.clip, name)[0]
 
     def sample(self, patcher, resolution: int, steps: int, callback=None):
         latent = bc.run_node("EmptyLatentImage", width=resolution, height=resolution, batch_size=1)[0]
@@ -98,7 +117,7 @@ def speed(setup: Setup) -> None:
     import torch
 
     opts, say = setup.opts, bc.say
-    name = setup.lora("bench_rank32_attention_ff.safetensors", all_blocks(ATTENTION_AND_FF), opts.rank)
+    name = attention_ff_lora(setup.model, opts.rank)
     configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
     say(f"speed: rank-{opts.rank} LoRA on {len(all_blocks(ATTENTION_AND_FF))} layers, {opts.resolution}px, "
         f"{opts.steps} euler steps, CFG 7, {opts.repeats} repeats, torch threads {torch.get_num_threads()}; "

@@ -9,10 +9,13 @@ what SD1.5 users' GPUs run), at 512 px and batch 4:
                  rank 8, every layer, bf16 training dtype — it offers no fp16 — gradient checkpointing on)
   sample_*       50-step DDIM sampling at 512 px (CFG 6, the paper's sampler), base model, PerRes Apply
                  Residuals and PerRes LAG Sampling; one warm-up run each, then --sample-repeats timed runs
+  lora_*         the same sampling with a rank-32 LoRA on every attention and feed-forward layer, merged by
+                 LoraLoaderModelOnly and through PerRes LAG LoRA (benchmarks/bench_lag_lora.py on the GPU)
 
 Training figures are the node call's wall time (VAE encoding and setup included) and
 torch.cuda.max_memory_allocated during the call. Targets: perres_plain 150 steps <= 30 s on an H100;
-perres_ckpt peak <= 6 GiB (so 8 GB cards train with the defaults); LAG <= 1.05x Apply.
+perres_ckpt peak <= 6 GiB (so 8 GB cards train with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.25x
+the merged LoRA.
 
     python benchmarks/gpu_check.py --json $OUT/gpu_check.json            # on the GPU machine
     python benchmarks/gpu_check.py --device cpu --smoke                  # the same code paths, tiny, on a CPU
@@ -28,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+from bench_lag_lora import attention_ff_lora, lag_lora_model, merged_lora_model  # noqa: E402
 from bench_training import make_images  # noqa: E402
 
 CAPTION = "a photo of a sks dog"
@@ -138,7 +142,10 @@ def sample_all(model, clip, residuals, opts) -> dict:
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
     negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
     latent = bc.run_node("EmptyLatentImage", width=opts.resolution, height=opts.resolution, batch_size=1)[0]
-    configs = {"base": (model, positive), "apply": (applied, positive), "lag": (lag_model, lag_positive)}
+    lora = attention_ff_lora(model)
+    configs = {"base": (model, positive), "apply": (applied, positive), "lag": (lag_model, lag_positive),
+               "lora_merged": (merged_lora_model(model, lora), positive),
+               "lora_lag": lag_lora_model(model, clip, lora)}
     times = {name: [] for name in configs}
     for repeat in range(opts.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
         for name, (patcher, pos) in configs.items():
@@ -179,6 +186,8 @@ def main() -> None:
         "perres_ckpt_peak_gib": {"value": None if ckpt["peak_allocated"] is None else ckpt["peak_allocated"] / GIB,
                                  "target": 6.0},
         "lag_over_apply": {"value": sampling["lag"]["seconds"] / sampling["apply"]["seconds"], "target": 1.05},
+        "lag_lora_over_merged_lora": {"value": sampling["lora_lag"]["seconds"] / sampling["lora_merged"]["seconds"],
+                                      "target": 1.25},
     }
 
     def row(name: str, entry: dict) -> str:
@@ -193,7 +202,7 @@ def main() -> None:
     bc.say(row("PerRes train, checkpointing", ckpt))
     if "stock_lora" in results:
         bc.say(row("ComfyUI TrainLoraNode (its defaults)", results["stock_lora"]))
-    for name in ("base", "apply", "lag"):
+    for name in ("base", "apply", "lag", "lora_merged", "lora_lag"):
         bc.say(row(f"DDIM {opts.sample_steps} steps, {name}", sampling[name]))
     for name, entry in results["targets"].items():
         if entry["value"] is None:
