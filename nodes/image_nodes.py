@@ -1,4 +1,4 @@
-"""PerRes Load Concept Images: a folder of reference images → one centre-cropped batch."""
+"""PerRes Load Concept Images: a folder of reference images → one centre-cropped batch and its subject masks."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,14 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
-from ..perres_core.images import prepare_batch
+from ..perres_core.images import prepare_batch, prepare_masks
 from .errors import reported_as
 from .node_warnings import NodeWarnings, node_id_of
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAME = "PerRes Load Concept Images"
+# PIL mode → the mode read: palettes may carry transparency, so they keep an alpha channel (→ masks output)
+DECODED_MODES = {"L": "L", "LA": "LA", "RGBA": "RGBA", "P": "RGBA", "PA": "RGBA", "I;16": "L", "I": "L", "F": "L"}
 MAX_PIXELS = 8192 * 8192  # refuse decompression bombs; 4096+ px photos are fine and get downscaled
 
 
@@ -47,7 +49,7 @@ def read_image(path: str) -> torch.Tensor:
                               f"{MAX_PIXELS / 1e6:.0f} megapixels PerRes reads; downscale it first "
                               "(it is resized to the training resolution anyway).")
         image = ImageOps.exif_transpose(image)
-        mode = {"L": "L", "LA": "LA", "RGBA": "RGBA", "P": "RGBA", "I;16": "L", "I": "L", "F": "L"}.get(image.mode, "RGB")
+        mode = DECODED_MODES.get(image.mode, "RGB")
         array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[..., None]
@@ -62,14 +64,20 @@ class LoadConceptImages(io.ComfyNode):
             display_name=NAME,
             category="PerRes",
             description="Loads every image in a folder under ComfyUI's input directory (any sizes, grayscale, RGB "
-                        "or RGBA) and centre-crops and resizes them into one batch for training.",
+                        "or RGBA) and centre-crops and resizes them into one batch for training. Transparent "
+                        "pixels are shown over white, and the alpha channels become subject masks.",
             inputs=[
                 io.String.Input("folder", default="perres_example",
                                 tooltip="Folder inside ComfyUI/input holding 3–20 photos of the concept."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
                              tooltip="Side of the square training images; 512 for SD1.x."),
             ],
-            outputs=[io.Image.Output(display_name="images", tooltip="The reference images, one batch.")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The reference images, one batch."),
+                     io.Mask.Output(display_name="masks",
+                                    tooltip="Each image's alpha, cropped like the image: 1 = opaque (the subject of "
+                                            "a cut-out), 0 = transparent; all 1 for images without alpha. The "
+                                            "inverse of the stock Load Image's mask. For PerRes Train Residuals' "
+                                            "masks.")],
             hidden=[io.Hidden.unique_id],  # to show warnings on the node
         )
 
@@ -98,11 +106,13 @@ class LoadConceptImages(io.ComfyNode):
                 except Exception as exc:
                     raise PerResError(f"'{name}' in folder '{folder}' cannot be read as an image ({exc}); "
                                       "remove or replace it.") from exc
+            labels = [f"'{name}'" for name in names]
             try:
-                batch = prepare_batch(images, resolution, labels=[f"'{name}'" for name in names])
+                batch = prepare_batch(images, resolution, labels=labels)
+                masks = prepare_masks(images, resolution, labels=labels)
             except PerResError as exc:
                 raise PerResError(f"{exc} (folder '{folder}')") from exc
             if len(names) == 1:
                 NodeWarnings(NAME, node_id_of(cls)).warn(
                     f"only one reference image in '{folder}'; 3 or more generalise much better.")
-            return io.NodeOutput(batch)
+            return io.NodeOutput(batch, masks)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -10,10 +12,11 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
-from ..perres_core.images import prepare_batch
-from ..perres_core.residual import DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, rank_for
+from ..perres_core.images import prepare_batch, subject_masks
+from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, check_continuable, rank_for,
+                                    steps_trained, training_date)
 from ..perres_core.sd15_layout import sd15_layer_shapes
-from ..perres_core.training import TrainSettings
+from ..perres_core.training import TrainSettings, loss_weights
 from .errors import reported_as
 from .host_model import require_trainable, with_residual_weights
 from .node_warnings import NodeWarnings, node_id_of
@@ -29,6 +32,9 @@ CHECKPOINTING_DEFAULT = True
 CHECKPOINTING_TOOLTIP = ("Recompute the UNet's activations during the backward pass instead of keeping them: "
                          "much less memory for somewhat more time per step. On by default so the paper's "
                          "512 px, batch 4 fits 8 GB cards; turn it off on a large GPU for speed.")
+# Without masks nothing changes (the paper's loss). With masks, a little weight keeps the background from
+# being ignored outright; 0 ignores it, 1 is the plain loss again.
+BACKGROUND_WEIGHT_DEFAULT = 0.1
 
 
 def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio: float, resolution: int) -> None:
@@ -77,6 +83,20 @@ class TrainResiduals(io.ComfyNode):
                                tooltip="random: both factors N(0, 0.01²) as in the paper. zero: ΔW starts at exactly 0."),
                 io.Boolean.Input("gradient_checkpointing", default=CHECKPOINTING_DEFAULT, optional=True,
                                  tooltip=CHECKPOINTING_TOOLTIP),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Optional subject masks, one per image (or one for all): 1 on the concept, 0 "
+                                      "on the background, e.g. PerRes Load Concept Images' masks (from alpha) or "
+                                      "any masking node. Without masks every pixel counts (the paper's loss)."),
+                io.Float.Input("background_weight", default=BACKGROUND_WEIGHT_DEFAULT, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="With masks: the loss weight of background pixels (the subject's is 1). 0 "
+                                       "ignores the background, 1 is the plain loss. Unused without masks."),
+                io.Boolean.Input("invert_masks", default=False, optional=True,
+                                 tooltip="Turn on when the masks are 1 on the background, e.g. the stock Load "
+                                         "Image's mask of a cut-out (it is 1 where the image is transparent)."),
+                Residuals.Input("initial_residuals", optional=True,
+                                tooltip="Optional: continue training these residuals (PerRes Load Residuals) instead "
+                                        "of starting afresh. Their ranks must match rank_ratio; init is unused."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained residual applied."),
@@ -89,7 +109,9 @@ class TrainResiduals(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, identifier: str, class_word: str, steps: int, batch_size: int,
                 learning_rate: float, rank_ratio: float, resolution: int, seed: int, init: str,
-                gradient_checkpointing: bool = CHECKPOINTING_DEFAULT) -> io.NodeOutput:
+                gradient_checkpointing: bool = CHECKPOINTING_DEFAULT, masks: Optional[torch.Tensor] = None,
+                background_weight: float = BACKGROUND_WEIGHT_DEFAULT, invert_masks: bool = False,
+                initial_residuals: Optional[ResidualSet] = None) -> io.NodeOutput:
         with reported_as(NAME):
             check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution)
             require_trainable(model)
@@ -105,16 +127,38 @@ class TrainResiduals(io.ComfyNode):
             if images.shape[0] < batch_size:
                 warnings.warn(f"{images.shape[0]} image(s) for batch size {batch_size}; batches are drawn with "
                               "replacement.")
+            cropped_masks = None
+            if masks is not None:
+                cropped_masks = subject_masks(masks, images.shape[0], tuple(images.shape[1:3]), resolution,
+                                              invert=invert_masks)
+                if (masks.dim() == 2 or masks.shape[0] == 1) and images.shape[0] > 1:
+                    warnings.warn(f"one mask for {images.shape[0]} images; it weights every image the same way.")
+            concept = ConceptInfo(identifier, class_word)
+            previous_steps = 0
+            if initial_residuals is not None:
+                check_continuable(initial_residuals, ResidualSet.create(sd15_layer_shapes(), rank_ratio))
+                previous_steps = continued_steps(initial_residuals, concept, warnings)
+                concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
             pixels = prepare_batch(list(images), resolution)
             latents = vae.encode(pixels)
-            concept = ConceptInfo(identifier, class_word)
+            weights = None if cropped_masks is None else \
+                loss_weights(cropped_masks, tuple(latents.shape[-2:]), background_weight)
             context = encode_caption(clip, concept.caption())
+            record = {"steps": previous_steps + steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                      "seed": seed, "init": init if initial_residuals is None else "continued",
+                      "resolution": resolution, "num_images": images.shape[0]}
+            if initial_residuals is not None:
+                record["continued_from_steps"] = previous_steps
+            if masks is not None:
+                record["background_weight"] = background_weight
 
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
-                residuals = ResidualSet.create(sd15_layer_shapes(), rank_ratio, concept=concept, training={
-                    "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
-                    "init": init, "resolution": resolution, "num_images": images.shape[0]})
-                residuals.initialize(init, seed)
+                if initial_residuals is None:
+                    residuals = ResidualSet.create(sd15_layer_shapes(), rank_ratio, concept=concept, training=record)
+                    residuals.initialize(init, seed)
+                else:  # a copy: the input residuals (and their file) are never changed
+                    residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
+                                        rank_ratio=rank_ratio, date=training_date())
             progress = comfy.utils.ProgressBar(steps)
 
             def on_step(step: int, loss: float) -> None:
@@ -122,10 +166,27 @@ class TrainResiduals(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
 
             comfy.model_management.throw_exception_if_processing_interrupted()
-            settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+            settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                     start_step=previous_steps)
             losses = train_on_model(model, latents, context, residuals, settings, on_step,
-                                    gradient_checkpointing=gradient_checkpointing)
+                                    gradient_checkpointing=gradient_checkpointing, weights=weights)
             trained = residuals.detached_copy()
-            log.info("%s: %d steps, final loss %.4f, %d parameters.", NAME, steps, losses[-1],
+            log.info("%s: %d steps%s, final loss %.4f, %d parameters.", NAME, steps,
+                     f" (continued from {previous_steps})" if initial_residuals is not None else "", losses[-1],
                      trained.parameter_count())
             return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses})
+
+
+def continued_steps(initial: ResidualSet, concept: ConceptInfo, warnings: NodeWarnings) -> int:
+    """The steps `initial` was trained for (0 with a warning if its metadata lacks them); warns when this run
+    trains other words than the residual's."""
+    if initial.concept.concept_words() != concept.concept_words():
+        warnings.warn(f"initial_residuals were trained as '{' '.join(initial.concept.concept_words())}'; this run "
+                      f"trains '{' '.join(concept.concept_words())}' and the result carries these words. Use the "
+                      "residual's identifier and class word to continue the same concept.")
+    previous = steps_trained(initial)
+    if previous is None:
+        warnings.warn("initial_residuals do not record how many steps they were trained; the saved step count "
+                      "covers this run only.")
+        return 0
+    return previous

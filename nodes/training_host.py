@@ -83,8 +83,9 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> Optional["torch.amp
 
 def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residuals: ResidualSet,
                    settings: TrainSettings, on_step: Callable[[int, float], None],
-                   gradient_checkpointing: bool = False) -> list[float]:
-    """Train `residuals` in place on a frozen copy of `model`; latents are VAE latents (unscaled).
+                   gradient_checkpointing: bool = False, weights: Optional[torch.Tensor] = None) -> list[float]:
+    """Train `residuals` in place on a frozen copy of `model`; latents are VAE latents (unscaled), weights
+    optional per-location loss weights (perres_core.training.loss_weights).
 
     Runs outside inference mode; only the residual parameters get gradients and optimizer state.
     Running out of memory raises OutOfMemoryDuringTraining after everything the run allocated (hooks,
@@ -112,7 +113,7 @@ def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residual
                         recompute_in_backward(units):
                     return train_residuals(predict_noise, x0, context.clone().float().cpu(), alphas_cumprod(patcher),
                                            residuals.parameters(), settings, on_step, device=device, dtype=dtype,
-                                           grad_scaler=loss_scaler(dtype, device))
+                                           grad_scaler=loss_scaler(dtype, device), weights=weights)
             finally:
                 for layer in residuals.layers.values():
                     layer.requires_grad_(False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -160,3 +160,32 @@ class ResidualSet:
             copy.requires_grad_(False)
             layers[path] = copy
         return replace(self, layers=layers, training=dict(self.training))
+
+
+def check_continuable(initial: ResidualSet, fresh: ResidualSet) -> None:
+    """Refuse to continue `initial` as `fresh` (the set this run would create) unless both have the same
+    layers, shapes and ranks; the error names the first layer that differs and what to do."""
+    restart = "or disconnect initial_residuals to train a new residual"
+    for path in sorted(set(initial.layers) | set(fresh.layers)):
+        old, new = initial.layers.get(path), fresh.layers.get(path)
+        if old is None or new is None:
+            where = "lack" if old is None else "have the extra"
+            raise PerResError(f"initial_residuals {where} layer {path}, so they do not fit this SD1.x model; "
+                              f"load a residual trained by PerRes Train Residuals, {restart}.")
+        if (old.out_features, old.in_features, old.conv) != (new.out_features, new.in_features, new.conv):
+            raise PerResError(f"initial_residuals layer {path} is {old.out_features}×{old.in_features}, this model's "
+                              f"is {new.out_features}×{new.in_features}; the residual was made for another model. "
+                              f"Load one trained on an SD1.x model, {restart}.")
+        if old.rank != new.rank:
+            raise PerResError(f"initial_residuals layer {path} has rank {old.rank}, but rank_ratio "
+                              f"{fresh.rank_ratio:g} gives rank {new.rank}. Set rank_ratio to the residual's "
+                              f"{initial.rank_ratio:g}, {restart}.")
+
+
+def steps_trained(residuals: ResidualSet) -> Optional[int]:
+    """The optimizer steps recorded in the residual's training metadata (all runs), or None if unknown."""
+    try:
+        steps = int(residuals.training.get("steps", ""))
+    except (TypeError, ValueError):
+        return None
+    return steps if steps >= 0 else None

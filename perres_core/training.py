@@ -4,6 +4,9 @@ The loop knows nothing about the host: it receives an ε-predicting function of 
 whose only trainable parameters are the residuals, the clean latents, the caption embeddings and the
 model's ᾱ_t schedule. All randomness comes from one seeded CPU generator, so the same seed and inputs
 give the same residuals on the CPU, whatever device runs the model.
+
+Optional per-location loss weights (from subject masks) turn the loss into a weighted mean; weights of 1
+everywhere are exactly the paper's loss.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ class TrainSettings:
     learning_rate: float = 1e-3
     seed: int = 0
     weight_decay: float = 1e-2  # torch's AdamW default; the paper does not state one
+    # Steps already done by the residual being continued. Their random draws are skipped, so a continuation
+    # draws the batches, timesteps and noise that one long run with this seed would draw from that step on.
+    start_step: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -38,6 +44,8 @@ class TrainSettings:
         lr = self.learning_rate
         if not isinstance(lr, (int, float)) or math.isnan(lr) or math.isinf(lr) or lr <= 0:
             raise PerResError(f"learning_rate must be a positive finite number, got {lr}. The paper uses 0.001.")
+        if not isinstance(self.start_step, int) or self.start_step < 0:
+            raise PerResError(f"start_step must be 0 or more, got {self.start_step}.")
 
 
 class TrainingDiverged(PerResError):
@@ -49,6 +57,44 @@ def draw_batch(num_items: int, batch_size: int, generator: torch.Generator) -> t
     if batch_size <= num_items:
         return torch.randperm(num_items, generator=generator)[:batch_size]
     return torch.randint(0, num_items, (batch_size,), generator=generator)
+
+
+def draw_step(num_items: int, batch_size: int, latent_shape: tuple[int, ...], num_timesteps: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's random draws, in this order: image indices, timesteps t, noise ε (batch, *latent_shape)."""
+    index = draw_batch(num_items, batch_size, generator)
+    t = torch.randint(0, num_timesteps, (len(index),), generator=generator)
+    noise = torch.randn((len(index), *latent_shape), generator=generator)
+    return index, t, noise
+
+
+def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], background_weight: float) -> Optional[torch.Tensor]:
+    """Subject masks (N, S, S) at the training resolution → loss weights (N, 1, h, w) on the latent grid.
+
+    A latent location's weight is background_weight + (1 − background_weight)·c, with c the share of its
+    pixels the mask covers (area average). None when every weight is 1: that is the paper's plain loss.
+    """
+    if not isinstance(background_weight, (int, float)) or not 0.0 <= background_weight <= 1.0:
+        raise PerResError(f"background_weight must be between 0 and 1, got {background_weight}. 0 ignores the "
+                          "background, 1 weights it like the subject (the paper's plain loss).")
+    cover = F.interpolate(masks.float().unsqueeze(1), size=tuple(latent_size), mode="area")
+    for number, share in enumerate(cover.sum(dim=(1, 2, 3)).tolist(), start=1):
+        if share < 1.0:  # less than one latent cell (8×8 pixels) of subject
+            raise PerResError(f"mask {number} marks (almost) no pixel as the subject. The masks must be 1 on the "
+                              "concept and 0 on the background; if yours mark the background (as the stock Load "
+                              "Image's mask of a cut-out does), turn on invert_masks.")
+    weights = background_weight + (1.0 - background_weight) * cover
+    return None if bool((weights == 1.0).all()) else weights
+
+
+def epsilon_loss(prediction: torch.Tensor, noise: torch.Tensor,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖ε − ε_θ‖² averaged over the batch (paper Eq. 1), or its mean weighted per location by `weights`
+    (B, 1, h, w); a location of weight 0 contributes neither loss nor gradient."""
+    if weights is None:
+        return F.mse_loss(prediction, noise)
+    weights = weights.to(prediction.device, prediction.dtype)
+    return ((prediction - noise).square() * weights).sum() / (weights.sum() * prediction.shape[1])
 
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -68,11 +114,13 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
                     alphas_cumprod: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
                     settings: TrainSettings, on_step: Optional[StepCallback] = None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    grad_scaler: Optional["torch.amp.GradScaler"] = None) -> list[float]:
+                    grad_scaler: Optional["torch.amp.GradScaler"] = None,
+                    weights: Optional[torch.Tensor] = None) -> list[float]:
     """Minimise E‖ε − ε_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
 
     latents: clean latents, already scaled as the UNet expects (N, 4, h, w), on the CPU.
     contexts: caption embeddings, one row per latent or a single row for all (·, T, D).
+    weights: optional loss weights (N, 1, h, w) from loss_weights(), one per latent.
     on_step(step, loss) runs after every optimiser step; it may raise to cancel.
     """
     settings.validate()
@@ -80,20 +128,24 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
         raise PerResError("No training latents were given.")
     if contexts.shape[0] not in (1, latents.shape[0]):
         raise PerResError(f"{contexts.shape[0]} captions for {latents.shape[0]} images; give one caption or one per image.")
+    if weights is not None and (weights.shape[0] != latents.shape[0] or weights.shape[2:] != latents.shape[2:]):
+        raise PerResError(f"loss weights of shape {tuple(weights.shape)} do not fit latents of shape "
+                          f"{tuple(latents.shape)}; give one mask per image.")
     params = list(parameters)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     num_timesteps = alphas_cumprod.shape[0]
+    draw = (latents.shape[0], settings.batch_size, tuple(latents.shape[1:]), num_timesteps, generator)
+    for _ in range(settings.start_step):
+        draw_step(*draw)
     losses: list[float] = []
     for step in range(settings.steps):
-        index = draw_batch(latents.shape[0], settings.batch_size, generator)
+        index, t, noise = draw_step(*draw)
         x0 = latents[index].float()
-        t = torch.randint(0, num_timesteps, (len(index),), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
         x_t = noisy_latents(x0, noise, t, alphas_cumprod.float().cpu())
         context = _rows(contexts, index)
         prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
-        loss = F.mse_loss(prediction.float(), noise.to(device))
+        loss = epsilon_loss(prediction.float(), noise.to(device), None if weights is None else weights[index])
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(f"The loss became {value} at step {step + 1}; training stopped and nothing "
@@ -119,8 +171,10 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
 @torch.no_grad()
 def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
                     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, seed: int,
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Mean ε-MSE over every latent at each of the given fixed timesteps, with seeded noise."""
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    weights: Optional[torch.Tensor] = None) -> float:
+    """Mean ε-MSE over every latent at each of the given fixed timesteps, with seeded noise; with `weights`
+    (N, 1, h, w) the weighted mean that masked training minimises."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for t_value in timesteps.tolist():
@@ -129,6 +183,10 @@ def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
         x_t = noisy_latents(latents.float(), noise, t, alphas_cumprod.float().cpu())
         context = contexts.expand(latents.shape[0], *contexts.shape[1:]) if contexts.shape[0] == 1 else contexts
         prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
-        total += F.mse_loss(prediction.float(), noise.to(device), reduction="sum").item()
-        count += noise.numel()
+        if weights is None:
+            total += F.mse_loss(prediction.float(), noise.to(device), reduction="sum").item()
+            count += noise.numel()
+        else:
+            total += epsilon_loss(prediction.float(), noise.to(device), weights).item()
+            count += 1
     return total / count

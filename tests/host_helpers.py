@@ -37,9 +37,11 @@ def encode(clip, text: str):
     return run_node("CLIPTextEncode", clip=clip, text=text)[0]
 
 
-def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torch.dtype = torch.float32) -> float:
+def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torch.dtype = torch.float32,
+                  weights: torch.Tensor | None = None) -> float:
     """ε-MSE of the model with `residuals` on the images at fixed timesteps (150/450/750) and noise that
-    training never draws (seed 12345), with the UNet computing in `dtype`."""
+    training never draws (seed 12345), with the UNet computing in `dtype`; weighted per latent location by
+    `weights` (N, 1, h, w) if given, as masked training weights it."""
     training = pack("perres_core.training")
     hooks = pack("nodes.residual_hooks")
     host = pack("nodes.training_host")
@@ -50,7 +52,7 @@ def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torc
     with torch.no_grad(), hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
         return training.evaluation_loss(lambda x, t, c: unet(x, t.float(), context=c), latents, context,
                                         host.alphas_cumprod(model), torch.tensor([150, 450, 750]), seed=12345,
-                                        dtype=dtype)
+                                        dtype=dtype, weights=weights)
 
 
 def untrained_residuals(seed: int):

@@ -79,8 +79,9 @@ def default_label(spec: list) -> str:
 
 
 def prose(text: str) -> str:
-    """A paragraph wrapped like the rest of README.md (Markdown joins the lines again)."""
-    return textwrap.fill(text, 105, break_long_words=False, break_on_hyphens=False)
+    """Paragraphs (split at blank lines) wrapped like the rest of README.md (Markdown joins the lines again)."""
+    return "\n\n".join(textwrap.fill(paragraph, 105, break_long_words=False, break_on_hyphens=False)
+                       for paragraph in text.split("\n\n"))
 
 
 def cell(text: Optional[str]) -> str:

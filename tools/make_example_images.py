@@ -1,6 +1,8 @@
-"""Draw the bundled example concept: a small red toy robot on five different backgrounds.
+"""Draw the bundled example concept: a small red toy robot on five different backgrounds, and as cut-outs.
 
-The images in example_images/perres_example/ are made by this script (CC0, see example_images/LICENSE.txt).
+The images in example_images/perres_example/ (the robot in five scenes) and example_images/perres_cutout/
+(RGBA cut-outs: the robot on a transparent background, for training with subject masks) are made by this
+script (CC0, see example_images/LICENSE.txt).
 They are synthetic on purpose: no photos, no third-party rights, and small enough to ship with the pack.
 Run from the repository root:
 
@@ -15,7 +17,9 @@ import random
 
 from PIL import Image, ImageDraw, ImageFilter
 
-OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_images", "perres_example")
+IMAGES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_images")
+OUT_DIR = os.path.join(IMAGES_DIR, "perres_example")
+CUTOUT_DIR = os.path.join(IMAGES_DIR, "perres_cutout")
 
 RED, DARK_RED = (214, 38, 42), (150, 20, 26)
 GREY, DARK_GREY = (170, 174, 182), (92, 96, 104)
@@ -155,12 +159,34 @@ SCENES = [
 ]
 
 
+CUTOUTS = [
+    # name, size (w, h), robot height share, centre x, rotation (deg)
+    ("01_upright", (256, 256), 0.8, 0.5, 0.0),
+    ("02_lean_left", (288, 256), 0.72, 0.45, 10.0),
+    ("03_small", (256, 288), 0.55, 0.55, -4.0),
+    ("04_lean_right", (256, 256), 0.76, 0.52, -12.0),
+    ("05_wide", (320, 256), 0.7, 0.4, 5.0),
+]
+
+
+def cutout(size, share: float, centre_x: float, angle: float) -> Image.Image:
+    """The robot alone on a fully transparent canvas: its alpha is the subject mask."""
+    width, height = size
+    robot = draw_robot(scale=height * share / 190).rotate(angle, resample=Image.BICUBIC, expand=True)
+    canvas = Image.new("RGBA", size, (0, 0, 0, 0))
+    canvas.alpha_composite(robot, (int(width * centre_x - robot.width / 2), (height - robot.height) // 2))
+    return canvas
+
+
 def main() -> None:
     os.makedirs(OUT_DIR, exist_ok=True)
     for index, (name, size, background, share, centre_x, ground, angle) in enumerate(SCENES):
         rng = random.Random(1000 + index)
         image = compose(background(size, rng), rng, share, centre_x, ground, angle)
         image.save(os.path.join(OUT_DIR, f"{name}.png"), optimize=True)
+    os.makedirs(CUTOUT_DIR, exist_ok=True)
+    for name, size, share, centre_x, angle in CUTOUTS:
+        cutout(size, share, centre_x, angle).save(os.path.join(CUTOUT_DIR, f"{name}.png"), optimize=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Make the template browser's thumbnails, example_workflows/<name>.jpg, from the real frontend.
 
-    ~/ComfyUI/.venv/bin/python tools/make_thumbnails.py [--comfyui ~/ComfyUI]
+    ~/ComfyUI/.venv/bin/python tools/make_thumbnails.py [--comfyui ~/ComfyUI] [NAME ...]
 
 Starts `main.py --cpu` with the pack (tests/comfy_server.py), opens the frontend it serves in headless
 Chromium (tests/frontend.py; install it with .ci/install-browser), loads each example workflow with the
@@ -42,6 +42,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--comfyui", help="ComfyUI root (default: $COMFYUI_PATH, the enclosing ComfyUI, ~/ComfyUI)")
+    parser.add_argument("names", nargs="*", help="only these workflows, e.g. perres_train_and_sample (default: all)")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' helper modules, never the pack root
     from comfy_host import find_comfyui, start_host
@@ -52,6 +53,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     problem = missing_browser()
     if problem:
         parser.error(problem)
+    unknown = sorted(set(args.names) - set(example_names()))
+    if unknown:
+        parser.error(f"no example workflow named {', '.join(unknown)}")
     comfy_root = args.comfyui or find_comfyui()
     if not comfy_root:
         parser.error("ComfyUI not found; pass --comfyui or set COMFYUI_PATH")
@@ -66,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 open_frontend(server.url, *RENDER_SIZE) as frontend:
             frontend.focus_mode()
             log.info("frontend %s", frontend.version())
-            for name in example_names():
+            for name in args.names or example_names():
                 frontend.inspect(load_example(name), name)
                 scale = frontend.fit_view()
                 jpeg = to_jpeg(frontend.page.screenshot(type="png"))

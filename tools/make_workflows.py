@@ -119,18 +119,29 @@ def lag_outputs(ids: tuple[int, int, int, int], lag: int, negative: int, latent:
     ]
 
 
+# The bundled toy robot as `sks toy`, with the paper's training settings (§4.1).
+TRAIN_VALUES = {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_size": 4, "learning_rate": 1e-3,
+                "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True}
+
+
+def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, **values) -> list[Node]:
+    """PerRes Train Residuals at (420, 0), PerRes Save Residuals and Plot Loss Graph to its right."""
+    train_id, save_id, loss_id = ids
+    return [
+        Node(train_id, "PerResTrainResiduals", (420, 0), {**TRAIN_VALUES, **values}, links),
+        Node(save_id, "PerResSaveResiduals", (840, 0), {"filename_prefix": prefix}, {"residuals": (train_id, 1)}),
+        Node(loss_id, "LossGraphNode", (840, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (train_id, 2)},
+             size=(400, 300)),
+    ]
+
+
 def train_and_sample() -> Workflow:
     prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
     return Workflow("perres_train_and_sample", [
         Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
         Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
-        Node(3, "PerResTrainResiduals", (420, 0),
-             {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_size": 4, "learning_rate": 1e-3,
-              "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True},
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
-        Node(4, "PerResSaveResiduals", (840, 0), {"filename_prefix": "perres/robot"}, {"residuals": (3, 1)}),
-        Node(5, "LossGraphNode", (840, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (3, 2)},
-             size=(400, 300)),
+        *train_save_plot((3, 4, 5), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)},
+                         "perres/robot"),
         Node(6, "PreviewImage", (0, 180), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
         Node(7, "CLIPTextEncode", (420, 620), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
         Node(8, "CLIPTextEncode", (420, 884), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
@@ -149,6 +160,51 @@ def train_and_sample() -> Workflow:
             "The prompt must contain the identifier and class word (`sks toy`)."), size=(420, 300)),
     ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
                                                     color="#8A8")])
+
+
+def train_with_masks() -> Workflow:
+    return Workflow("perres_train_with_masks", [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
+        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_cutout", "resolution": 512}),
+        *train_save_plot((3, 4, 5), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                     "masks": (2, 1)}, "perres/robot_cutout",
+                         background_weight=0.1, invert_masks=False),
+        Node(6, "PreviewImage", (0, 200), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
+        Node(7, "MaskToImage", (0, 560), {}, {"mask": (2, 1)}),
+        Node(8, "PreviewImage", (0, 690), {}, {"images": (7, 0)}, title="Subject masks (white = the concept)",
+             size=(360, 300)),
+        note(9, (1320, 0), (
+            "## Train with subject masks\n\n"
+            "`perres_cutout` holds RGBA cut-outs of the toy robot on a transparent background. **PerRes Load "
+            "Concept Images** shows them over white and turns their alpha into `masks` (1 = the robot).\n\n"
+            "**PerRes Train Residuals** weights the loss by the masks: the robot counts fully, the background "
+            "with `background_weight` (0 ignores it, 1 is the paper's plain loss), so the residual learns the "
+            "robot rather than the white backdrop.\n\n"
+            "For photos, connect masks from any masking node to `masks`: 1 on the concept, one per image, in "
+            "the images' order. The stock Load Image's mask is 1 where a file is transparent: turn on "
+            "`invert_masks` for it."), size=(420, 360)),
+    ], [Group("Training with subject masks", [2, 3, 4, 5, 6, 7, 8])])
+
+
+def continue_training() -> Workflow:
+    return Workflow("perres_continue_training", [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
+        Node(2, "PerResLoadResiduals", (-420, 200), {"residual_name": ROBOT_RESIDUAL},
+             title="Residual to continue"),
+        Node(3, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
+        *train_save_plot((4, 5, 6), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (3, 0),
+                                     "initial_residuals": (2, 0)}, "perres/robot_continued"),
+        note(7, (1320, 0), (
+            "## Continue a training run\n\n"
+            "**PerRes Load Residuals** picks the residual to continue (`perres_train_and_sample` saves "
+            "`perres/robot_00001`). **PerRes Train Residuals** starts from it instead of a fresh "
+            "initialization and trains `steps` more steps; the saved file records the total.\n\n"
+            "Keep the identifier, class word and `rank_ratio` of the first run. With the same seed the run "
+            "takes up the first run's random stream where it ended: other batches, timesteps and noise. The "
+            "loaded file is never changed.\n\n"
+            "AdamW's moments are not saved in the file, so 150 + 150 steps come close to one 300-step run but "
+            "are not identical to it."), size=(420, 360)),
+    ], [Group("Continuing", [2, 3, 4, 5, 6])])
 
 
 def load_and_apply() -> Workflow:
@@ -251,7 +307,8 @@ def lag_lora() -> Workflow:
     ])
 
 
-WORKFLOWS = [train_and_sample, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora]
+WORKFLOWS = [train_and_sample, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
+             two_concepts_lag, lag_lora]
 
 
 # --------------------------------------------------------------------------------------------------

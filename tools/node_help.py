@@ -22,10 +22,14 @@ HELP: dict[str, NodeHelp] = {
         when="Use it first when training: its batch goes to PerRes Train Residuals. It reads `.png .jpg .jpeg "
              ".webp .bmp` files. If ComfyUI's input directory has no folder of that name, the pack's bundled "
              "`example_images/` is searched (that is how `perres_example` is found). Paths that leave these "
-             "directories are refused.",
+             "directories are refused. `masks` holds each image's alpha channel after the same crop, for "
+             "training with subject masks: 1 where the image is opaque (the subject of a cut-out), 0 where it is "
+             "transparent, and 1 everywhere for images without alpha. That is the polarity PerRes Train "
+             "Residuals' `masks` expects, and the inverse of the stock Load Image's mask (1 = transparent).",
         paper="512 px for SD1.x. The paper trains on the 3–15 photos per concept of CustomConcept101.",
         example="Put 3–20 photos of your dog in `ComfyUI/input/my_dog/`, set `folder` to `my_dog`, and connect "
-                "`images` to PerRes Train Residuals.",
+                "`images` to PerRes Train Residuals. For cut-outs (PNGs with a transparent background) also "
+                "connect `masks`; see `perres_train_with_masks`.",
         errors=[
             ("folder '…' does not exist in ComfyUI's input directory", "Put the photos in a folder under "
              "`ComfyUI/input` and give its relative name, e.g. `perres/dog`."),
@@ -39,12 +43,32 @@ HELP: dict[str, NodeHelp] = {
     "PerResTrainResiduals": NodeHelp(
         when="Use it to teach the model a new concept from 3–20 photos. The input model is never modified: "
              "the `model` output is a patched copy, ready for sampling. The node reports progress and can be "
-             "cancelled. Save the `residuals` output with PerRes Save Residuals to use the concept again.",
+             "cancelled. Save the `residuals` output with PerRes Save Residuals to use the concept again.\n\n"
+             "**Subject masks.** Photos have backgrounds that the residual would learn too. Connect `masks` "
+             "(1 on the concept, 0 on the background, one per image in the images' order, or one for all) and "
+             "each latent location's loss is weighted by the share of its 8×8 pixels the mask covers: the subject "
+             "counts 1, the background `background_weight`. The masks are cropped and resized exactly like the "
+             "images; a mask of another size than the images must have their aspect ratio. Masks come from "
+             "PerRes Load Concept Images (the alpha of cut-outs) or any masking node; the stock Load Image's "
+             "mask is 1 where a file is transparent, so turn on `invert_masks` for it (or use Invert Mask). "
+             "Without masks, or with `background_weight` 1, the loss is the paper's, bit for bit.\n\n"
+             "**Continuing a run.** Connect PerRes Load Residuals to `initial_residuals` and training starts from "
+             "that residual instead of a fresh initialization (`init` is unused); `steps` more steps are "
+             "trained. The residual must have the ranks that `rank_ratio` gives (keep the first run's), and "
+             "should carry the same identifier and class word (a warning says otherwise). The loaded residual "
+             "and its file are never changed; the result records the total steps (`perres.steps`) and "
+             "`perres.continued_from_steps`. With the same seed, the continuation skips the random draws of the "
+             "steps already done, so it sees the batches, timesteps and noise that one long run would see next "
+             "(with the same images and batch size), not the first run's again. AdamW's moment estimates are "
+             "not saved in the file, so the continuation restarts them: 150 + 150 steps come close to one "
+             "300-step run but are not identical to it.",
         paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
               "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100).",
         example="Load Checkpoint (SD1.5) → PerRes Load Concept Images → PerRes Train Residuals (`identifier` "
                 "`sks`, `class_word` `dog`) → PerRes Save Residuals. Then prompt 'a sks dog in the snow'. "
-                "See the example workflow `perres_train_and_sample`.",
+                "See the example workflows `perres_train_and_sample`, `perres_train_with_masks` (RGBA cut-outs "
+                "with subject masks) and `perres_continue_training` (PerRes Load Residuals → "
+                "`initial_residuals`).",
         errors=[
             ("the model is SDXL …; PerRes supports SD1.x models", "Load an SD1.4/SD1.5 checkpoint or an SD1.x "
              "fine-tune with Load Checkpoint."),
@@ -55,6 +79,19 @@ HELP: dict[str, NodeHelp] = {
              "word such as `sks` binds the concept more cleanly."),
             ("*warning* N image(s) for batch size B; batches are drawn with replacement",
              "Training works. Lower batch_size or add photos if you like."),
+            ("3 masks for 5 images; give one mask per image, or one for all", "Connect masks made from the same "
+             "images, in the same order (PerRes Load Concept Images' `masks`)."),
+            ("the masks are 64×64 px but the images 768×512 px", "Make the masks from the images that go into "
+             "`images`, or resize both together."),
+            ("mask 2 marks (almost) no pixel as the subject … turn on invert_masks",
+             "The mask is empty, or marks the background. Fix the mask, or turn on `invert_masks` for masks that "
+             "are 1 on the background."),
+            ("*warning* one mask for 5 images; it weights every image the same way", "Fine for a fixed framing; "
+             "otherwise give one mask per image."),
+            ("initial_residuals layer input_blocks.1.1.proj_out has rank 32, but rank_ratio 0.05 gives rank 16",
+             "Set `rank_ratio` to the residual's (the message gives it), or disconnect `initial_residuals`."),
+            ("*warning* initial_residuals were trained as 'sks dog'; this run trains 'olis cat'",
+             "Use the residual's identifier and class word to continue the same concept."),
             ("out of memory on cuda:0 while training at 512 px with batch_size 4 …",
              "Nothing was saved and the model is unchanged. Turn on `gradient_checkpointing` (the default), lower "
              "`batch_size` or `resolution`, or close other programs that use the GPU. The README's Hardware "
