@@ -9,10 +9,12 @@ from .apply_node import ApplyResiduals
 from .file_nodes import LoadResiduals, SaveResiduals
 from .image_nodes import LoadConceptImages
 from .lag_nodes import LagConceptNode, LagLoraNode, LagMaskPreview, LagSampling
+from .suggest_node import SuggestClassWord
 from .train_node import TrainResiduals
 
 NODES: list[type[io.ComfyNode]] = [
     LoadConceptImages,
+    SuggestClassWord,
     TrainResiduals,
     SaveResiduals,
     LoadResiduals,

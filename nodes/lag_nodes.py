@@ -38,7 +38,7 @@ def parse_concept_words(text: str, residuals: ResidualSet) -> list[str]:
 def locate_concept(clip, chunks: list[list[int]], words: list[str], warnings: NodeWarnings) -> list[int]:
     positions, missing = concept_positions(chunks, {w: word_token_ids(clip, w) for w in words})
     if missing:
-        fallback = "" if positions else " None of its words occur, so this concept acts everywhere (normal sampling)."
+        fallback = "" if positions else " None of its words occur, so this concept is applied everywhere (normal sampling)."
         warnings.warn(f"{', '.join(repr(m) for m in missing)} not in the prompt.{fallback} Put the concept words "
                       f"(e.g. '{' '.join(words)}') in the prompt.")
     return positions

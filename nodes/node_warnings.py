@@ -29,7 +29,14 @@ class NodeWarnings:
     def warn(self, message: str) -> None:
         log.warning("%s: %s", self.node_name, message)
         self.messages.append(message)
-        self._show("\n".join(f"Warning: {m}" for m in self.messages))
+        self._show(self._warning_lines())
+
+    def show_result(self, text: str) -> None:
+        """Show the node's result on it, under the warnings given so far (the frontend keeps one text per node)."""
+        self._show("\n\n".join(part for part in (self._warning_lines(), text) if part))
+
+    def _warning_lines(self) -> str:
+        return "\n".join(f"Warning: {m}" for m in self.messages)
 
     def _show(self, text: str) -> None:
         if self.node_id is None:  # called directly (tests, scripts): the log is the only place

@@ -14,7 +14,7 @@ from ..perres_core.errors import PerResError
 from ..perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
 from ..perres_core.memory import is_out_of_memory
 from ..perres_core.residual import ResidualSet
-from ..perres_core.training import TrainSettings, train_residuals
+from ..perres_core.training import EpsilonFn, TrainSettings, train_residuals
 from .host_model import resident_clone, unet_of
 from .residual_hooks import full_residual, proj_out_hooks
 
@@ -81,6 +81,13 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> Optional["torch.amp
     return torch.amp.GradScaler(torch.device(device).type)
 
 
+def epsilon_prediction(unet: torch.nn.Module) -> EpsilonFn:
+    """ε_θ(x_t, t, c) of the SD1 UNet module itself: it takes the discrete timestep t and predicts ε."""
+    def predict_noise(x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return unet(x_t, t.float(), context=ctx)
+    return predict_noise
+
+
 def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residuals: ResidualSet,
                    settings: TrainSettings, on_step: Callable[[int, float], None],
                    gradient_checkpointing: bool = False, weights: Optional[torch.Tensor] = None) -> list[float]:
@@ -103,10 +110,7 @@ def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residual
             for layer in residuals.layers.values():
                 layer.to(device)
                 layer.requires_grad_(True)
-
-            def predict_noise(x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-                return unet(x_t, t.float(), context=ctx)
-
+            predict_noise = epsilon_prediction(unet)
             units = checkpoint_units(unet) if gradient_checkpointing else []
             try:
                 with frozen_for_backward(unet), proj_out_hooks(unet, full_residual(residuals.layers)), \

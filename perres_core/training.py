@@ -168,6 +168,15 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
     return losses
 
 
+def epsilon_errors(eps_fn: EpsilonFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ε-MSE of Eq. 1 for each sample of a batch (N,), on `device`: x0, noise, t and context on the CPU."""
+    x_t = noisy_latents(x0, noise, t, alphas_cumprod)
+    prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+    return (prediction.float() - noise.to(device)).pow(2).flatten(1).mean(1)
+
+
 @torch.no_grad()
 def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
                     alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, seed: int,

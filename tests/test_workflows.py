@@ -25,7 +25,7 @@ API_DIR = os.path.join(UI_DIR, "api")
 
 EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_sampling", "perres_normal_vs_lag",
             "perres_two_concepts_lag", "perres_lag_lora", "perres_train_with_masks",
-            "perres_continue_training"}
+            "perres_continue_training", "perres_suggest_class_word"}
 # Frontend-only nodes (comments on the canvas): in UI files, never in API files.
 VIRTUAL_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

@@ -37,6 +37,11 @@ DOG_RESIDUAL = "perres/dog_00001.safetensors"
 CAT_RESIDUAL = "perres/cat_00001.safetensors"
 # Any two SD1.5 character LoRAs of the user's; their trigger words go into the LAG LoRA nodes and the prompt.
 LORA_A, LORA_B = "character_a.safetensors", "character_b.safetensors"
+# the node's default candidate list, kept in the workflow so it opens with the same words
+DEFAULT_CANDIDATES = ("person, man, woman, child, baby\ndog, cat, bird, rabbit, horse\ntoy, teddy bear, stuffed animal, "
+                      "doll, figurine, robot\nbackpack, handbag, shoe, sneaker, sunglasses, watch, cup, mug, vase, "
+                      "teapot, bowl, candle, chair, lamp, guitar\ncar, bicycle, motorcycle, boat\nhouse, building, "
+                      "castle\ncake, pizza, fruit\nflower, plant, tree\nlandscape, mountain, beach, city, room")
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 # Paper §4.1: DDIM, 50 steps, eta 0, guidance 6.0.
 SAMPLER = {"seed": 42, "steps": 50, "cfg": 6.0, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
@@ -160,6 +165,22 @@ def train_and_sample() -> Workflow:
             "The prompt must contain the identifier and class word (`sks toy`)."), size=(420, 300)),
     ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
                                                     color="#8A8")])
+
+
+def suggest_class_word() -> Workflow:
+    return Workflow("perres_suggest_class_word", [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
+        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
+        Node(3, "PerResSuggestClassWord", (420, 0),
+             {"candidates": DEFAULT_CANDIDATES, "budget": 12, "seed": 0, "resolution": 512},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}, size=(420, 520)),
+        note(4, (0, 220), (
+            "## Which class word?\n\n"
+            "PerRes Suggest Class Word asks the frozen model itself which caption 'a photo of a <word>' fits "
+            "your photos best (a diffusion classifier). The ranking appears on the node when it has run.\n\n"
+            "Use the winner as `class_word` in PerRes Train Residuals: type it in, or connect this node's "
+            "`class_word` output to that input. Add the words you hesitate between to the list."), size=(380, 260)),
+    ])
 
 
 def train_with_masks() -> Workflow:
@@ -307,7 +328,7 @@ def lag_lora() -> Workflow:
     ])
 
 
-WORKFLOWS = [train_and_sample, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
+WORKFLOWS = [train_and_sample, suggest_class_word, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
              two_concepts_lag, lag_lora]
 
 

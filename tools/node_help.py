@@ -40,6 +40,25 @@ HELP: dict[str, NodeHelp] = {
              "Training works, but add more photos for better results. The warning is shown on the node."),
         ],
     ),
+    "PerResSuggestClassWord": NodeHelp(
+        when="Use it before training when you are unsure which class word to use (the paper: 'our approach can "
+             "be sensitive to the choice of macro class'). It scores 'a photo of a <word>' for each candidate with "
+             "the frozen model's own noise-prediction error on your images, at the same timesteps and noise for "
+             "every word (a diffusion classifier, Li et al. 2023): all words are screened with a quarter of the "
+             "budget, the best 5 get the rest. The ranking is shown on the node; wire `class_word` into PerRes "
+             "Train Residuals' `class_word` input, or read the ranking and type the word you prefer. A warning "
+             "says when the first two are too close to call.",
+        example="PerRes Load Concept Images → PerRes Suggest Class Word (default candidates) → its `class_word` "
+                "into PerRes Train Residuals. See `perres_suggest_class_word`.",
+        errors=[
+            ("the candidate list is empty", "Give class words separated by commas or new lines."),
+            ("'…' is not a word", "A candidate is one to three words of letters; no digits, weights or captions."),
+            ("'…' is listed twice", "Remove the duplicate."),
+            ("no reference images were given", "Connect the images you will train on."),
+            ("*warning* '…' and '…' are within two standard errors of each other", "Raise the budget, or pick the "
+             "word that describes the concept."),
+        ],
+    ),
     "PerResTrainResiduals": NodeHelp(
         when="Use it to teach the model a new concept from 3–20 photos. The input model is never modified: "
              "the `model` output is a patched copy, ready for sampling. The node reports progress and can be "
@@ -150,7 +169,7 @@ HELP: dict[str, NodeHelp] = {
              "identifier and class word, e.g. 'a photo of a sks dog'."),
             ("start_percent (…) is after end_percent (…)", "Set start_percent ≤ end_percent."),
             ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
-            ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this residual is applied "
+            ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this concept is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),
         ],
@@ -187,6 +206,7 @@ HELP: dict[str, NodeHelp] = {
             ("*warning* its text-encoder part is not applied", "Shown on PerRes LAG Sampling; add the LoRA to the "
              "CLIP with a stock loader if you need its text-encoder part."),
         ],
+        type_labels={"lora_name": "file list"},
     ),
     "PerResLAGMaskPreview": NodeHelp(
         when="Use it to see where LAG applied each residual. Concept 4 is yellow and 5 purple; brightness is "
