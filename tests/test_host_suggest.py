@@ -1,9 +1,12 @@
-"""PerRes Suggest Class Word in the real host: determinism, shared trials, errors, Cancel."""
+"""PerRes Suggest Class Word in the real host: a planted answer, determinism, shared trials, errors, Cancel."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
+import comfy.model_management
 from conftest import pack, run_node
 
 CANDIDATES = "dog, cat, robot, car, house, flower, teapot, person"
@@ -14,6 +17,91 @@ def suggest(model, sd15, images, **overrides):
     _, clip, vae = sd15
     return run_node("PerResSuggestClassWord", model=model, clip=clip, vae=vae, images=images,
                     **{**SUGGEST, **overrides})
+
+
+TOKEN_EMBEDDING = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
+PLANTED = "robot"
+
+
+def single_token(clip, word: str) -> int:
+    ids = [token for token, _ in clip.tokenize(word)["l"][0]]
+    assert ids[2] == ids[-1], f"'{word}' is more than one token"  # start token, the word, end token, padding
+    return ids[1]
+
+
+def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float = 5e-3):
+    """A CLIP that has learned `word` from the images: its token embedding is trained, textual-inversion style,
+    with the plain ε-loss on "a photo of a <word>" while the UNet and everything else stay frozen.
+
+    The planted association lives where the suggester reads it, in the caption, so no other candidate's caption
+    changes. Training through the UNet instead does not plant it on random weights: a k/v LoRA on every
+    cross-attention, trained 40 steps on these images (with or without other images under the other words),
+    lowered every caption's error alike and left `word` first by 0.6 standard errors at best.
+    """
+    model, clip, vae = sd15
+    training, host = pack("perres_core.training"), pack("nodes.training_host")
+    caption = pack("perres_core.class_words").caption_for(word)
+    token = single_token(clip, word)
+    embedding = clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding
+    delta = torch.zeros(embedding.weight.shape[1], requires_grad=True)
+
+    def add_delta(module, args, output):
+        return output + (args[0] == token).unsqueeze(-1) * delta.to(output.dtype)
+
+    with torch.inference_mode():
+        latents = vae.encode(pack("perres_core.images").prepare_batch(list(images), 64))
+    patcher = pack("nodes.host_model").resident_clone(model)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    handle = embedding.register_forward_hook(add_delta)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+            unet = pack("nodes.host_model").unet_of(patcher)
+            x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
+            abar = host.alphas_cumprod(patcher).float()
+            predict_noise = host.epsilon_prediction(unet)
+            tokens = clip.tokenize(caption)
+            with host.frozen_for_backward(unet), host.frozen_for_backward(clip.cond_stage_model):
+                for _ in range(steps):
+                    # ComfyUI's CLIP layers add their residuals in place (x += ...), which autograd refuses
+                    # for a tensor it saved; saving copies makes the backward through CLIP valid.
+                    with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+                        context = clip.cond_stage_model.encode_token_weights(tokens)[0].float()
+                    index, t, noise = training.draw_step(x0.shape[0], 4, tuple(x0.shape[1:]), abar.shape[0], generator)
+                    x_t = training.noisy_latents(x0[index], noise, t, abar)
+                    prediction = predict_noise(x_t, t, context.expand(len(index), -1, -1))
+                    loss = training.epsilon_loss(prediction.float(), noise, None)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        handle.remove()
+    planted = clip.clone()
+    change = torch.zeros(embedding.weight.shape)
+    change[token] = delta.detach()
+    assert planted.add_patches({TOKEN_EMBEDDING: (change,)}) == [TOKEN_EMBEDDING]  # the host's weight patching
+    return planted
+
+
+def test_a_planted_word_ranks_first_and_the_untrained_model_has_no_clear_answer(sd15, concept_images, caplog):
+    model, clip, vae = sd15
+    candidates = pack("perres_core.class_words").DEFAULT_CANDIDATE_TEXT
+    settings = dict(candidates=candidates, budget=8, seed=3)
+    with caplog.at_level(logging.WARNING, logger="perres"):
+        untrained_best, untrained_ranking = suggest(model, sd15, concept_images, **settings)
+    # Untrained random weights know no words: the winner is arbitrary and the node says it is a close call.
+    assert untrained_best != PLANTED
+    assert "within two standard errors" in caplog.text
+    caplog.clear()
+
+    planted = plant_word(sd15, concept_images, PLANTED)
+    with caplog.at_level(logging.WARNING, logger="perres"):
+        best, ranking = run_node("PerResSuggestClassWord", model=model, clip=planted, vae=vae, images=concept_images,
+                                 resolution=64, **settings)
+    assert best == PLANTED, ranking
+    assert "within two standard errors" not in caplog.text  # a clear winner
+    assert untrained_ranking != ranking
 
 
 def test_same_seed_same_ranking_and_every_word_sees_the_same_trials(sd15, concept_images, monkeypatch):

@@ -79,17 +79,19 @@ def misplaced_widgets(state: dict, workflow: dict, api: dict) -> list[str]:
     for node in state["nodes"]:
         where = f"node {node['id']} ({node['type']})"
         live = {w["name"]: w["value"] for w in node["widgets"] if w["serialize"]}
+        linked: set[str] = set()
         if node["type"] in VIRTUAL_TYPES:
             expected = {"text": saved[str(node["id"])]["widgets_values"][0]}
         else:
-            expected = {key: value for key, value in api[str(node["id"])]["inputs"].items()
-                        if not isinstance(value, list)}  # lists are links
+            inputs = api[str(node["id"])]["inputs"]
+            expected = {key: value for key, value in inputs.items() if not isinstance(value, list)}
+            linked = {key for key, value in inputs.items() if isinstance(value, list)}  # a link feeds these
         for name, value in expected.items():
             if name not in live:
                 problems.append(f"{where}: no widget '{name}' (widgets: {sorted(live)})")
             elif live[name] != value:
                 problems.append(f"{where}: widget '{name}' shows {live[name]!r}, meant {value!r}")
-        for name in sorted(set(live) - set(expected)):
+        for name in sorted(set(live) - set(expected) - linked):
             problems.append(f"{where}: widget '{name}'={live[name]!r} is not in the API twin")
     return problems
 

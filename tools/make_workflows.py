@@ -174,13 +174,19 @@ def suggest_class_word() -> Workflow:
         Node(3, "PerResSuggestClassWord", (420, 0),
              {"candidates": DEFAULT_CANDIDATES, "budget": 12, "seed": 0, "resolution": 512},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}, size=(420, 520)),
-        note(4, (0, 220), (
+        Node(4, "PerResTrainResiduals", (900, 0), TRAIN_VALUES,
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "class_word": (3, 0)}),
+        Node(5, "PerResSaveResiduals", (1320, 0), {"filename_prefix": "perres/suggested"}, {"residuals": (4, 1)}),
+        Node(6, "LossGraphNode", (1320, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (4, 2)},
+             size=(400, 300)),
+        note(7, (0, 220), (
             "## Which class word?\n\n"
-            "PerRes Suggest Class Word asks the frozen model itself which caption 'a photo of a <word>' fits "
+            "PerRes Suggest Class Word asks the frozen model itself which caption `a photo of a <word>` fits "
             "your photos best (a diffusion classifier). The ranking appears on the node when it has run.\n\n"
-            "Use the winner as `class_word` in PerRes Train Residuals: type it in, or connect this node's "
-            "`class_word` output to that input. Add the words you hesitate between to the list."), size=(380, 260)),
-    ])
+            "Its `class_word` output feeds PerRes Train Residuals here, so the winner is trained. To choose "
+            "yourself, disconnect the link and type the word. Add the words you hesitate between to the list."),
+            size=(380, 260)),
+    ], [Group("Choose the class word, then train", [2, 3, 4, 5, 6])])
 
 
 def train_with_masks() -> Workflow:
@@ -408,6 +414,13 @@ def node_size(node: Node, info: Optional[dict]) -> list[float]:
     return [360 if multiline else 320, 46 + 22 * sockets + 26 * widgets + 110 * multiline]
 
 
+def input_slots(node: Node, info: dict) -> list[str]:
+    """The node's input sockets in the UI file: every non-widget input, then the widgets fed by a link."""
+    entries = ordered_inputs(info)
+    return ([n for n, s, _ in entries if not is_widget(s)]
+            + [n for n, s, _ in entries if is_widget(s) and n in node.links])
+
+
 def topological_order(wf: Workflow) -> dict[int, int]:
     pending = {n.id: {src for src, _ in n.links.values()} for n in wf.nodes}
     order: dict[int, int] = {}
@@ -444,9 +457,7 @@ def build(wf: Workflow) -> tuple[dict, dict]:
                 raise ValueError(f"{wf.name}: {by_id[src].type}[{slot}] is {src_type}, {node.type}.{name} wants "
                                  f"{input_type(spec)}")
             link_id = len(links) + 1
-            if is_widget(spec):
-                raise ValueError(f"{wf.name}: {node.type}.{name} is a widget; linking widgets is not supported here")
-            target_slot = [n for n, s, _ in ordered_inputs(info) if not is_widget(s)].index(name)
+            target_slot = input_slots(node, info).index(name)
             links.append([link_id, src, slot, node.id, target_slot, src_type])
             link_of_input[(node.id, name)] = link_id
             links_from.setdefault((src, slot), []).append(link_id)
@@ -468,7 +479,7 @@ def build(wf: Workflow) -> tuple[dict, dict]:
             ui_nodes.append(ui)
             continue
         ui["properties"] = {"Node name for S&R": node.type}
-        api_inputs, widgets = {}, []
+        api_inputs, widgets, widget_sockets = {}, [], []
         for name, spec, optional in ordered_inputs(info):
             linked = name in node.links
             if is_widget(spec):
@@ -477,6 +488,11 @@ def build(wf: Workflow) -> tuple[dict, dict]:
                 if has_control_widget(name, spec):
                     widgets.append("fixed")
                 api_inputs[name] = value
+                if linked:  # the frontend keeps the widget's value and feeds the input from the link
+                    widget_sockets.append({"name": name, "type": input_type(spec), "widget": {"name": name},
+                                           "link": link_of_input[(node.id, name)]})
+                    src, slot = node.links[name]
+                    api_inputs[name] = [str(src), slot]
             else:
                 entry = {"name": name, "type": input_type(spec), "link": link_of_input.get((node.id, name))}
                 if optional:
@@ -485,6 +501,7 @@ def build(wf: Workflow) -> tuple[dict, dict]:
                 if linked:
                     src, slot = node.links[name]
                     api_inputs[name] = [str(src), slot]
+        ui["inputs"].extend(widget_sockets)
         for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"])):
             ui["outputs"].append({"name": out_name, "type": out_type, "links": links_from.get((node.id, slot), []),
                                   "slot_index": slot})
