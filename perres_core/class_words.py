@@ -95,6 +95,17 @@ def spread_indices(budget: int, count: int) -> list[int]:
     return [min(budget - 1, int((i + 0.5) * budget / count)) for i in range(count)]
 
 
+def screening_trials(words: int, budget: int) -> list[int]:
+    """The trials every word is scored with; with no more words than finalists, all of them."""
+    return spread_indices(budget, screening_count(budget)) if words > FINALISTS else list(range(budget))
+
+
+def evaluation_count(words: int, images: int, budget: int) -> int:
+    """Noise predictions of one ranking: every word on the screening trials, the finalists on the rest."""
+    screening = len(screening_trials(words, budget))
+    return images * (words * screening + min(FINALISTS, words) * (budget - screening))
+
+
 @dataclass(frozen=True)
 class TrialSchedule:
     """The trials of every image: a timestep and a noise tensor per (image, trial), shared by all candidates.
@@ -205,9 +216,9 @@ def rank_candidates(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
     images, budget = latents.shape[0], schedule.budget
     candidates = list(range(len(words)))
     kept = min(FINALISTS, len(words))
-    screening = spread_indices(budget, screening_count(budget)) if len(words) > kept else list(range(budget))
+    screening = screening_trials(len(words), budget)
     rest = [k for k in range(budget) if k not in screening]
-    total = images * (len(words) * len(screening) + kept * len(rest))
+    total = evaluation_count(len(words), images, budget)
     done = 0
 
     def counted(count: int) -> None:

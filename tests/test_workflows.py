@@ -378,6 +378,12 @@ def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora
             assert os.path.isfile(saved), f"{name}: {saved} missing"
         elif kind in ("PerResLAGMaskPreview", "LossGraphNode", "PreviewImage"):
             assert results.get(node_id, {}).get("images"), f"{name}: {kind} {node_id} shows no image"
-    if name == "perres_normal_vs_lag":  # the two samplers share seed and latent: one batch of two images
+    if name == "perres_normal_vs_lag":  # the two samples, stitched side by side with a gap, in one image
+        from PIL import Image
+
         save = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage")
-        assert len(results[save]["images"]) == 2
+        stitch = next(n["inputs"] for n in prompt.values() if n["class_type"] == "ImageStitch")
+        saved = results[save]["images"]
+        assert len(saved) == 1
+        with Image.open(os.path.join(output_dir, saved[0]["subfolder"], saved[0]["filename"])) as image:
+            assert image.size == (2 * TEST_RESOLUTION + stitch["spacing_width"], TEST_RESOLUTION)

@@ -266,9 +266,12 @@ def lag_sampling() -> Workflow:
     ])
 
 
+STITCH_GAP = 16  # white pixels between the normal and the LAG image
+
+
 def normal_vs_lag() -> Workflow:
     prompt = "a photo of a sks toy on a mossy rock in a forest, a red fox in the background"
-    # the loaders on the left, the normal row above the LAG row, each in its group, the batch on the right
+    # the loaders on the left, the normal row above the LAG row, each in its group, the stitched pair on the right
     nodes = base_nodes(prompts_at=(0, 360)) + [
         Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
         Node(3, "PerResApplyResiduals", (COLUMNS[1], -480), {"strength": 1.0}, {"model": (1, 0), "residuals": (2, 0)},
@@ -279,15 +282,17 @@ def normal_vs_lag() -> Workflow:
         sampler(8, (COLUMNS[2], 0), (4, 0), (4, 1), (5, 0), (6, 0), title="KSampler (LAG)", seed=1234),
         Node(9, "VAEDecode", (COLUMNS[3], -480), {}, {"samples": (7, 0), "vae": (1, 2)}),
         Node(10, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (8, 0), "vae": (1, 2)}),
-        Node(11, "ImageBatch", (1740, -200), {}, {"image1": (9, 0), "image2": (10, 0)}),
+        Node(11, "ImageStitch", (1740, -200), {"direction": "right", "match_image_size": True,
+                                               "spacing_width": STITCH_GAP, "spacing_color": "white"},
+             {"image1": (9, 0), "image2": (10, 0)}, title="Normal | LAG"),
         Node(12, "SaveImage", (2120, -200), {"filename_prefix": "perres/normal_vs_lag"}, {"images": (11, 0)},
              size=(520, 450)),
         Node(13, "PerResLAGMaskPreview", (COLUMNS[3], 160), {}, {"model": (4, 0), "samples": (8, 0)},
              size=(400, 450)),
         note(14, (0, -480), (
             "## Normal vs. LAG sampling (paper, Figure 4)\n\n"
-            "Both samplers start from the same noise (same seed, same latent, same prompt). The saved batch "
-            "holds the normal image first and the LAG image second.\n\n"
+            "Both samplers start from the same noise (same seed, same latent, same prompt). The saved image "
+            "shows the normal result on the left and the LAG result on the right.\n\n"
             "LAG tends to win for new backgrounds, added objects and identity; normal sampling for artistic "
             "styles and changed attributes of the concept.")),
     ]
