@@ -81,13 +81,23 @@ def binarize(attention: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
     return torch.zeros_like(attention).scatter_(1, index, 1.0)
 
 
-def concept_masks(attentions: Sequence[torch.Tensor], settings: MaskSettings) -> list[torch.Tensor]:
-    """One mask per concept; where several concepts claim a location it goes to the larger attention.
+def relative_attention(attention: torch.Tensor) -> torch.Tensor:
+    """A map (B, N) divided by its own mean over the image: how much more than usual a location is attended.
 
-    With one concept this is binarize(A). With several (multi-concept LAG) the masks are disjoint.
+    Summed attention grows with a concept's number of tokens (Eq. 2 sums over them), so raw maps of two
+    concepts are not comparable; relative maps are, and scaling a map leaves its relative map unchanged.
+    """
+    return attention / attention.mean(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def concept_masks(attentions: Sequence[torch.Tensor], settings: MaskSettings) -> list[torch.Tensor]:
+    """One mask per concept; where several concepts claim a location it goes to the larger relative attention.
+
+    With one concept this is binarize(A). With several (multi-concept LAG) the masks are disjoint, and a
+    concept whose words are more tokens does not win more area for that reason alone.
     """
     masks = [binarize(a, settings) for a in attentions]
     if len(masks) < 2 or settings.constant is not None:
         return masks
-    winner = torch.stack(list(attentions)).argmax(dim=0)
+    winner = torch.stack([relative_attention(a) for a in attentions]).argmax(dim=0)
     return [mask * (winner == index).to(mask.dtype) for index, mask in enumerate(masks)]

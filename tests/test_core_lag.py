@@ -46,13 +46,28 @@ def test_bad_mask_settings_are_refused(settings):
         settings.validate()
 
 
-def test_multi_concept_masks_are_disjoint_and_overlaps_go_to_larger_attention():
+def test_multi_concept_masks_are_disjoint_and_overlaps_go_to_larger_relative_attention():
     torch.manual_seed(1)
-    a, b = torch.rand(2, 64), torch.rand(2, 64)
+    a, b = torch.rand(2, 64), torch.rand(2, 64) * 0.5
     masks = concept_masks([a, b], MaskSettings())
     assert torch.all(masks[0] * masks[1] == 0)
     both_high = (binarize(a, MaskSettings()) * binarize(b, MaskSettings())).bool()
-    assert torch.all(masks[0][both_high] == (a >= b)[both_high].float())
+    relative_a, relative_b = a / a.mean(1, keepdim=True), b / b.mean(1, keepdim=True)
+    assert torch.all(masks[0][both_high] == (relative_a >= relative_b)[both_high].float())
+    assert not torch.equal(relative_a >= relative_b, a >= b)  # the raw maps would decide differently
+
+
+def test_a_concept_with_more_tokens_wins_no_more_area():
+    """Three tokens attending like one sum to a map three times as large; the masks must not change."""
+    torch.manual_seed(2)
+    a, b = torch.rand(2, 64), torch.rand(2, 64)
+    settings = MaskSettings()
+    one_token = concept_masks([a, b], settings)
+    for scale in (3.0, 1 / 3):
+        scaled = concept_masks([a, b * scale], settings)
+        assert all(torch.equal(x, y) for x, y in zip(one_token, scaled))
+    areas = [mask.sum().item() for mask in one_token]
+    assert min(areas) > 0.3 * max(areas)  # similar maps share the overlap
 
 
 def test_concept_columns_survive_lcm_repetition():

@@ -137,8 +137,9 @@ def test_two_loras_get_disjoint_masks(sd15, lora_file):
     for slot, (first, second) in patch.bank.by_slot.items():
         assert (first * second).sum() == 0, f"block {slot}: the two LoRAs' masks overlap"
         shares += torch.stack([first.mean(), second.mean()]).cpu()
-    # which concept wins where is up to the random UNet's attention; disjointness is the invariant
-    assert shares.sum() > 0
+    # Where each concept wins is up to the random UNet's attention, but both must win some area: comparing
+    # raw summed attention gave 'ohwx, woman' (more tokens) nothing in any block; relative maps give it ~2/3.
+    assert shares.min() > 0.2 * shares.max(), shares.tolist()
     previews = run_node("PerResLAGMaskPreview", model=patched, samples={"samples": torch.zeros(1, 4, 8, 8)})[0]
     assert previews.shape[0] == 4 and previews.amax() > 0
 

@@ -176,7 +176,7 @@ HELP: dict[str, NodeHelp] = {
     ),
     "PerResLAGConcept": NodeHelp(
         when="Use it for two or more concepts in one image. Where two concepts claim the same place, the one "
-             "with the higher attention wins. Chain several nodes through `concepts` and connect the last one to "
+             "whose words attend there more than they do on average wins. Chain several nodes through `concepts` and connect the last one to "
              "PerRes LAG Sampling's `extra_concepts`. Train each concept with its own identifier.",
         example="Residuals trained as 'sks dog' and 'olis cat': PerRes LAG Sampling gets the dog, a PerRes LAG "
                 "Concept gets the cat, and the prompt is 'a photo of a sks dog and an olis cat on a beach'. "
