@@ -204,12 +204,13 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     warnings = NodeWarnings(LAG_NAME, node_id)
     concepts = [concept_of(model, clip, chunks, spec, warnings) for spec in specs]
     sampling = model.get_model_object("model_sampling")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
                      sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                     sigma_end=float(sampling.percent_to_sigma(end_percent)), outside=outside)
+                     sigma_end=float(sampling.percent_to_sigma(end_percent)), outside=outside,
+                     prompt_context=positive[0][0], warn=warnings.warn)
     patched = model.clone()
     patch.install(patched)
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
     return patched, positive
 
 

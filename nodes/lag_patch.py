@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,10 @@ class LagPatch:
     before_policy = "block"
 
     def __init__(self, concepts: list[LagConcept], prompt_length: int, settings: MaskSettings,
-                 sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full") -> None:
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full",
+                 prompt_context: Optional[torch.Tensor] = None, warn: Optional[Callable[[str], None]] = None) -> None:
+        """prompt_context: the LAG prompt's encoding (1, T, D), to notice a sampler fed other conditioning;
+        warn: where sampling-time warnings go (the LAG node's own NodeWarnings), by default the log."""
         settings.validate()
         self.concepts = concepts
         self.prompt_length = prompt_length
@@ -176,7 +179,10 @@ class LagPatch:
         self.placements = {path: placement(path) for c in concepts for path in c.deltas}
         self.text_slots = {where.slot.index for where in self.placements.values() if where.role is Role.TEXT}
         self._columns: dict[tuple, torch.Tensor] = {}
-        self._warned_length = False
+        self.prompt_context = prompt_context
+        self._warn = warn or (lambda message: log.warning("PerRes LAG: %s", message))
+        self._warned: set[str] = set()      # each kind of warning once per patched model
+        self._prompt_seen: Optional[bool] = None  # this run: None before any positive row, then whether one matched
 
     # --- registration -------------------------------------------------------------------------
     def install(self, patcher) -> None:
@@ -196,10 +202,19 @@ class LagPatch:
         """A new sampling run: forget masks of the previous one."""
         self.recorder.reset()
         self.bank.reset()
-        return executor(*args, **kwargs)
+        self._prompt_seen = None
+        result = executor(*args, **kwargs)
+        if self._prompt_seen is False:
+            self._warn_once("conditioning", "the sampler's positive conditioning is not this node's prompt, so the "
+                                            "concept words' positions may hold other words and the masks follow "
+                                            "them. Wire the LAG node's `positive` output to the sampler's positive "
+                                            "input (put extra text in the LAG node's prompt).")
+        return result
 
     def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         state = self._call_state(x, transformer_options)
+        if not self._prompt_seen and self.prompt_context is not None and context is not None and state.positive_rows:
+            self._prompt_seen = self._holds_prompt(context, state.positive_rows)
         if state.mode == "off":
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         handles = []
@@ -266,14 +281,32 @@ class LagPatch:
     def _columns_for(self, concept_index: int, context_length: int, device: torch.device) -> torch.Tensor:
         key = (concept_index, context_length, device)
         if key not in self._columns:
-            if context_length % self.prompt_length and not self._warned_length:
-                self._warned_length = True
-                log.warning("PerRes LAG: the positive conditioning has %d tokens but the LAG prompt has %d; wire the "
-                            "LAG node's conditioning output to the sampler so the concept tokens line up.",
-                            context_length, self.prompt_length)
+            if context_length % self.prompt_length:
+                self._warn_once("length", f"the sampler's positive conditioning has {context_length} tokens but the "
+                                          f"LAG prompt has {self.prompt_length}; wire the LAG node's `positive` output "
+                                          "to the sampler so the concept tokens line up.")
             positions = self.concepts[concept_index].positions
             self._columns[key] = concept_columns(context_length, positions, self.prompt_length).to(device)
         return self._columns[key]
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self._warn(message)
+
+    def _holds_prompt(self, context: torch.Tensor, positive_rows: list[int]) -> bool:
+        """Whether a positive row of the sampler's conditioning is the LAG prompt's encoding.
+
+        LAG finds the concept words at their token positions in its own prompt; a sampler fed another
+        encoder's conditioning puts other tokens there, and the masks follow the wrong words without any
+        error. A run in which no call holds the prompt gets a warning on the LAG node (outer_sample).
+        """
+        expected = self.prompt_context[0].to(context.device, torch.float32)
+        tokens = min(expected.shape[0], context.shape[1])
+        rows = context[positive_rows, :tokens].float()
+        # the model may run in fp16: its cast of the same encoding differs by about 1e-3 of the values' scale
+        tolerance = 1e-2 * float(expected.abs().amax())
+        return any(torch.allclose(row, expected[:tokens], rtol=0.0, atol=tolerance) for row in rows)
 
     def _keep_queries(self, slot: int, state: _CallState):
         def hook(module, args, output):

@@ -87,6 +87,47 @@ def test_no_warning_no_text(sd15, frontend):
     assert frontend.sent == []
 
 
+def lag_in_prompt(sd15, prompt: str):
+    """PerRes LAG Sampling as node 12 of a prompt: (patched model, its positive conditioning)."""
+    model, clip, _ = sd15
+    return run_in_prompt("PerResLAGSampling", "12", model=model, clip=clip, residuals=untrained_residuals(),
+                         prompt=prompt, concept_words="", strength=1.0, threshold="median", quantile=0.5,
+                         start_percent=0.0, end_percent=1.0, outside_window="full residual")
+
+
+def test_a_sampler_fed_other_conditioning_warns_on_the_lag_node(sd15, frontend):
+    """The concept words' positions come from the LAG prompt: another encoder's prompt puts other words there."""
+    from host_helpers import encode, sample
+
+    clip = sd15[1]
+    patched, positive = lag_in_prompt(sd15, "a photo of a sks dog")
+    negative = encode(clip, "")
+    sample(patched, positive, negative, steps=1)
+    sample(patched, encode(clip, "a photo of a sks dog"), negative, steps=1)  # the same text: the same encoding
+    combined = run_node("ConditioningCombine", conditioning_1=encode(clip, "a watercolor painting"),
+                        conditioning_2=positive)[0]
+    sample(patched, combined, negative, steps=1)  # one of the positive conditionings is the LAG prompt
+    assert frontend.sent == []
+    sample(patched, encode(clip, "a dog photo, sks style"), negative, steps=1)
+    assert len(frontend.sent) == 1
+    node, text, _ = frontend.sent[0]
+    assert node == "12" and "positive conditioning is not this node's prompt" in text
+    sample(patched, encode(clip, "a dog photo, sks style"), negative, steps=1)
+    assert len(frontend.sent) == 1  # once per patched model, not once per run
+
+
+def test_a_sampler_fed_a_longer_prompt_warns_on_the_lag_node(sd15, frontend):
+    """154 tokens starting with the LAG prompt's words, then more: still not the LAG prompt's encoding."""
+    from host_helpers import encode, sample
+
+    clip = sd15[1]
+    patched, _ = lag_in_prompt(sd15, "a photo of a sks dog")
+    long_prompt = ", ".join(["a photo of a sks dog on a beach at sunset"] * 10)  # over 77 tokens
+    sample(patched, encode(clip, long_prompt), encode(clip, ""), steps=1)
+    assert [node for node, _, _ in frontend.sent] == ["12"]
+    assert "positive conditioning is not this node's prompt" in frontend.sent[0][1]
+
+
 def residual_names() -> list[str]:
     import nodes
 
