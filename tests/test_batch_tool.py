@@ -170,3 +170,21 @@ def test_batch_survives_a_killed_server_and_resumes(servers, concepts_dir, check
         shutil.rmtree(extra)
     assert code == 1, output
     assert "No server left" in output and "late" in output and "Finished: dog, mug, toy" in output, output
+
+
+def test_the_masks_workflow_trains_every_concept_with_its_subject_masks(tmp_path):
+    """--workflow example_workflows/api/perres_train_with_masks.json: RGBA cut-outs train with their alpha."""
+    sys.path.insert(0, os.path.join(PACK_DIR, "tools"))
+    import batch_concepts
+
+    workflow = batch_concepts.load_workflow(os.path.join(PACK_DIR, "example_workflows", "api",
+                                                         "perres_train_with_masks.json"))
+    folder = tmp_path / "robot"
+    folder.mkdir()
+    Image.new("RGBA", (64, 64), (200, 0, 0, 0)).save(folder / "0.png")
+    concept = batch_concepts.read_concept(str(folder), batch_concepts.train_settings(workflow))
+    job = batch_concepts.training_prompt(workflow, concept, "sd15.safetensors", "perres")
+    images = batch_concepts.node_of(job.prompt, "PerResLoadConceptImages")
+    train = job.prompt[job.train_node]["inputs"]
+    assert train["masks"] == [images, 1] and train["background_weight"] == 0.1
+    assert job.prompt[images]["inputs"]["folder"] == concept.upload_folder
