@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import sysconfig
 
@@ -77,7 +78,11 @@ def test_ci_run_clones_and_sets_up_a_missing_host(host_root, tmp_path):
     own_torch = glob.glob(os.path.join(new_host, ".venv", "lib", "*", "site-packages", "torch"))
     assert not own_torch, "torch was installed again instead of reused"
     assert f"ComfyUI {version} at {new_host}, python {new_host}/.venv/bin/python" in output, output[-4000:]
-    assert f"local {version} (ComfyUI {version}, {new_host}): passed: 8 passed" in output, output[-4000:]
+    with open(os.path.join(PACK_DIR, "tests", "test_core_lag.py")) as f:  # parametrized ones run more than once
+        test_functions = f.read().count("\ndef test_")
+    summary = re.search(rf"local {re.escape(version)} \(ComfyUI {re.escape(version)}, {re.escape(new_host)}\): "
+                        r"passed: (\d+) passed in", output)
+    assert summary and int(summary.group(1)) >= test_functions, output[-4000:]
 
     probe = subprocess.run([os.path.join(new_host, ".venv", "bin", "python"), "-c",
                             "from comfy.cli_args import args; args.cpu = True; import comfy.model_management, nodes; "
@@ -99,8 +104,6 @@ def test_ci_run_without_a_reachable_comfyui_says_how_to_use_an_existing_one(tmp_
 
 def test_tested_range_is_stated_where_users_read_it():
     """The pinned hosts are the range that pyproject's requires-comfyui and README "Install" promise."""
-    import re
-
     with open(os.path.join(PACK_DIR, ".ci", "comfyui-hosts")) as f:
         pinned = [line.split() for line in f if line.strip() and not line.startswith("#")]
     versions = sorted((row[1] for row in pinned), key=lambda v: tuple(int(part) for part in v.split(".")))
