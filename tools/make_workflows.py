@@ -129,14 +129,14 @@ TRAIN_VALUES = {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_s
                 "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True}
 
 
-def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, **values) -> list[Node]:
-    """PerRes Train Residuals at (420, 0), PerRes Save Residuals and Plot Loss Graph to its right."""
+def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int = 420, **values) -> list[Node]:
+    """PerRes Train Residuals at (x, 0), PerRes Save Residuals and Plot Loss Graph to its right."""
     train_id, save_id, loss_id = ids
     return [
-        Node(train_id, "PerResTrainResiduals", (420, 0), {**TRAIN_VALUES, **values}, links),
-        Node(save_id, "PerResSaveResiduals", (840, 0), {"filename_prefix": prefix}, {"residuals": (train_id, 1)}),
-        Node(loss_id, "LossGraphNode", (840, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (train_id, 2)},
-             size=(400, 300)),
+        Node(train_id, "PerResTrainResiduals", (x, 0), {**TRAIN_VALUES, **values}, links),
+        Node(save_id, "PerResSaveResiduals", (x + 420, 0), {"filename_prefix": prefix}, {"residuals": (train_id, 1)}),
+        Node(loss_id, "LossGraphNode", (x + 420, 160), {"filename_prefix": "perres_loss_graph"},
+             {"loss": (train_id, 2)}, size=(400, 300)),
     ]
 
 
@@ -174,11 +174,8 @@ def suggest_class_word() -> Workflow:
         Node(3, "PerResSuggestClassWord", (420, 0),
              {"candidates": DEFAULT_CANDIDATES, "budget": 12, "seed": 0, "resolution": 512},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}, size=(420, 520)),
-        Node(4, "PerResTrainResiduals", (900, 0), TRAIN_VALUES,
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0), "class_word": (3, 0)}),
-        Node(5, "PerResSaveResiduals", (1320, 0), {"filename_prefix": "perres/suggested"}, {"residuals": (4, 1)}),
-        Node(6, "LossGraphNode", (1320, 160), {"filename_prefix": "perres_loss_graph"}, {"loss": (4, 2)},
-             size=(400, 300)),
+        *train_save_plot((4, 5, 6), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0),
+                                     "class_word": (3, 0)}, "perres/suggested", x=900),
         note(7, (0, 220), (
             "## Which class word?\n\n"
             "PerRes Suggest Class Word asks the frozen model itself which caption `a photo of a <word>` fits "
