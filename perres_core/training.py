@@ -104,6 +104,14 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
+def predicted_noise(eps_fn: EpsilonFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    context: torch.Tensor, alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ε_θ(x_t, t, c) for x_t noised from x0 at t (all on the CPU); computed on `device` in `dtype`."""
+    x_t = noisy_latents(x0, noise, t, alphas_cumprod)
+    return eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+
+
 def _rows(contexts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if contexts.shape[0] == 1:
         return contexts.expand(len(index), *contexts.shape[1:])
@@ -141,10 +149,8 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
     losses: list[float] = []
     for step in range(settings.steps):
         index, t, noise = draw_step(*draw)
-        x0 = latents[index].float()
-        x_t = noisy_latents(x0, noise, t, alphas_cumprod.float().cpu())
-        context = _rows(contexts, index)
-        prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+        prediction = predicted_noise(eps_fn, latents[index].float(), noise, t, _rows(contexts, index),
+                                     alphas_cumprod.float().cpu(), device, dtype)
         loss = epsilon_loss(prediction.float(), noise.to(device), None if weights is None else weights[index])
         value = loss.item()
         if not math.isfinite(value):
@@ -172,8 +178,7 @@ def epsilon_errors(eps_fn: EpsilonFn, x0: torch.Tensor, noise: torch.Tensor, t: 
                    alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ε-MSE of Eq. 1 for each sample of a batch (N,), on `device`: x0, noise, t and context on the CPU."""
-    x_t = noisy_latents(x0, noise, t, alphas_cumprod)
-    prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+    prediction = predicted_noise(eps_fn, x0, noise, t, context, alphas_cumprod, device, dtype)
     return (prediction.float() - noise.to(device)).pow(2).flatten(1).mean(1)
 
 
@@ -189,9 +194,9 @@ def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
     for t_value in timesteps.tolist():
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.full((latents.shape[0],), int(t_value), dtype=torch.long)
-        x_t = noisy_latents(latents.float(), noise, t, alphas_cumprod.float().cpu())
         context = contexts.expand(latents.shape[0], *contexts.shape[1:]) if contexts.shape[0] == 1 else contexts
-        prediction = eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+        prediction = predicted_noise(eps_fn, latents.float(), noise, t, context, alphas_cumprod.float().cpu(),
+                                     device, dtype)
         if weights is None:
             total += F.mse_loss(prediction.float(), noise.to(device), reduction="sum").item()
             count += noise.numel()

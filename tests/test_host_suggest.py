@@ -51,30 +51,28 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
     with torch.inference_mode():
         latents = vae.encode(pack("perres_core.images").prepare_batch(list(images), 64))
     patcher = pack("nodes.host_model").resident_clone(model)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.Adam([delta], lr=lr)
     handle = embedding.register_forward_hook(add_delta)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
             unet = pack("nodes.host_model").unet_of(patcher)
             x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
-            abar = host.alphas_cumprod(patcher).float()
             predict_noise = host.epsilon_prediction(unet)
             tokens = clip.tokenize(caption)
+
+            def predict_with_the_trained_word(x_t, t, _context):
+                # the caption is encoded anew at every step, through the embedding being trained. ComfyUI's
+                # CLIP layers add their residuals in place (x += ...), which autograd refuses for a tensor it
+                # saved; saving copies makes the backward through CLIP valid.
+                with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+                    context = clip.cond_stage_model.encode_token_weights(tokens)[0].float()
+                return predict_noise(x_t, t, context.expand(len(t), -1, -1))
+
             with host.frozen_for_backward(unet), host.frozen_for_backward(clip.cond_stage_model):
-                for _ in range(steps):
-                    # ComfyUI's CLIP layers add their residuals in place (x += ...), which autograd refuses
-                    # for a tensor it saved; saving copies makes the backward through CLIP valid.
-                    with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
-                        context = clip.cond_stage_model.encode_token_weights(tokens)[0].float()
-                    index, t, noise = training.draw_step(x0.shape[0], 4, tuple(x0.shape[1:]), abar.shape[0], generator)
-                    x_t = training.noisy_latents(x0[index], noise, t, abar)
-                    prediction = predict_noise(x_t, t, context.expand(len(index), -1, -1))
-                    loss = training.epsilon_loss(prediction.float(), noise, None)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+                # PerRes's own loop: the plain ε-loss, AdamW; the context argument is unused (see above)
+                training.train_residuals(predict_with_the_trained_word, x0, torch.zeros(1, 1, 1),
+                                         host.alphas_cumprod(patcher), [delta],
+                                         training.TrainSettings(steps=steps, batch_size=4, learning_rate=lr))
     finally:
         handle.remove()
     planted = clip.clone()
