@@ -21,7 +21,7 @@ TESTS_DIR = os.path.join(os.path.dirname(BENCH_DIR), "tests")
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # the tests' helper modules (comfy_host, sd15_checkpoint), not the pack
 
-from comfy_host import PACK_DIR, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
+from comfy_host import PACK_DIR, compute_in_bf16, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
 
 CHECKPOINT_NAME = "sd15_random_arch.safetensors"  # sd15_checkpoint.CHECKPOINT_NAME; that module imports torch
 
@@ -29,6 +29,9 @@ CHECKPOINT_NAME = "sd15_random_arch.safetensors"  # sd15_checkpoint.CHECKPOINT_N
 def say(text: str = "") -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+_STARTED: dict[str, str] = {}  # the workdir of the host this process started (it starts once)
 
 
 def start(device: str, precision: str = "fp32", attention: str = "default") -> str:
@@ -40,6 +43,8 @@ def start(device: str, precision: str = "fp32", attention: str = "default") -> s
     which ComfyUI picks by itself on NVIDIA GPUs); "default" leaves ComfyUI's choice for the device (on the
     CPU: sub-quadratic attention, which keeps the N×N attention scores for the backward pass).
     """
+    if "workdir" in _STARTED:  # a second model in the same run: same host, same settings
+        return _STARTED["workdir"]
     root = find_comfyui()
     if root is None:
         raise SystemExit("No ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout (0.3.64 was used here).")
@@ -52,8 +57,10 @@ def start(device: str, precision: str = "fp32", attention: str = "default") -> s
         args.fp32_text_enc = True
     elif precision == "fp16":
         args.fp16_unet = True
+    elif precision == "bf16":
+        args.bf16_unet = True   # what the SDXL tests load: AMX-BF16 on this CPU, half the memory of fp32
     else:
-        raise SystemExit(f"unknown precision {precision!r}; use fp32 or fp16")
+        raise SystemExit(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
     if attention == "pytorch":
         args.use_pytorch_cross_attention = True
     if device != "cpu":
@@ -63,6 +70,7 @@ def start(device: str, precision: str = "fp32", attention: str = "default") -> s
         import comfy.model_management  # noqa: F401
     workdir = tempfile.mkdtemp(prefix="perres-bench-")
     start_host(root, workdir)
+    _STARTED["workdir"] = workdir
     import comfy.model_management as mm
     say(f"ComfyUI {comfy_version(root)} at {root}; torch device {mm.get_torch_device()}; "
         f"torch {torch_version()}, {torch_threads()} CPU threads; pack {PACK_DIR}")
@@ -93,6 +101,14 @@ def checkpoint(workdir: str) -> str:
 
     link_sd15_checkpoint(workdir, CHECKPOINT_NAME)
     return CHECKPOINT_NAME
+
+
+def sdxl_checkpoint(workdir: str) -> str:
+    """The tests' random-weight SDXL-architecture checkpoint (built once, 7 GB, cached), linked into workdir."""
+    from sdxl_checkpoint import CHECKPOINT_NAME as SDXL_NAME, link_sdxl_checkpoint
+
+    link_sdxl_checkpoint(workdir, SDXL_NAME)
+    return SDXL_NAME
 
 
 def pack_module(relative: str):
@@ -373,3 +389,15 @@ def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str
     workdir = start(device, precision, attention)
     set_threads(threads)
     return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))
+
+
+def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default"):
+    """(model, clip, vae) of the tests' random checkpoint of `family` ("sd15" or "sdxl")."""
+    if family == "sd15":
+        return load_sd15(device, threads, precision, attention)
+    workdir = start(device, precision, attention)
+    set_threads(threads)
+    loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint(workdir))
+    if device == "cpu" and precision == "bf16":
+        compute_in_bf16(loaded[0])  # as the SDXL tests run it: bf16 matmuls, no fp32 weight copies
+    return loaded

@@ -79,7 +79,7 @@ def wrapper_setup_cost(unet, repeats: int = 20) -> float:
     t0 = time.perf_counter()
     for _ in range(repeats):
         handles = []
-        for _slot, transformer in host_model.transformer_modules(unet):
+        for _slot, transformer in host_model.transformer_modules(unet, bc.pack_module("perres_core.families").SD1):
             attn2 = transformer.transformer_blocks[0].attn2
             handles.append(attn2.to_q.register_forward_hook(lambda *a: None))
             handles.append(attn2.to_k.register_forward_hook(lambda *a: None))
@@ -112,8 +112,8 @@ def main() -> None:
     say = bc.say
 
     residual = bc.pack_module("perres_core.residual")
-    layout = bc.pack_module("perres_core.sd15_layout")
-    residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), residual.DEFAULT_RANK_RATIO,
+    residuals = residual.ResidualSet.create(bc.pack_module("perres_core.families").SD1.layer_shapes(),
+                                            residual.DEFAULT_RANK_RATIO,
                                             concept=residual.ConceptInfo("sks", "dog"))
     residuals.initialize("random", 0)
 

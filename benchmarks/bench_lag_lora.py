@@ -46,7 +46,7 @@ BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_bloc
 
 
 def all_blocks(layers) -> list[str]:
-    slots = bc.pack_module("perres_core.sd15_layout").SD15_SLOTS
+    slots = bc.pack_module("perres_core.families").SD1.slots
     return [f"{slot.path}.{layer}" for slot in slots for layer in layers]
 
 

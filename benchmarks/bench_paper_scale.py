@@ -1,8 +1,9 @@
 """Training at the paper's setting (512 px, batch 4): memory and time with and without gradient checkpointing.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32 on the CPU), three trainers:
+One run, one model (the tests' random-weight SD1.5 checkpoint, fp32 on the CPU; with --family sdxl the
+random SDXL checkpoint, its UNet in bf16), three trainers:
 
-  bound    the frozen UNet called directly, forward + backward + AdamW on the 16 residuals (no ComfyUI
+  bound    the frozen UNet called directly, forward + backward + AdamW on the residuals (no ComfyUI
            code in the loop, no checkpointing): the least a training step can cost.
   plain    the PerResTrainResiduals node with gradient_checkpointing off.
   ckpt     the PerResTrainResiduals node with gradient_checkpointing on (its default).
@@ -25,7 +26,10 @@ On this 2-core CPU VM, 512 px needs about 13 GiB of memory in all without checkp
 30 s per step (six child processes, about 15 minutes): run nothing else meanwhile. `--resolution 256`
 is a quicker look.
 
-Run from the pack root:  python benchmarks/bench_paper_scale.py [--resolution 512] [--batch 4] [--steps 2]
+SDXL at its own 1024 px, batch 4, takes many minutes per step on this CPU; `--family sdxl --resolution 512
+--batch 1` is what it measures in reasonable time (benchmarks/README.md has the figures).
+
+Run from the pack root:  python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
 """
 from __future__ import annotations
 
@@ -44,6 +48,11 @@ TRAINERS = ("bound", "plain", "ckpt")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
+                   help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
+                        "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own)")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="UNet weights; default fp32 for sd15, bf16 for sdxl")
     p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
     p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per trainer (plus 1 warm-up); default 2")
@@ -63,13 +72,17 @@ def train_node(model, clip, vae, images, resolution: int, batch: int, steps: int
                        resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
 
 
-def measure(name: str, model, clip, vae, images, latents, context, opts) -> dict:
+def precision(opts: argparse.Namespace) -> str:
+    return opts.precision or ("bf16" if opts.family == "sdxl" else "fp32")
+
+
+def measure(name: str, model, clip, vae, images, latents, conditioning, opts) -> dict:
     """Seconds per step and extra peak memory of one trainer."""
     clock = bc.StepClock()
     with bc.optimizer_steps(clock), bc.TrainingPeak(model.model.diffusion_model) as peak:
         t0 = time.perf_counter()
         if name == "bound":
-            run_bound(model, latents, context, opts.batch, opts.steps, seed=0, clock=clock)
+            run_bound(model, latents, conditioning, opts.batch, opts.steps, seed=0, clock=clock)
             durations = clock.durations()  # the bound restarts its clock after its warm-up step
         else:
             train_node(model, clip, vae, images, opts.resolution, opts.batch, opts.steps + 1, name == "ckpt")
@@ -82,14 +95,15 @@ def measure(name: str, model, clip, vae, images, latents, context, opts) -> dict
 
 def run_one(opts: argparse.Namespace) -> dict:
     """In a child process: load the model and measure the trainer opts.only."""
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads, attention=opts.attention)
+    model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention)
     images = make_images(opts.batch, opts.resolution)
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]["samples"]
-    context = bc.run_node("CLIPTextEncode", clip=clip, text="a photo of a sks dog")[0][0][0]
+    conditioning = bc.pack_module("nodes.training_host").caption_conditioning(
+        model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
     # ones once (nodes/training_host.frozen_for_backward); that one-off copy must not count as a peak.
     train_node(model, clip, vae, make_images(1, 64), 64, 1, 1, False)
-    result = measure(opts.only, model, clip, vae, images, latents, context, opts)
+    result = measure(opts.only, model, clip, vae, images, latents, conditioning, opts)
     result["unet_dtype"] = str(model.model.get_dtype())
     return result
 
@@ -100,7 +114,8 @@ LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_":
 
 def run_child(opts: argparse.Namespace, name: str, extra_env: dict) -> dict:
     import subprocess
-    args = [sys.executable, os.path.abspath(__file__), "--only", name, "--resolution", str(opts.resolution),
+    args = [sys.executable, os.path.abspath(__file__), "--only", name, "--family", opts.family,
+            "--precision", precision(opts), "--resolution", str(opts.resolution),
             "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
             "--threads", str(opts.threads), "--attention", opts.attention]
     child = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **extra_env})
@@ -146,7 +161,7 @@ def main() -> None:
     }
     say("")
     say("=" * 78)
-    say(f"PAPER SCALE  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}  device {opts.device}")
+    say(f"PAPER SCALE  {opts.family}  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}  device {opts.device}")
     say(f"  {'trainer':22s} {'s/step':>8s} {'cpu s/step':>11s} {'extra peak':>12s}")
     labels = {"bound": "frozen-UNet bound", "plain": "PerRes, no checkpoint", "ckpt": "PerRes, checkpointing"}
     for name in TRAINERS:

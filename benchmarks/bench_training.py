@@ -54,14 +54,15 @@ def make_images(batch: int, resolution: int):
     return images
 
 
-def run_bound(model, latents, context, batch: int, steps: int, seed: int, clock: bc.StepClock):
-    """Plain frozen-UNet forward + backward, AdamW on the 16 residuals only (no ComfyUI in the loop)."""
+def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock):
+    """Plain frozen-UNet forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
+    model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector); `conditioning` is the caption's
+    (nodes.training_host.caption_conditioning)."""
     import torch
     import torch.nn.functional as F
     import comfy.model_management as mm
 
     residual = bc.pack_module("perres_core.residual")
-    layout = bc.pack_module("perres_core.sd15_layout")
     training = bc.pack_module("perres_core.training")
     host = bc.pack_module("nodes.training_host")
     hooks = bc.pack_module("nodes.residual_hooks")
@@ -71,15 +72,17 @@ def run_bound(model, latents, context, batch: int, steps: int, seed: int, clock:
         device = model.load_device
         unet = model.model.diffusion_model
         x0_all = model.model.process_latent_in(latents.clone().float()).to(device)
-        ctx = context.clone().float().to(device).expand(batch, -1, -1)
-        abar = host.alphas_cumprod(model).to(device)
-        residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), residual.DEFAULT_RANK_RATIO)
+        dtype = host.training_dtype(model.model)
+        rows = conditioning.select(torch.zeros(batch, dtype=torch.long)).to(device, dtype)
+        host_model = bc.pack_module("nodes.host_model")
+        family, schedule = host_model.family_of_model(model), host_model.diffusion_schedule(model)
+        residuals = residual.ResidualSet.for_family(family, residual.DEFAULT_RANK_RATIO)
         residuals.initialize("random", seed)
         for layer in residuals.layers.values():
             layer.to(device).requires_grad_(True)
         optimizer = torch.optim.AdamW(list(residuals.parameters()), lr=1e-3, weight_decay=1e-2)
         gen = torch.Generator(device=device).manual_seed(seed)
-        with host.frozen_for_backward(unet), hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
+        with host.frozen_for_backward(unet), hooks.proj_out_hooks(unet, family, hooks.full_residual(residuals.layers)):
             assert not any(p.requires_grad for p in unet.parameters())
             for step in range(steps + 1):
                 if step == 1:
@@ -87,10 +90,11 @@ def run_bound(model, latents, context, batch: int, steps: int, seed: int, clock:
                     clock.tick()
                 index = torch.randint(0, x0_all.shape[0], (batch,), generator=gen, device=device)
                 x0 = x0_all[index]
-                t = torch.randint(0, abar.shape[0], (batch,), generator=gen, device=device)
+                t = torch.randint(0, schedule.num_timesteps, (batch,), generator=gen, device=device)
                 noise = torch.randn(x0.shape, generator=gen, device=device)
-                x_t = training.noisy_latents(x0, noise, t, abar)
-                loss = F.mse_loss(unet(x_t, t.float(), context=ctx).float(), noise)
+                x_t = training.noisy_latents(x0, noise, t, schedule)
+                output = unet(x_t.to(dtype), t.float(), context=rows.context, y=rows.vector)
+                loss = F.mse_loss(output.float(), schedule.target(x0, noise, t))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -120,7 +124,8 @@ def main() -> None:
     images = make_images(opts.batch, opts.resolution)
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
-    context = positive[0][0]
+    conditioning = bc.pack_module("nodes.training_host").caption_conditioning(model, clip, CAPTION, opts.resolution,
+                                                                                 opts.resolution)
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
         f"load device {model.load_device}; images {tuple(images.shape)}, latents {tuple(latents['samples'].shape)}")
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} timed steps "
@@ -146,7 +151,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with bc.PeakMemory() as m:
                     if name == "bound":
-                        params = run_bound(model, latents["samples"], context, opts.batch, opts.steps, seed=r,
+                        params = run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps, seed=r,
                                            clock=clock)
                     else:
                         run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=r)

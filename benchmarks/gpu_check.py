@@ -12,6 +12,11 @@ what SD1.5 users' GPUs run), at 512 px and batch 4:
   lora_*         the same sampling with a rank-32 LoRA on every attention and feed-forward layer, merged by
                  LoraLoaderModelOnly and through PerRes LAG LoRA (benchmarks/bench_lag_lora.py on the GPU)
 
+With --families sd15,sdxl (or sdxl) the same check runs on the random SDXL-architecture checkpoint (UNet
+fp16) at 1024 px, batch 4: PerRes with and without checkpointing and TrainLoraNode, 150 steps each, and
+30-step dpmpp_2m sampling with the base model and PerRes Apply Residuals. Target: perres_ckpt peak <= 10 GiB
+at 1024 px (so 12 GB cards train SDXL with the defaults).
+
 Training figures are the node call's wall time (VAE encoding and setup included) and
 torch.cuda.max_memory_allocated during the call. Targets: perres_plain 150 steps <= 30 s on an H100;
 perres_ckpt peak <= 6 GiB (so 8 GB cards train with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.25x
@@ -48,12 +53,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--sample-repeats", type=int, default=2)
     p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")
+    p.add_argument("--families", default="sd15", help="comma-separated: sd15, sdxl (default sd15)")
+    p.add_argument("--sdxl-resolution", type=int, default=1024)
+    p.add_argument("--sdxl-sample-steps", type=int, default=30)
     p.add_argument("--smoke", action="store_true",
                    help="64 px, 2 training and 2 sampling steps: checks every code path in a minute on a CPU")
     p.add_argument("--json", metavar="FILE", default="gpu_check.json", help="where to write the figures")
     opts = p.parse_args()
     if opts.smoke:
         opts.resolution, opts.train_steps, opts.sample_steps, opts.sample_repeats = 64, 2, 2, 1
+        opts.sdxl_resolution, opts.sdxl_sample_steps = 64, 2
+    opts.families = [name.strip() for name in opts.families.split(",") if name.strip()]
+    unknown = set(opts.families) - {"sd15", "sdxl"}
+    if unknown or not opts.families:
+        p.error(f"--families takes sd15 and/or sdxl, got {opts.families}")
     return opts
 
 
@@ -84,13 +97,13 @@ def free_memory() -> None:
     mm.soft_empty_cache()
 
 
-def train_perres(model, clip, vae, images, opts, checkpointing: bool) -> dict:
+def train_perres(model, clip, vae, images, opts, checkpointing: bool, resolution: int | None = None) -> dict:
     free_memory()
     with CudaPeak() as phase:
         _, residuals, loss = bc.run_node(
             "PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
             class_word="dog", steps=opts.train_steps, batch_size=opts.batch, learning_rate=1e-3, rank_ratio=0.05,
-            resolution=opts.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
+            resolution=resolution or opts.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
     return {"seconds": phase.seconds, "peak_allocated": phase.peak, "final_loss": loss["loss"][-1],
             "residuals": residuals}
 
@@ -158,8 +171,42 @@ def sample_all(model, clip, residuals, opts) -> dict:
     return {name: {"seconds": bc.median(values), "runs": values} for name, values in times.items()}
 
 
+def sdxl_check(opts) -> dict:
+    """PerRes on SDXL: training with and without checkpointing, TrainLoraNode, and sampling base vs Apply."""
+    model, clip, vae = bc.load_model("sdxl", opts.device, threads=0, precision="fp16")
+    size = opts.sdxl_resolution
+    images = make_images(opts.batch, size)
+    result = {"resolution": size, "unet_dtype": str(model.model.get_dtype())}
+    result["perres_plain"] = train_perres(model, clip, vae, images, opts, checkpointing=False, resolution=size)
+    result["perres_ckpt"] = train_perres(model, clip, vae, images, opts, checkpointing=True, resolution=size)
+    residuals = result["perres_ckpt"].pop("residuals")
+    result["perres_plain"].pop("residuals")
+    if not opts.skip_stock:
+        result["stock_lora"] = train_stock(model, vae, clip, images, opts)
+    applied = bc.run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=1.0)[0]
+    positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
+    negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
+    latent = bc.run_node("EmptyLatentImage", width=size, height=size, batch_size=1)[0]
+    times = {"base": [], "apply": []}
+    for repeat in range(opts.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
+        for name, patcher in (("base", model), ("apply", applied)):
+            with CudaPeak() as phase:
+                bc.run_node("KSampler", model=patcher, seed=0, steps=opts.sdxl_sample_steps, cfg=6.0,
+                            sampler_name="dpmpp_2m", scheduler="karras", positive=positive, negative=negative,
+                            latent_image=latent, denoise=1.0)
+            if repeat:
+                times[name].append(phase.seconds)
+    result["sampling"] = {name: {"seconds": bc.median(v), "runs": v} for name, v in times.items()}
+    peak = result["perres_ckpt"]["peak_allocated"]
+    result["targets"] = {"sdxl_perres_ckpt_peak_gib": {"value": None if peak is None else peak / GIB, "target": 10.0}}
+    return result
+
+
 def main() -> None:
     opts = parse_args()
+    if "sd15" not in opts.families:
+        sdxl_only(opts)
+        return
     model, clip, vae = bc.load_sd15(opts.device, threads=0, precision="fp16")
     import torch
     import comfy.model_management as mm
@@ -190,29 +237,64 @@ def main() -> None:
                                       "target": 1.25},
     }
 
-    def row(name: str, entry: dict) -> str:
-        peak = "n/a" if entry.get("peak_allocated") is None else f"{entry['peak_allocated'] / GIB:.2f} GiB"
-        return f"  {name:34s} {entry['seconds']:9.2f} s  {peak:>10s}"
-
     bc.say("")
     bc.say("=" * 78)
     bc.say(f"GPU CHECK  {device_name}  ComfyUI {results['comfyui']}  torch {torch.__version__}")
     bc.say(f"  {'phase':34s} {'wall':>11s}  {'peak alloc':>10s}")
-    bc.say(row("PerRes train, no checkpointing", plain))
-    bc.say(row("PerRes train, checkpointing", ckpt))
+    bc.say(phase_row("PerRes train, no checkpointing", plain))
+    bc.say(phase_row("PerRes train, checkpointing", ckpt))
     if "stock_lora" in results:
-        bc.say(row("ComfyUI TrainLoraNode (its defaults)", results["stock_lora"]))
+        bc.say(phase_row("ComfyUI TrainLoraNode (its defaults)", results["stock_lora"]))
     for name in ("base", "apply", "lag", "lora_merged", "lora_lag"):
-        bc.say(row(f"DDIM {opts.sample_steps} steps, {name}", sampling[name]))
+        bc.say(phase_row(f"DDIM {opts.sample_steps} steps, {name}", sampling[name]))
     for name, entry in results["targets"].items():
         if entry["value"] is None:
             bc.say(f"  {name:34s}       n/a    (target <= {entry['target']}: not measured on this device)")
             continue
         verdict = "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
         bc.say(f"  {name:34s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
+    if "sdxl" in opts.families:
+        del model, clip, vae, residuals, plain, ckpt
+        free_memory()
+        results["sdxl"] = sdxl_check(opts)
+        report_sdxl(results["sdxl"], opts)
     bc.say("=" * 78)
     with open(opts.json, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2, default=str)
+    bc.say(f"wrote {opts.json}")
+
+
+def phase_row(name: str, entry: dict) -> str:
+    peak = "n/a" if entry.get("peak_allocated") is None else f"{entry['peak_allocated'] / GIB:.2f} GiB"
+    return f"  {name:34s} {entry['seconds']:9.2f} s  {peak:>10s}"
+
+
+def report_sdxl(sdxl: dict, opts) -> None:
+    bc.say(f"  SDXL at {sdxl['resolution']} px, batch {opts.batch}, UNet {sdxl['unet_dtype']}:")
+    bc.say(phase_row("PerRes SDXL train, no checkpointing", sdxl["perres_plain"]))
+    bc.say(phase_row("PerRes SDXL train, checkpointing", sdxl["perres_ckpt"]))
+    if "stock_lora" in sdxl:
+        bc.say(phase_row("TrainLoraNode on SDXL (its defaults)", sdxl["stock_lora"]))
+    for name in ("base", "apply"):
+        bc.say(phase_row(f"dpmpp_2m {opts.sdxl_sample_steps} steps, {name}", sdxl["sampling"][name]))
+    entry = sdxl["targets"]["sdxl_perres_ckpt_peak_gib"]
+    verdict = "not measured on this device" if entry["value"] is None else \
+        "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
+    value = "n/a" if entry["value"] is None else f"{entry['value']:.3f}"
+    bc.say(f"  {'sdxl_perres_ckpt_peak_gib':34s} {value:>9s}    (target <= {entry['target']}: {verdict})")
+
+
+def sdxl_only(opts) -> None:
+    import torch
+    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu"
+    sdxl = sdxl_check(opts)
+    bc.say("=" * 78)
+    bc.say(f"GPU CHECK (SDXL)  {device_name}  torch {torch.__version__}")
+    report_sdxl(sdxl, opts)
+    bc.say("=" * 78)
+    with open(opts.json, "w", encoding="utf-8") as handle:
+        json.dump({"device": device_name, "torch": torch.__version__, "sdxl": sdxl,
+                   "settings": {k: v for k, v in vars(opts).items() if k != "json"}}, handle, indent=2, default=str)
     bc.say(f"wrote {opts.json}")
 
 

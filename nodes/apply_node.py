@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
 from .errors import reported_as
-from .host_model import require_sd1, with_residual_weights
+from .host_model import require_fits, with_residual_weights
 from .types import Residuals
 
 NAME = "PerRes Apply Residuals"
@@ -30,7 +30,8 @@ class ApplyResiduals(io.ComfyNode):
             description="Applies residuals to every location (W + strength·ΔW) as a weight patch: no cost while "
                         "sampling, identical to loading the saved file with LoraLoaderModelOnly.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x model; a patched clone is returned."),
+                io.Model.Input("model", tooltip="An SD1.x or SDXL-family model (the family the residual was trained on); a "
+                               "patched clone is returned."),
                 Residuals.Input("residuals", tooltip="From PerRes Train Residuals or PerRes Load Residuals."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="1 applies the learned residual; 0 gives the base model."),
@@ -42,5 +43,5 @@ class ApplyResiduals(io.ComfyNode):
     def execute(cls, model, residuals: ResidualSet, strength: float) -> io.NodeOutput:
         with reported_as(NAME):
             check_strength(strength)
-            require_sd1(model)
+            require_fits(model, residuals)
             return io.NodeOutput(with_residual_weights(model, residuals, strength))

@@ -113,7 +113,8 @@ class LoadResiduals(io.ComfyNode):
             node_id="PerResLoadResiduals",
             display_name=LOAD_NAME,
             category="PerRes",
-            description="Loads a residual file saved by PerRes Save Residuals from models/loras and checks it.",
+            description="Loads a residual file saved by PerRes Save Residuals from models/loras and checks it; the "
+                        "node shows the model family the residual was trained on (SD1.x or SDXL) and its words.",
             inputs=[io.Combo.Input("residual_name", options=residual_file_list(),
                                    tooltip="A residual saved by PerRes Save Residuals; only files under "
                                            "models/loras that carry PerRes metadata are listed.")],
@@ -132,4 +133,17 @@ class LoadResiduals(io.ComfyNode):
             path = folder_paths.get_full_path("loras", residual_name)
             if path is None:
                 raise PerResError(f"'{residual_name}' is not in models/loras; refresh the node list or re-save it.")
-            return io.NodeOutput(load_residual_file(path))
+            residuals = load_residual_file(path)
+            return io.NodeOutput(residuals, ui={"text": [describe(residuals)]})
+
+
+def describe(residuals: ResidualSet) -> str:
+    """One line for the node: the family the residual fits, its words and how it was trained."""
+    concept, training = residuals.concept, residuals.training
+    details = [f"{training['steps']} steps" if "steps" in training else "",
+               f"{training['resolution']} px" if "resolution" in training else "",
+               "v-prediction" if training.get("prediction") == "v" else ""]
+    details = ", ".join(part for part in details if part)
+    return (f"{residuals.base_model} residual '{concept.identifier} {concept.class_word}'"
+            f"{f' ({details})' if details else ''}, {len(residuals.layers)} layers; "
+            f"use it on {residuals.base_model} models.")

@@ -1,57 +1,105 @@
-"""What the pack needs to know about a ComfyUI MODEL: is it SD1.x, and where are its proj_out layers."""
+"""What the pack needs to know about a ComfyUI MODEL: its family (perres_core.families), where its proj_out
+layers are, and what its UNet predicts."""
 from __future__ import annotations
 
 import torch
 
 import comfy.lora
+import comfy.model_sampling
 
+from ..perres_core.diffusion import Schedule
 from ..perres_core.errors import PerResError
+from ..perres_core.families import FAMILIES, SD1, SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \
+    require_same_family
 from ..perres_core.residual import ResidualSet
 from ..perres_core.residual_file import residuals_to_state_dict
-from ..perres_core.sd15_layout import SD15_SLOTS, TransformerSlot
 
-SUPPORTED = "SD1.x models (SD1.4, SD1.5 and their fine-tunes, including SD1.5 inpainting for sampling)"
+# Families the LAG nodes handle so far (SDXL LAG is the next step); the rest of the pack takes every family.
+LAG_FAMILIES: tuple[ModelFamily, ...] = (SD1,)
 
 
-def model_family(model) -> str:
-    return type(model.model.model_config).__name__
+def config_name(model) -> str:
+    """The class name of the host's detected model config (e.g. 'SD15', 'SDXL', 'Flux')."""
+    config = getattr(model.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model.model).__name__
 
 
 def unet_of(model) -> torch.nn.Module:
     return model.model.diffusion_model
 
 
-def require_sd1(model) -> None:
-    """Raise a PerResError unless `model` is an SD1.x UNet with the 16 1×1-conv proj_out layers."""
+def family_of_model(model, supported: tuple[ModelFamily, ...] = FAMILIES, use: str = "PerRes") -> ModelFamily:
+    """The family of a ComfyUI MODEL, from its detected unet_config, checked against its real proj_out layers.
+
+    Raises a PerResError naming what is supported when the model is of another family, or when `use` (e.g.
+    "LAG sampling") supports fewer families than the pack.
+    """
     config = getattr(model.model, "model_config", None)
     unet_config = getattr(config, "unet_config", {}) or {}
-    family = model_family(model) if config is not None else type(model.model).__name__
-    is_sd1 = (unet_config.get("context_dim") == 768 and unet_config.get("model_channels") == 320
-              and not unet_config.get("use_linear_in_transformer", True)
-              and unet_config.get("adm_in_channels") is None)
-    if not is_sd1:
-        linear = " (its proj_out layers are Linear, not 1×1 convs)" if unet_config.get("use_linear_in_transformer") else ""
-        raise PerResError(f"the model is {family}{linear}; PerRes supports {SUPPORTED}. "
-                          "Load an SD1.x checkpoint with 'Load Checkpoint'.")
+    detected = config_name(model)
+    family = family_of_config(unet_config)
+    if family is None:
+        linear = unet_config.get("use_linear_in_transformer")
+        hint = " (its proj_out layers are Linear, not 1×1 convs)" if linear and unet_config.get("context_dim") == 1024 else ""
+        raise PerResError(f"the model is {detected}{hint}; PerRes supports {SUPPORTED}. Load a checkpoint of one "
+                          "of these families with 'Load Checkpoint'.")
+    if family not in supported:
+        names = " and ".join(f.name for f in supported)
+        raise PerResError(f"{use} supports only {names} models so far; this model is {family.name} ({detected}). "
+                          f"Use PerRes Apply Residuals (or a stock LoRA loader) on {family.name}, or load an "
+                          f"{names} checkpoint.")
     unet = unet_of(model)
-    for slot in SD15_SLOTS:
-        conv = _find(unet, slot.proj_out)
-        if not isinstance(conv, torch.nn.Conv2d) or tuple(conv.weight.shape) != (slot.channels, slot.channels, 1, 1):
-            raise PerResError(f"the model ({family}) has no {slot.channels}-channel 1×1 proj_out at {slot.proj_out}; "
-                              f"PerRes supports {SUPPORTED}.")
+    kind = torch.nn.Linear if family.linear_proj_out else torch.nn.Conv2d
+    shape = (lambda m: (m, m)) if family.linear_proj_out else (lambda m: (m, m, 1, 1))
+    for slot in family.slots:
+        layer = _find(unet, slot.proj_out)
+        if not isinstance(layer, kind) or tuple(layer.weight.shape) != shape(slot.channels):
+            raise PerResError(f"the model ({detected}) looks like {family.name} but has no {slot.channels}-channel "
+                              f"{kind.__name__} proj_out at {slot.proj_out}; PerRes supports {SUPPORTED}.")
+    return family
 
 
-def require_trainable(model) -> None:
-    """Training needs a plain ε-prediction SD1.x UNet with 4 latent input channels."""
-    require_sd1(model)
+def require_fits(model, residuals: ResidualSet, what: str = "the residual",
+                 supported: tuple[ModelFamily, ...] = FAMILIES, use: str = "PerRes") -> ModelFamily:
+    """The model's family, after refusing residuals trained on another family (the message names both)."""
+    family = family_of_model(model, supported, use)
+    require_same_family(residuals.base_model, family, what)
+    return family
+
+
+def diffusion_schedule(model) -> Schedule:
+    """ᾱ_t and the prediction type of the model's discrete schedule, from the host's model_sampling.
+
+    ComfyUI's σ_t = √((1−ᾱ_t)/ᾱ_t) gives ᾱ_t = 1/(σ_t²+1), zero-terminal-SNR rescaling included. What the
+    UNet predicts is read from how model_sampling turns its output into x̂0: ε-prediction and v-prediction
+    are trained; anything else (EDM, x0, LCM, flow) is refused with what to load instead.
+    """
+    sampling = model.get_model_object("model_sampling")
+    denoise = type(sampling).calculate_denoised
+    discrete = isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) and \
+        type(sampling).calculate_input is comfy.model_sampling.EPS.calculate_input
+    if discrete and denoise is comfy.model_sampling.V_PREDICTION.calculate_denoised:
+        prediction = "v"
+    elif discrete and denoise is comfy.model_sampling.EPS.calculate_denoised:
+        prediction = "epsilon"
+    else:
+        kind = type(sampling).__name__ + "/" + next((base.__name__ for base in type(sampling).__mro__
+                                                      if "calculate_denoised" in vars(base)), "?")
+        raise PerResError(f"the model samples with {kind}; PerRes trains ε-prediction and v-prediction models with "
+                          "a discrete (DDPM) schedule only. Train on the ε- or v-prediction checkpoint of the "
+                          "family; if a ModelSampling node changes the model, set it to eps or v_prediction.")
+    sigmas = sampling.sigmas.float().cpu()
+    return Schedule(1.0 / (sigmas * sigmas + 1.0), prediction)
+
+
+def require_trainable(model) -> tuple[ModelFamily, Schedule]:
+    """Training needs a UNet of a supported family with 4 latent channels and an ε or v-prediction schedule."""
+    family = family_of_model(model)
     in_channels = model.model.model_config.unet_config.get("in_channels", 4)
     if in_channels != 4:
         raise PerResError(f"the model has {in_channels} input channels (an inpainting or instruct model). Train on the "
-                          "regular SD1.5 checkpoint; the residual then also applies to the inpainting model.")
-    model_type = getattr(model.model, "model_type", None)
-    if getattr(model_type, "name", "EPS") != "EPS":
-        raise PerResError(f"the model predicts {model_type.name}, but PerRes trains with the ε-prediction loss "
-                          "(paper Eq. 1); use an ε-prediction SD1.x checkpoint.")
+                          f"regular {family.name} checkpoint; the residual then also applies to the inpainting model.")
+    return family, diffusion_schedule(model)
 
 
 def resident_clone(model):
@@ -80,9 +128,9 @@ def _find(root: torch.nn.Module, path: str):
         return None
 
 
-def transformer_modules(unet: torch.nn.Module) -> list[tuple[TransformerSlot, torch.nn.Module]]:
-    """The 16 SpatialTransformers in execution order."""
-    return [(slot, unet.get_submodule(slot.path)) for slot in SD15_SLOTS]
+def transformer_modules(unet: torch.nn.Module, family: ModelFamily) -> list[tuple[TransformerSlot, torch.nn.Module]]:
+    """The family's SpatialTransformers in execution order."""
+    return [(slot, unet.get_submodule(slot.path)) for slot in family.slots]
 
 
 def with_residual_weights(model, residuals: ResidualSet, strength: float):

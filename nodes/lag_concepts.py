@@ -26,7 +26,7 @@ from ..perres_core.errors import PerResError
 from ..perres_core.lag_layers import Role, placement
 from ..perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LayerDelta, LowRankDelta
 from ..perres_core.residual import ResidualSet
-from .host_model import unet_of
+from .host_model import LAG_FAMILIES, family_of_model, unet_of
 
 log = logging.getLogger("perres")
 UNET_PREFIX = "diffusion_model."
@@ -101,7 +101,8 @@ def _low_rank(module: torch.nn.Module, patch, strength: float, name: str, path: 
 
 
 def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str) -> tuple[dict[str, LayerDelta], list[str]]:
-    """(layer path → delta, notes for the user) of a LoRA on this SD1.x model's UNet."""
+    """(layer path → delta, notes for the user) of a LoRA on this model's UNet."""
+    family = family_of_model(model, LAG_FAMILIES, "LAG sampling")
     unet = unet_of(model)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False)
@@ -124,8 +125,8 @@ def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str
         parts.setdefault(path, []).append(delta)
     if not parts:
         kinds = "text-encoder only" if any(k.startswith(TEXT_ENCODER_PREFIXES) for k in lora) else "for another model"
-        raise PerResError(f"LoRA '{name}' changes no layer of this SD1.x UNet ({len(lora)} tensors, apparently "
-                          f"{kinds}). PerRes LAG LoRA needs an SD1.x LoRA that trains the UNet.")
+        raise PerResError(f"LoRA '{name}' changes no layer of this {family.name} UNet ({len(lora)} tensors, apparently "
+                          f"{kinds}). PerRes LAG LoRA needs an {family.name} LoRA that trains the UNet.")
     notes = []
     if strength != 0 and any(k.startswith(TEXT_ENCODER_PREFIXES) for k in lora):
         notes.append(f"LoRA '{name}': its text-encoder part is not applied (LAG localizes only UNet layers); "
@@ -136,7 +137,7 @@ def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str
     deltas = {path: group[0] if len(group) == 1 else DeltaSum(tuple(group)) for path, group in parts.items()}
     if strength == 0:
         return {}, notes
-    global_layers = [p for p in deltas if placement(p).role is Role.GLOBAL]
+    global_layers = [p for p in deltas if placement(p, family).role is Role.GLOBAL]
     if global_layers:
         notes.append(f"LoRA '{name}': it changes the timestep embedding ({', '.join(global_layers)}), which has no "
                      "image locations; LAG leaves it to the base model.")

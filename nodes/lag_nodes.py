@@ -12,7 +12,7 @@ from ..perres_core.residual import ResidualSet
 from ..perres_core.tokens import concept_positions
 from .apply_node import check_strength
 from .errors import reported_as
-from .host_model import require_sd1
+from .host_model import LAG_FAMILIES, family_of_model, require_fits
 from .lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .lag_patch import LagConcept, LagPatch
 from .node_warnings import NodeWarnings, node_id_of
@@ -23,6 +23,7 @@ LAG_NAME = "PerRes LAG Sampling"
 CONCEPT_NAME = "PerRes LAG Concept"
 LORA_NAME = "PerRes LAG LoRA"
 PREVIEW_NAME = "PerRes LAG Mask Preview"
+LAG_USE = "LAG sampling"  # how family errors name what the model is refused for
 OUTSIDE = {"full residual": "full", "base model": "base"}
 # colours of concepts 1, 2, 3, ... in the mask preview
 PALETTE = torch.tensor([[1.0, 0.25, 0.2], [0.2, 0.6, 1.0], [0.3, 0.9, 0.3], [1.0, 0.85, 0.2], [0.8, 0.3, 1.0]])
@@ -161,7 +162,7 @@ class LagSampling(io.ComfyNode):
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
         with reported_as(LAG_NAME):
-            require_sd1(model)
+            family_of_model(model, LAG_FAMILIES, LAG_USE)
             check_strength(strength)
             if not prompt.strip():
                 raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
@@ -200,6 +201,11 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     """(patched clone, positive conditioning) for the concepts.
 
     `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
+    family = family_of_model(model, LAG_FAMILIES, LAG_USE)
+    for spec in specs:
+        if spec.residuals is not None:
+            require_fits(model, spec.residuals, f"the residual for '{spec.label}'",
+                         LAG_FAMILIES, LAG_USE)
     chunks = prompt_token_chunks(clip, prompt)
     warnings = NodeWarnings(LAG_NAME, node_id)
     concepts = [concept_of(model, clip, chunks, spec, warnings) for spec in specs]
@@ -208,7 +214,7 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
                      sigma_start=float(sampling.percent_to_sigma(start_percent)),
                      sigma_end=float(sampling.percent_to_sigma(end_percent)), outside=outside,
-                     prompt_context=positive[0][0], warn=warnings.warn)
+                     prompt_context=positive[0][0], warn=warnings.warn, family=family)
     patched = model.clone()
     patch.install(patched)
     return patched, positive

@@ -33,7 +33,7 @@ import comfy.patcher_extension
 from ..perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
 from ..perres_core.lag_layers import Placement, Role, level_sizes, placement
 from ..perres_core.layer_delta import LayerDelta, attention
-from ..perres_core.sd15_layout import SD15_SLOTS
+from ..perres_core.families import SD1, ModelFamily
 from .host_model import transformer_modules
 
 log = logging.getLogger("perres")
@@ -165,10 +165,13 @@ class LagPatch:
 
     def __init__(self, concepts: list[LagConcept], prompt_length: int, settings: MaskSettings,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full",
-                 prompt_context: Optional[torch.Tensor] = None, warn: Optional[Callable[[str], None]] = None) -> None:
+                 prompt_context: Optional[torch.Tensor] = None, warn: Optional[Callable[[str], None]] = None,
+                 family: ModelFamily = SD1) -> None:
         """prompt_context: the LAG prompt's encoding (1, T, D), to notice a sampler fed other conditioning;
-        warn: where sampling-time warnings go (the LAG node's own NodeWarnings), by default the log."""
+        warn: where sampling-time warnings go (the LAG node's own NodeWarnings), by default the log;
+        family: the model's (perres_core.families), whose transformer blocks make the masks."""
         settings.validate()
+        self.family = family
         self.concepts = concepts
         self.prompt_length = prompt_length
         self.settings = settings
@@ -176,7 +179,7 @@ class LagPatch:
         self.outside = outside          # "full": W + ΔW outside the LAG steps; "base": W
         self.recorder = MaskRecorder()
         self.bank = MaskBank()
-        self.placements = {path: placement(path) for c in concepts for path in c.deltas}
+        self.placements = {path: placement(path, family) for c in concepts for path in c.deltas}
         self.text_slots = {where.slot.index for where in self.placements.values() if where.role is Role.TEXT}
         self._columns: dict[tuple, torch.Tensor] = {}
         self.prompt_context = prompt_context
@@ -235,7 +238,7 @@ class LagPatch:
             if where.role is Role.EMBEDDING:
                 out_layers = unet.get_submodule(where.resblock).out_layers
                 handles.append(out_layers.register_forward_pre_hook(self._add_embedding(where.resblock, state)))
-        for slot, transformer in transformer_modules(unet):
+        for slot, transformer in transformer_modules(unet, self.family):
             attn2 = transformer.transformer_blocks[0].attn2
             has_text = slot.index in self.text_slots
             if state.mode == "masked":
@@ -330,7 +333,7 @@ class LagPatch:
         return projected
 
     def _make_masks(self, slot: int, state: _CallState, heads: int):
-        key_path = SD15_SLOTS[slot].path + ".transformer_blocks.0.attn2.to_k"
+        key_path = self.family.slots[slot].path + ".transformer_blocks.0.attn2.to_k"
 
         def hook(module, args, keys):
             # the attention change of a LoRA's key/value projections needs the queries once more
@@ -362,7 +365,7 @@ class LagPatch:
         return hook
 
     def _keep_values(self, slot: int, state: _CallState):
-        value_path = SD15_SLOTS[slot].path + ".transformer_blocks.0.attn2.to_v"
+        value_path = self.family.slots[slot].path + ".transformer_blocks.0.attn2.to_v"
 
         def hook(module, args, values):
             changed = self._changed_text(value_path, args[0], values)
@@ -451,7 +454,7 @@ class LagPatch:
 
     def _add_attention_change(self, slot: int, state: _CallState, heads: int):
         """out + Σ_k M_k·(attn(q, K+ΔK_k, V+ΔV_k) − attn(q, K, V)): the LoRA's key/value change, inside the mask."""
-        where = Placement(Role.TEXT, slot=SD15_SLOTS[slot])
+        where = Placement(Role.TEXT, slot=self.family.slots[slot])
 
         def pre_hook(module, args):
             keys, changed_keys = state.keys.pop(slot, (None, {}))

@@ -10,17 +10,17 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..perres_core.families import ModelFamily, TransformerSlot
 from ..perres_core.residual import LowRankResidual
-from ..perres_core.sd15_layout import TransformerSlot
 from .host_model import transformer_modules
 
-# (slot, layer input x (B, C, h, w), unmasked residual output ΔW·x) -> masked delta to add
+# (slot, layer input x: (B, C, h, w) for a 1×1 conv, (B, N, C) for a Linear) -> delta to add, or None
 DeltaFn = Callable[[TransformerSlot, torch.Tensor], Optional[torch.Tensor]]
 
 
 @contextlib.contextmanager
-def proj_out_hooks(unet: torch.nn.Module, delta_fn: DeltaFn) -> Iterator[None]:
-    """Add delta_fn(slot, x) to the output of each of the 16 proj_out convs while the block runs."""
+def proj_out_hooks(unet: torch.nn.Module, family: ModelFamily, delta_fn: DeltaFn) -> Iterator[None]:
+    """Add delta_fn(slot, x) to the output of each of the family's proj_out layers while the block runs."""
     handles = []
 
     def make_hook(slot: TransformerSlot):
@@ -30,7 +30,7 @@ def proj_out_hooks(unet: torch.nn.Module, delta_fn: DeltaFn) -> Iterator[None]:
         return hook
 
     try:
-        for slot, transformer in transformer_modules(unet):
+        for slot, transformer in transformer_modules(unet, family):
             handles.append(transformer.proj_out.register_forward_hook(make_hook(slot)))
         yield
     finally:

@@ -11,13 +11,13 @@ from comfy_api.latest import io, ui
 
 from ..perres_core.class_words import (DEFAULT_BUDGET, DEFAULT_CANDIDATE_TEXT, Ranking, TrialSchedule, caption_for,
                                        check_budget, parse_candidates, rank_candidates)
+from ..perres_core.diffusion import Conditioning
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from .errors import reported_as
-from .host_model import require_trainable, resident_clone, unet_of
+from .host_model import diffusion_schedule, require_trainable, resident_clone, unet_of
 from .node_warnings import NodeWarnings, node_id_of
-from .train_node import encode_caption
-from .training_host import alphas_cumprod, epsilon_prediction, training_dtype
+from .training_host import caption_conditioning, training_dtype, unet_prediction
 
 log = logging.getLogger("perres")
 NAME = "PerRes Suggest Class Word"
@@ -37,16 +37,16 @@ def chunk_size(patcher, latent_shape: tuple[int, ...]) -> int:
     return size
 
 
-def rank_on_model(model, latents: torch.Tensor, contexts: torch.Tensor, words: list[str], budget: int, seed: int,
+def rank_on_model(model, latents: torch.Tensor, conditioning: Conditioning, words: list[str], budget: int, seed: int,
                   on_progress) -> Ranking:
     """Rank `words` on a loaded copy of `model` (the copy training runs on); latents are VAE latents (unscaled)."""
     patcher = resident_clone(model)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
-    schedule_t = alphas_cumprod(patcher)
-    schedule = TrialSchedule.draw(tuple(x0.shape), budget, schedule_t.shape[0], seed)
-    return rank_candidates(epsilon_prediction(unet_of(patcher)), x0, contexts.float().cpu(), words, schedule_t,
-                           schedule, chunk_size(patcher, tuple(x0.shape)), on_progress,
+    schedule = diffusion_schedule(patcher)
+    trials = TrialSchedule.draw(tuple(x0.shape), budget, schedule.num_timesteps, seed)
+    return rank_candidates(unet_prediction(unet_of(patcher)), x0, conditioning.cpu_float(), words, schedule,
+                           trials, chunk_size(patcher, tuple(x0.shape)), on_progress,
                            device=patcher.load_device, dtype=training_dtype(patcher.model))
 
 
@@ -62,7 +62,7 @@ class SuggestClassWord(io.ComfyNode):
                         "model predicts the noise best, at the same timesteps and noise for every word, wins. "
                         "Wire `class_word` into PerRes Train Residuals.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model you will train on; it is never modified."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL-family model you will train on; it is never modified."),
                 io.Clip.Input("clip", tooltip="Encodes 'a photo of a <word>' for every candidate."),
                 io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
                 io.Image.Input("images", tooltip="The reference images you will train on."),
@@ -99,7 +99,8 @@ class SuggestClassWord(io.ComfyNode):
                                   "(e.g. from 'PerRes Load Concept Images').")
             pixels = prepare_batch(list(images), resolution)
             latents = vae.encode(pixels)
-            contexts = torch.cat([encode_caption(clip, caption_for(word)) for word in words])
+            conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution, resolution)
+                                             for word in words])
             progress = comfy.utils.ProgressBar(1)
 
             def on_progress(done: int, total: int) -> None:
@@ -107,7 +108,7 @@ class SuggestClassWord(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
 
             comfy.model_management.throw_exception_if_processing_interrupted()
-            ranking = rank_on_model(model, latents, contexts, words, budget, seed, on_progress)
+            ranking = rank_on_model(model, latents, conditioning, words, budget, seed, on_progress)
             notes = NodeWarnings(NAME, node_id_of(cls))
             if ranking.is_close_call():
                 runner_up = ranking.entries[1].word

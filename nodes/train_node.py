@@ -1,4 +1,4 @@
-"""PerRes Train Residuals: learn ΔW_i = A_i·B_i for the 16 proj_out convs of a frozen SD1.x UNet."""
+"""PerRes Train Residuals: learn ΔW_i = A_i·B_i for the proj_out layers of a frozen SD1.x or SDXL UNet."""
 from __future__ import annotations
 
 import logging
@@ -12,16 +12,16 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
+from ..perres_core.families import ModelFamily
 from ..perres_core.images import prepare_batch, subject_masks
 from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, check_continuable, rank_for,
                                     steps_trained, training_date)
-from ..perres_core.sd15_layout import sd15_layer_shapes
 from ..perres_core.training import TrainSettings, loss_weights
 from .errors import reported_as
 from .host_model import require_trainable, with_residual_weights
 from .node_warnings import NodeWarnings, node_id_of
 from .text_tokens import check_concept_word, word_token_ids
-from .training_host import train_on_model
+from .training_host import caption_conditioning, train_on_model
 from .types import Residuals
 
 log = logging.getLogger("perres")
@@ -37,16 +37,27 @@ CHECKPOINTING_TOOLTIP = ("Recompute the UNet's activations during the backward p
 BACKGROUND_WEIGHT_DEFAULT = 0.1
 
 
+# resolution 0 (the default) trains at the family's own resolution (512 for SD1.x, 1024 for SDXL)
+AUTO_RESOLUTION = 0
+
+
 def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio: float, resolution: int) -> None:
     TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate).validate()
     rank_for(320, rank_ratio)  # raises for ratios outside (0, 1]
-    if resolution % 8 or resolution < 64:
-        raise PerResError(f"resolution must be a multiple of 8 and at least 64, got {resolution}; 512 suits SD1.x.")
+    if resolution != AUTO_RESOLUTION and (resolution % 8 or resolution < 64):
+        raise PerResError(f"resolution must be a multiple of 8 and at least 64 (or 0 for the model's own: 512 for "
+                          f"SD1.x, 1024 for SDXL), got {resolution}.")
 
 
-def encode_caption(clip, caption: str) -> torch.Tensor:
-    """(1, 77, 768) caption embedding, computed once for all steps."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][0]
+def training_resolution(resolution: int, family: ModelFamily, warnings: NodeWarnings) -> int:
+    """The resolution to train at: the family's own for 0; a warning when it is well below that."""
+    if resolution == AUTO_RESOLUTION:
+        return family.resolution
+    if resolution < family.low_resolution_warning:
+        warnings.warn(f"training {family.name} at {resolution} px; {family.name} models are trained at "
+                      f"{family.resolution} px, and a residual learned far below that draws the concept worse at "
+                      f"{family.resolution}. Set resolution to 0 ({family.resolution} px) unless memory is short.")
+    return resolution
 
 
 class TrainResiduals(io.ComfyNode):
@@ -56,11 +67,13 @@ class TrainResiduals(io.ComfyNode):
             node_id="PerResTrainResiduals",
             display_name=NAME,
             category="PerRes",
-            description="Learns personalized residuals (Ham et al. 2024) for the 16 proj_out layers of a frozen "
-                        "SD1.x UNet from a few reference images, with the caption 'a photo of a <identifier> "
-                        "<class word>'. No regularization images; the text encoder is not trained.",
+            description="Learns personalized residuals (Ham et al. 2024) for the proj_out layers of a frozen "
+                        "SD1.x UNet (16 layers) or SDXL-family UNet (11) from a few reference images, with the "
+                        "caption 'a photo of a <identifier> <class word>'. No regularization images; the text "
+                        "encoder is not trained.",
             inputs=[
-                io.Model.Input("model", tooltip="A frozen SD1.x model; it is never modified."),
+                io.Model.Input("model", tooltip="A frozen SD1.x or SDXL-family model (ε- or v-prediction); it is never "
+                                                "modified."),
                 io.Clip.Input("clip", tooltip="Encodes the training caption."),
                 io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
                 io.Image.Input("images", tooltip="Reference images of the concept (3–20 work best)."),
@@ -74,9 +87,11 @@ class TrainResiduals(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate (paper: 0.001)."),
                 io.Float.Input("rank_ratio", default=DEFAULT_RANK_RATIO, min=0.001, max=1.0, step=0.005,
-                               tooltip="Rank r_i = ratio × channels of each layer (paper: 0.05 → 1.24M parameters)."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Training resolution; images are centre-cropped and resized to it."),
+                               tooltip="Rank r_i = ratio × channels of each layer (paper: 0.05 → 1.24M parameters on "
+                                       "SD1.5, 1.19M on SDXL)."),
+                io.Int.Input("resolution", default=AUTO_RESOLUTION, min=0, max=2048, step=8,
+                             tooltip="Training resolution; images are centre-cropped and resized to it. 0: the "
+                                     "model's own (512 for SD1.x, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds initialisation, batches, timesteps and noise; same seed, same result."),
                 io.Combo.Input("init", options=["random", "zero"], default="random",
@@ -114,10 +129,11 @@ class TrainResiduals(io.ComfyNode):
                 initial_residuals: Optional[ResidualSet] = None) -> io.NodeOutput:
         with reported_as(NAME):
             check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution)
-            require_trainable(model)
+            family, schedule = require_trainable(model)
             identifier = check_concept_word("identifier", identifier, single_word=True)
             class_word = check_concept_word("class_word", class_word, single_word=False)
             warnings = NodeWarnings(NAME, node_id_of(cls))
+            resolution = training_resolution(resolution, family, warnings)
             if len(word_token_ids(clip, identifier)) > 1:
                 warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
                               "'sks' binds the concept more cleanly.")
@@ -136,17 +152,17 @@ class TrainResiduals(io.ComfyNode):
             concept = ConceptInfo(identifier, class_word)
             previous_steps = 0
             if initial_residuals is not None:
-                check_continuable(initial_residuals, ResidualSet.create(sd15_layer_shapes(), rank_ratio))
+                check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio))
                 previous_steps = continued_steps(initial_residuals, concept, warnings)
                 concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
             pixels = prepare_batch(list(images), resolution)
             latents = vae.encode(pixels)
             weights = None if cropped_masks is None else \
                 loss_weights(cropped_masks, tuple(latents.shape[-2:]), background_weight)
-            context = encode_caption(clip, concept.caption())
+            conditioning = caption_conditioning(model, clip, concept.caption(), resolution, resolution)
             record = {"steps": previous_steps + steps, "batch_size": batch_size, "learning_rate": learning_rate,
                       "seed": seed, "init": init if initial_residuals is None else "continued",
-                      "resolution": resolution, "num_images": images.shape[0]}
+                      "resolution": resolution, "num_images": images.shape[0], "prediction": schedule.prediction}
             if initial_residuals is not None:
                 record["continued_from_steps"] = previous_steps
             if masks is not None:
@@ -154,7 +170,7 @@ class TrainResiduals(io.ComfyNode):
 
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
                 if initial_residuals is None:
-                    residuals = ResidualSet.create(sd15_layer_shapes(), rank_ratio, concept=concept, training=record)
+                    residuals = ResidualSet.for_family(family, rank_ratio, concept=concept, training=record)
                     residuals.initialize(init, seed)
                 else:  # a copy: the input residuals (and their file) are never changed
                     residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
@@ -168,7 +184,7 @@ class TrainResiduals(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                      start_step=previous_steps)
-            losses = train_on_model(model, latents, context, residuals, settings, on_step,
+            losses = train_on_model(model, latents, conditioning, residuals, settings, on_step,
                                     gradient_checkpointing=gradient_checkpointing, weights=weights)
             trained = residuals.detached_copy()
             log.info("%s: %d steps%s, final loss %.4f, %d parameters.", NAME, steps,

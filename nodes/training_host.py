@@ -10,12 +10,13 @@ import torch
 
 import comfy.model_management
 
+from ..perres_core.diffusion import Conditioning
 from ..perres_core.errors import PerResError
 from ..perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
 from ..perres_core.memory import is_out_of_memory
-from ..perres_core.residual import ResidualSet
-from ..perres_core.training import EpsilonFn, TrainSettings, train_residuals
-from .host_model import resident_clone, unet_of
+from ..perres_core.residual import ResidualSet, family_of
+from ..perres_core.training import PredictFn, TrainSettings, train_residuals
+from .host_model import diffusion_schedule, resident_clone, unet_of
 from .residual_hooks import full_residual, proj_out_hooks
 
 log = logging.getLogger("perres")
@@ -50,10 +51,18 @@ def frozen_for_backward(module: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-def alphas_cumprod(model) -> torch.Tensor:
-    """ᾱ_t of the model's discrete schedule, from ComfyUI's σ_t = √((1−ᾱ_t)/ᾱ_t)."""
-    sigmas = model.get_model_object("model_sampling").sigmas.float().cpu()
-    return 1.0 / (sigmas * sigmas + 1.0)
+def caption_conditioning(model, clip, caption: str, width: int, height: int) -> Conditioning:
+    """The caption as the UNet of `model` is conditioned on it, for images of width×height pixels.
+
+    The tokens come from the CLIP (SD1.x: CLIP-L, 77×768; SDXL: CLIP-L and CLIP-G side by side, 77×2048).
+    SDXL also takes a vector y of the pooled CLIP-G embedding and the size and crop embeddings; it is built
+    by the host model's own encode_adm from the conditioning, as its extra_conds does when sampling (which
+    passes the latent's size in pixels). SD1.x's encode_adm gives None.
+    """
+    tokens, extra = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
+    vector = model.model.encode_adm(**extra, width=width, height=height, crop_w=0, crop_h=0, target_width=width,
+                                    target_height=height, device=torch.device("cpu"))
+    return Conditioning(tokens, vector).cpu_float()
 
 
 def checkpoint_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
@@ -81,14 +90,14 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> Optional["torch.amp
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def epsilon_prediction(unet: torch.nn.Module) -> EpsilonFn:
-    """ε_θ(x_t, t, c) of the SD1 UNet module itself: it takes the discrete timestep t and predicts ε."""
-    def predict_noise(x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        return unet(x_t, t.float(), context=ctx)
-    return predict_noise
+def unet_prediction(unet: torch.nn.Module) -> PredictFn:
+    """The UNet module itself as f_θ(x_t, t, c): it takes the discrete timestep t and predicts ε (or v)."""
+    def predict(x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        return unet(x_t, t.float(), context=conditioning.context, y=conditioning.vector)
+    return predict
 
 
-def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residuals: ResidualSet,
+def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, residuals: ResidualSet,
                    settings: TrainSettings, on_step: Callable[[int, float], None],
                    gradient_checkpointing: bool = False, weights: Optional[torch.Tensor] = None) -> list[float]:
     """Train `residuals` in place on a frozen copy of `model`; latents are VAE latents (unscaled), weights
@@ -110,12 +119,11 @@ def train_on_model(model, latents: torch.Tensor, context: torch.Tensor, residual
             for layer in residuals.layers.values():
                 layer.to(device)
                 layer.requires_grad_(True)
-            predict_noise = epsilon_prediction(unet)
             units = checkpoint_units(unet) if gradient_checkpointing else []
             try:
-                with frozen_for_backward(unet), proj_out_hooks(unet, full_residual(residuals.layers)), \
+                with frozen_for_backward(unet), proj_out_hooks(unet, family_of(residuals), full_residual(residuals.layers)), \
                         recompute_in_backward(units):
-                    return train_residuals(predict_noise, x0, context.clone().float().cpu(), alphas_cumprod(patcher),
+                    return train_residuals(unet_prediction(unet), x0, conditioning.cpu_float(), diffusion_schedule(patcher),
                                            residuals.parameters(), settings, on_step, device=device, dtype=dtype,
                                            grad_scaler=loss_scaler(dtype, device), weights=weights)
             finally:

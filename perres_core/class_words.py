@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from .errors import PerResError
-from .training import EpsilonFn, epsilon_errors
+from .diffusion import Conditioning
+from .training import ConditioningLike, PredictFn, ScheduleLike, epsilon_errors
 
 CAPTION_TEMPLATE = "a photo of a {word}"  # the training caption without the identifier (paper §4.1)
 # Everyday categories, one group a line: people, pets and animals, toys, objects (DreamBooth's and
@@ -186,34 +187,35 @@ def rank_words(words: list[str], errors: torch.Tensor, finalists: list[int]) -> 
 
 
 @torch.no_grad()
-def score_trials(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor, alphas_cumprod: torch.Tensor,
-                 schedule: TrialSchedule, jobs: list[tuple[int, int, int]], errors: torch.Tensor, chunk_size: int,
+def score_trials(predict: PredictFn, latents: torch.Tensor, conditioning: Conditioning, schedule: ScheduleLike,
+                 trials: TrialSchedule, jobs: list[tuple[int, int, int]], errors: torch.Tensor, chunk_size: int,
                  on_chunk: Optional[Callable[[int], None]] = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
     """Fill errors[c, n, k] for each job (candidate c, image n, trial k), `chunk_size` jobs per ε call."""
-    abar = alphas_cumprod.float().cpu()
     for start in range(0, len(jobs), chunk_size):
         c, n, k = (torch.tensor(column) for column in zip(*jobs[start:start + chunk_size]))
-        errors[c, n, k] = epsilon_errors(eps_fn, latents[n].float(), schedule.noise[n, k], schedule.timesteps[n, k],
-                                         contexts[c], abar, device, dtype).cpu()
+        errors[c, n, k] = epsilon_errors(predict, latents[n].float(), trials.noise[n, k], trials.timesteps[n, k],
+                                         conditioning.select(c), schedule, device, dtype).cpu()
         if on_chunk is not None:
             on_chunk(len(c))
 
 
-def rank_candidates(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor, words: list[str],
-                    alphas_cumprod: torch.Tensor, schedule: TrialSchedule, chunk_size: int,
+def rank_candidates(predict: PredictFn, latents: torch.Tensor, conditioning: ConditioningLike, words: list[str],
+                    schedule: ScheduleLike, trials: TrialSchedule, chunk_size: int,
                     on_progress: Optional[ProgressFn] = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> Ranking:
     """Score every word's caption on the images (Li et al.'s adaptive diffusion classifier) and rank them.
 
-    latents: (N, C, h, w) clean latents as the model sees them, on the CPU; contexts: (len(words), T, D).
+    latents: (N, C, h, w) clean latents as the model sees them, on the CPU; conditioning: one row per word;
+    schedule: the model's ᾱ_t and prediction type; trials: the timesteps and noise every word is scored at.
     on_progress(done, total) counts ε evaluations (one image, one trial, one word each); it may raise to cancel.
     """
-    if contexts.shape[0] != len(words):
-        raise PerResError(f"{contexts.shape[0]} caption embeddings for {len(words)} candidates.")
+    conditioning = Conditioning.of(conditioning)
+    if len(conditioning) != len(words):
+        raise PerResError(f"{len(conditioning)} caption embeddings for {len(words)} candidates.")
     if chunk_size < 1:
         raise PerResError(f"chunk_size must be at least 1, got {chunk_size}.")
-    images, budget = latents.shape[0], schedule.budget
+    images, budget = latents.shape[0], trials.budget
     candidates = list(range(len(words)))
     kept = min(FINALISTS, len(words))
     screening = screening_trials(len(words), budget)
@@ -227,9 +229,9 @@ def rank_candidates(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
         if on_progress is not None:
             on_progress(done, total)
 
-    def run(which: list[int], trials: list[int]) -> None:
-        jobs = [(c, n, k) for c in which for n in range(images) for k in trials]
-        score_trials(eps_fn, latents, contexts, alphas_cumprod, schedule, jobs, errors, chunk_size, counted,
+    def run(which: list[int], trial_numbers: list[int]) -> None:
+        jobs = [(c, n, k) for c in which for n in range(images) for k in trial_numbers]
+        score_trials(predict, latents, conditioning, schedule, trials, jobs, errors, chunk_size, counted,
                      device, dtype)
 
     errors = torch.full((len(words), images, budget), math.nan)

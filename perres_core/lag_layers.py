@@ -1,4 +1,4 @@
-"""Which LAG mask each layer of an SD1.x UNet uses (LAG for any LoRA).
+"""Which LAG mask each layer of a UNet uses (LAG for any LoRA).
 
 LAG computes the mask of transformer block i from that block's cross-attention to the concept words
 (paper Eq. 2). A LoRA also changes layers that run *before* that cross-attention in the same UNet call,
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-from .sd15_layout import SD15_SLOTS, TransformerSlot
+from .families import ModelFamily, TransformerSlot
 
 
 class Role(Enum):
@@ -64,9 +64,9 @@ class Placement:
     resblock: Optional[str] = None
 
 
-def placement(path: str) -> Placement:
-    """The role of the UNet layer at `path` (LDM naming, e.g. 'input_blocks.1.1.proj_in')."""
-    for slot in SD15_SLOTS:
+def placement(path: str, family: ModelFamily) -> Placement:
+    """The role of the UNet layer at `path` (LDM naming, e.g. 'input_blocks.1.1.proj_in') in a `family` UNet."""
+    for slot in family.slots:
         if path.startswith(slot.path + "."):
             sub = path[len(slot.path) + 1:]
             role = Role.AFTER if sub in _AFTER else Role.TEXT if sub in _TEXT else Role.BEFORE

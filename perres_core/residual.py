@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import PerResError
+from .families import ModelFamily, family_named, require_same_family
 from .layer_delta import ConvGeometry, low_rank
 
 DEFAULT_RANK_RATIO = 0.05
@@ -134,6 +135,12 @@ class ResidualSet:
         kwargs.setdefault("date", training_date())
         return cls(layers=layers, concept=concept or ConceptInfo(), rank_ratio=rank_ratio, **kwargs)
 
+    @classmethod
+    def for_family(cls, family: ModelFamily, rank_ratio: float = DEFAULT_RANK_RATIO, **kwargs) -> "ResidualSet":
+        """One residual per proj_out of `family` (Linear or 1×1 conv, as the family's layers are)."""
+        return cls.create(family.layer_shapes(), rank_ratio, conv=not family.linear_proj_out, base_model=family.name,
+                          **kwargs)
+
     def initialize(self, mode: InitMode = "random", seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)
         for path in sorted(self.layers):
@@ -166,20 +173,26 @@ def check_continuable(initial: ResidualSet, fresh: ResidualSet) -> None:
     """Refuse to continue `initial` as `fresh` (the set this run would create) unless both have the same
     layers, shapes and ranks; the error names the first layer that differs and what to do."""
     restart = "or disconnect initial_residuals to train a new residual"
+    require_same_family(initial.base_model, family_of(fresh), "initial_residuals")
     for path in sorted(set(initial.layers) | set(fresh.layers)):
         old, new = initial.layers.get(path), fresh.layers.get(path)
         if old is None or new is None:
             where = "lack" if old is None else "have the extra"
-            raise PerResError(f"initial_residuals {where} layer {path}, so they do not fit this SD1.x model; "
+            raise PerResError(f"initial_residuals {where} layer {path}, so they do not fit this {fresh.base_model} model; "
                               f"load a residual trained by PerRes Train Residuals, {restart}.")
         if (old.out_features, old.in_features, old.conv) != (new.out_features, new.in_features, new.conv):
             raise PerResError(f"initial_residuals layer {path} is {old.out_features}×{old.in_features}, this model's "
                               f"is {new.out_features}×{new.in_features}; the residual was made for another model. "
-                              f"Load one trained on an SD1.x model, {restart}.")
+                              f"Load one trained on an {fresh.base_model} model, {restart}.")
         if old.rank != new.rank:
             raise PerResError(f"initial_residuals layer {path} has rank {old.rank}, but rank_ratio "
                               f"{fresh.rank_ratio:g} gives rank {new.rank}. Set rank_ratio to the residual's "
                               f"{initial.rank_ratio:g}, {restart}.")
+
+
+def family_of(residuals: ResidualSet) -> ModelFamily:
+    """The model family a residual set was trained on (its base_model)."""
+    return family_named(residuals.base_model)
 
 
 def steps_trained(residuals: ResidualSet) -> Optional[int]:

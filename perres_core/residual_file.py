@@ -1,9 +1,10 @@
 """Residual files: safetensors with kohya/ComfyUI LoRA keys plus PerRes metadata.
 
-Per layer the file holds `lora_unet_<diffusers name>.lora_up.weight` = A (m, r, 1, 1),
-`.lora_down.weight` = B (r, n, 1, 1) and `.alpha` = r, so that every LoRA loader computes
-W + strength·(alpha/r)·A·B = W + strength·ΔW exactly. Only safetensors are ever read: pickle files can
-run code when loaded.
+Per layer the file holds `<kohya prefix>.lora_up.weight` = A, `.lora_down.weight` = B and `.alpha` = r, so
+that every LoRA loader computes W + strength·(alpha/r)·A·B = W + strength·ΔW exactly. The kohya prefix, the
+factors' shape ((m, r, 1, 1) for SD1.x's 1×1 convs, (m, r) for SDXL's Linear layers) and the metadata other
+tools read (ss_base_model_version, modelspec.architecture) come from the model family (perres_core.families).
+Only safetensors are ever read: pickle files can run code when loaded.
 """
 from __future__ import annotations
 
@@ -13,42 +14,39 @@ import os
 import struct
 import tempfile
 from functools import lru_cache
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from safetensors import safe_open
 
 from .errors import PerResError
-from .residual import ConceptInfo, LowRankResidual, ResidualSet
-from .sd15_layout import SLOT_BY_KOHYA, SLOT_BY_PROJ_OUT
+from .families import FAMILIES, ModelFamily, family_of_kohya_prefixes
+from .residual import ConceptInfo, LowRankResidual, ResidualSet, family_of
 
 FORMAT_VERSION = "1"
 META_PREFIX = "perres."
 UP, DOWN, ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
-# Full-rank residuals on all 16 SD1.5 layers in fp32 take 99 MB; nothing legitimate is larger.
+# Full-rank residuals on all 16 SD1.5 layers in fp32 take 99 MB (SDXL's 11: 91 MB); nothing legitimate is larger.
 MAX_FILE_BYTES = 128 * 1024 * 1024
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 DAMAGED_FIX = "Copy the file again, or train and save the residual again with 'PerRes Save Residuals'."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 # A PerRes header (48 tensor entries plus metadata) is about 10 KB; listing never reads more than this per file.
 LISTING_HEADER_BYTES = 1024 * 1024
-# modelspec (the Stability AI model spec) is what A1111/Forge and model sites read; "diffusers" is the
-# implementation kohya's sd-scripts writes for SD1 LoRAs with these diffusers-path key names.
-MODELSPEC = {
-    "modelspec.sai_model_spec": "1.0.0",
-    "modelspec.architecture": "stable-diffusion-v1/lora",
-    "modelspec.implementation": "diffusers",
-}
+# modelspec (the Stability AI model spec) is what A1111/Forge and model sites read; its architecture and
+# implementation are the family's (what kohya's sd-scripts writes for that family's LoRAs).
+MODELSPEC_VERSION = "1.0.0"
 MODELSPEC_DATE = "modelspec.date"
 
 
 def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
     """Tensors in kohya LoRA layout (4-D factors for the 1×1 convs, as sd-scripts writes them)."""
     state = {}
+    family = family_of(residuals)
     for path, layer in residuals.layers.items():
-        slot = SLOT_BY_PROJ_OUT.get(path)
+        slot = family.slot_by_proj_out.get(path)
         if slot is None:
-            raise PerResError(f"No file name is known for layer '{path}'; only SD1.x proj_out layers are saved.")
+            raise PerResError(f"No file name is known for layer '{path}'; only {family.name} proj_out layers are saved.")
         up = layer.up.detach().float().cpu().contiguous()
         down = layer.down.detach().float().cpu().contiguous()
         if layer.conv:
@@ -74,17 +72,18 @@ def residuals_metadata(residuals: ResidualSet, pack_version: str) -> dict[str, s
     out = {META_PREFIX + k: v for k, v in meta.items()}
     # Lets kohya-style tools recognise the file as a plain LoRA.
     out["ss_network_module"] = "networks.lora"
-    out["ss_base_model_version"] = "sd_v1"
+    out["ss_base_model_version"] = family_of(residuals).kohya_base_version
     out.update(modelspec_metadata(residuals))
     return out
 
 
 def modelspec_metadata(residuals: ResidualSet) -> dict[str, str]:
     """The modelspec.* fields, so that the trigger words travel with the file into other tools."""
-    concept = residuals.concept
+    concept, family = residuals.concept, family_of(residuals)
     words = f"{concept.identifier} {concept.class_word}"
-    resolution = residuals.training.get("resolution", "512")
-    out = {**MODELSPEC, "modelspec.title": f"{words} (PerRes residual)", "modelspec.trigger_phrase": words,
+    resolution = residuals.training.get("resolution", str(family.resolution))
+    out = {"modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.architecture": family.modelspec_architecture,
+           "modelspec.implementation": family.modelspec_implementation, "modelspec.title": f"{words} (PerRes residual)", "modelspec.trigger_phrase": words,
            "modelspec.resolution": f"{resolution}x{resolution}"}
     if residuals.date:
         out[MODELSPEC_DATE] = residuals.date
@@ -238,33 +237,51 @@ def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Map
     if metadata[META_PREFIX + "format"] != FORMAT_VERSION:
         raise PerResError(f"'{name}' uses PerRes file format {metadata[META_PREFIX + 'format']!r}; "
                           f"this version of the pack reads format {FORMAT_VERSION}. Update the pack.")
-    layers = _layers_from_tensors(tensors, name)
+    family = _family_of_tensors(tensors, name)
+    stated = metadata.get(META_PREFIX + "base_model", family.name)
+    if stated != family.name:
+        raise PerResError(f"'{name}' says it was trained on {stated!r} but holds {family.name} layers; the file is "
+                          f"damaged. {DAMAGED_FIX}")
+    layers = _layers_from_tensors(tensors, family, name)
     concept, rank_ratio, training = _metadata_fields(metadata, name)
     date = metadata.get(MODELSPEC_DATE, "")
-    return ResidualSet(layers=layers, concept=concept, rank_ratio=rank_ratio,
-                       base_model=metadata.get(META_PREFIX + "base_model", "SD1.x"), training=training,
-                       date=date if isinstance(date, str) else "")
+    return ResidualSet(layers=layers, concept=concept, rank_ratio=rank_ratio, base_model=family.name,
+                       training=training, date=date if isinstance(date, str) else "")
 
 
-def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, LowRankResidual]:
-    prefixes: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, tensor in tensors.items():
-        for suffix in (UP, DOWN, ALPHA):
-            if key.endswith(suffix) and key[: -len(suffix)] in SLOT_BY_KOHYA:
-                prefixes.setdefault(key[: -len(suffix)], {})[suffix] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not SD1.x proj_out residuals, "
-                          f"e.g. {sorted(unknown)[:3]}. It is not a PerRes residual; pick a file saved by "
-                          "'PerRes Save Residuals'.")
-    if not prefixes:
+def _layer_prefix(key: str) -> Optional[str]:
+    for suffix in (UP, DOWN, ALPHA):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
+
+
+def _family_of_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> ModelFamily:
+    """The one family every tensor of the file belongs to (its kohya layer names say which)."""
+    prefixes = {_layer_prefix(key) for key in tensors}
+    family = family_of_kohya_prefixes(prefixes) if None not in prefixes else None
+    if family is not None:
+        return family
+    if not tensors:
         raise PerResError(f"'{name}' contains no residual tensors.")
+    known = set().union(*(f.slot_by_kohya for f in FAMILIES))
+    unknown = sorted(key for key in tensors if _layer_prefix(key) not in known)
+    if unknown:
+        raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not proj_out residuals of "
+                          f"{' or '.join(f.name for f in FAMILIES)}, e.g. {unknown[:3]}. It is not a PerRes residual; "
+                          "pick a file saved by 'PerRes Save Residuals'.")
+    raise PerResError(f"'{name}' mixes layers of several model families; it is not a PerRes residual. {DAMAGED_FIX}")
+
+
+def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], family: ModelFamily,
+                         name: str) -> dict[str, LowRankResidual]:
+    prefixes: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        prefix = _layer_prefix(key)
+        prefixes.setdefault(prefix, {})[key[len(prefix):]] = tensor
     layers = {}
     for prefix, parts in sorted(prefixes.items()):
-        slot = SLOT_BY_KOHYA[prefix]
+        slot = family.slot_by_kohya[prefix]
         if UP not in parts or DOWN not in parts:
             raise PerResError(f"'{name}': layer {slot.proj_out} lacks its lora_up or lora_down tensor.")
         up, down = parts[UP].float(), parts[DOWN].float()
@@ -277,8 +294,8 @@ def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict
         if (conv and (up.shape[2:] != (1, 1) or down.dim() != 4 or down.shape[2:] != (1, 1))) \
                 or down2.shape[0] != r or m != slot.channels or down2.shape[1] != slot.channels:
             raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
-                              f"which do not fit SD1.x's {slot.channels}×{slot.channels} proj_out. The file was "
-                              "made for another model; train the residual again on an SD1.x model.")
+                              f"which do not fit {family.name}'s {slot.channels}×{slot.channels} proj_out. The file was "
+                              f"made for another model; train the residual again on an {family.name} model.")
         if not (torch.isfinite(up2).all() and torch.isfinite(down2).all()):
             raise PerResError(f"'{name}': layer {slot.proj_out} contains NaN or Inf values; the file is damaged "
                               "or came from a diverged training run. Train it again with a lower learning rate.")
@@ -289,7 +306,7 @@ def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict
         scale = 1.0 if alpha is None else float(alpha) / r
         if not math.isfinite(scale):
             raise PerResError(f"'{name}': layer {slot.proj_out} has a non-finite alpha. {DAMAGED_FIX}")
-        layer = LowRankResidual(m, down2.shape[1], r, conv=True)
+        layer = LowRankResidual(m, down2.shape[1], r, conv=not family.linear_proj_out)
         with torch.no_grad():
             layer.up.copy_(up2 * scale)  # fold alpha/r so that ΔW = up·down
             layer.down.copy_(down2)

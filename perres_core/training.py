@@ -1,9 +1,11 @@
-"""Training loop for personalized residuals with the plain ε-prediction loss (paper Eq. 1).
+"""Training loop for personalized residuals with the plain diffusion loss (paper Eq. 1).
 
-The loop knows nothing about the host: it receives an ε-predicting function of (x_t, t, context)
-whose only trainable parameters are the residuals, the clean latents, the caption embeddings and the
-model's ᾱ_t schedule. All randomness comes from one seeded CPU generator, so the same seed and inputs
-give the same residuals on the CPU, whatever device runs the model.
+The loop knows nothing about the host: it receives the UNet as a function of (x_t, t, conditioning)
+whose only trainable parameters are the residuals, the clean latents, the caption conditioning and the
+model's schedule (ᾱ_t and what the UNet predicts). The loss is ‖target − output‖² in the model's own
+prediction space: ε for ε-prediction models (Eq. 1), v for v-prediction ones (NoobAI-style SDXL), the
+target each model was trained with. All randomness comes from one seeded CPU generator, so the same seed
+and inputs give the same residuals on the CPU, whatever device runs the model.
 
 Optional per-location loss weights (from subject masks) turn the loss into a weighted mean; weights of 1
 everywhere are exactly the paper's loss.
@@ -12,14 +14,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from .diffusion import Conditioning, Schedule
 from .errors import PerResError
 
-EpsilonFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# The UNet's raw output (ε̂ or v̂, as its Schedule says) for x_t, the discrete timesteps t and one
+# conditioning row per sample.
+PredictFn = Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+ScheduleLike = Union[Schedule, torch.Tensor]      # a bare ᾱ_t tensor means ε-prediction
+ConditioningLike = Union[Conditioning, torch.Tensor]  # bare caption tokens mean no vector (SD1.x)
 StepCallback = Callable[[int, float], None]
 
 
@@ -87,71 +94,73 @@ def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], background_w
     return None if bool((weights == 1.0).all()) else weights
 
 
-def epsilon_loss(prediction: torch.Tensor, noise: torch.Tensor,
-                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """‖ε − ε_θ‖² averaged over the batch (paper Eq. 1), or its mean weighted per location by `weights`
-    (B, 1, h, w); a location of weight 0 contributes neither loss nor gradient."""
+def prediction_loss(prediction: torch.Tensor, target: torch.Tensor,
+                    weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖target − prediction‖² averaged over the batch (paper Eq. 1, with target ε or v), or its mean weighted
+    per location by `weights` (B, 1, h, w); a location of weight 0 contributes neither loss nor gradient."""
     if weights is None:
-        return F.mse_loss(prediction, noise)
+        return F.mse_loss(prediction, target)
     weights = weights.to(prediction.device, prediction.dtype)
-    return ((prediction - noise).square() * weights).sum() / (weights.sum() * prediction.shape[1])
+    return ((prediction - target).square() * weights).sum() / (weights.sum() * prediction.shape[1])
 
 
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: ScheduleLike) -> torch.Tensor:
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM forward process)."""
-    abar = alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return Schedule.of(schedule).noisy(x0, noise, t)
 
 
-def predicted_noise(eps_fn: EpsilonFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                    context: torch.Tensor, alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
+def model_output(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                 conditioning: Conditioning, schedule: Schedule, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the UNet's output, x_t) for x_t noised from x0 at t (inputs on the CPU); computed on `device` in `dtype`."""
+    x_t = noisy_latents(x0, noise, t, schedule)
+    return predict(x_t.to(device, dtype), t.to(device), conditioning.to(device, dtype)), x_t
+
+
+def predicted_noise(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    conditioning: ConditioningLike, schedule: ScheduleLike, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ε_θ(x_t, t, c) for x_t noised from x0 at t (all on the CPU); computed on `device` in `dtype`."""
-    x_t = noisy_latents(x0, noise, t, alphas_cumprod)
-    return eps_fn(x_t.to(device, dtype), t.to(device), context.to(device, dtype))
+    """ε̂(x_t, t, c) for x_t noised from x0 at t, whatever the model predicts (a v̂ is turned into ε̂)."""
+    schedule = Schedule.of(schedule)
+    output, x_t = model_output(predict, x0, noise, t, Conditioning.of(conditioning), schedule, device, dtype)
+    return schedule.noise_from(output, x_t, t)
 
 
-def _rows(contexts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if contexts.shape[0] == 1:
-        return contexts.expand(len(index), *contexts.shape[1:])
-    return contexts[index]
-
-
-def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
-                    alphas_cumprod: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
+def train_residuals(predict: PredictFn, latents: torch.Tensor, conditioning: ConditioningLike,
+                    schedule: ScheduleLike, parameters: Iterable[torch.nn.Parameter],
                     settings: TrainSettings, on_step: Optional[StepCallback] = None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     grad_scaler: Optional["torch.amp.GradScaler"] = None,
                     weights: Optional[torch.Tensor] = None) -> list[float]:
-    """Minimise E‖ε − ε_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
+    """Minimise E‖target − f_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
 
     latents: clean latents, already scaled as the UNet expects (N, 4, h, w), on the CPU.
-    contexts: caption embeddings, one row per latent or a single row for all (·, T, D).
+    conditioning: one row per latent or a single row for all; schedule: the model's ᾱ_t and prediction type.
     weights: optional loss weights (N, 1, h, w) from loss_weights(), one per latent.
     on_step(step, loss) runs after every optimiser step; it may raise to cancel.
     """
     settings.validate()
+    conditioning, schedule = Conditioning.of(conditioning), Schedule.of(schedule)
     if latents.shape[0] < 1:
         raise PerResError("No training latents were given.")
-    if contexts.shape[0] not in (1, latents.shape[0]):
-        raise PerResError(f"{contexts.shape[0]} captions for {latents.shape[0]} images; give one caption or one per image.")
+    if len(conditioning) not in (1, latents.shape[0]):
+        raise PerResError(f"{len(conditioning)} captions for {latents.shape[0]} images; give one caption or one per image.")
     if weights is not None and (weights.shape[0] != latents.shape[0] or weights.shape[2:] != latents.shape[2:]):
         raise PerResError(f"loss weights of shape {tuple(weights.shape)} do not fit latents of shape "
                           f"{tuple(latents.shape)}; give one mask per image.")
     params = list(parameters)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    num_timesteps = alphas_cumprod.shape[0]
-    draw = (latents.shape[0], settings.batch_size, tuple(latents.shape[1:]), num_timesteps, generator)
+    draw = (latents.shape[0], settings.batch_size, tuple(latents.shape[1:]), schedule.num_timesteps, generator)
     for _ in range(settings.start_step):
         draw_step(*draw)
     losses: list[float] = []
     for step in range(settings.steps):
         index, t, noise = draw_step(*draw)
-        prediction = predicted_noise(eps_fn, latents[index].float(), noise, t, _rows(contexts, index),
-                                     alphas_cumprod.float().cpu(), device, dtype)
-        loss = epsilon_loss(prediction.float(), noise.to(device), None if weights is None else weights[index])
+        x0 = latents[index].float()
+        output, _ = model_output(predict, x0, noise, t, conditioning.select(index), schedule, device, dtype)
+        target = schedule.target(x0, noise, t).to(device)
+        loss = prediction_loss(output.float(), target, None if weights is None else weights[index])
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(f"The loss became {value} at step {step + 1}; training stopped and nothing "
@@ -174,33 +183,36 @@ def train_residuals(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Te
     return losses
 
 
-def epsilon_errors(eps_fn: EpsilonFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
+def epsilon_errors(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   conditioning: ConditioningLike, schedule: ScheduleLike, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The ε-MSE of Eq. 1 for each sample of a batch (N,), on `device`: x0, noise, t and context on the CPU."""
-    prediction = predicted_noise(eps_fn, x0, noise, t, context, alphas_cumprod, device, dtype)
+    """The ε-MSE of Eq. 1 for each sample of a batch (N,), on `device`: x0, noise, t and conditioning on the
+    CPU. A v-prediction model's output is turned into ε̂ first, so every model is judged by the same error."""
+    prediction = predicted_noise(predict, x0, noise, t, conditioning, schedule, device, dtype)
     return (prediction.float() - noise.to(device)).pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
-def evaluation_loss(eps_fn: EpsilonFn, latents: torch.Tensor, contexts: torch.Tensor,
-                    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, seed: int,
+def evaluation_loss(predict: PredictFn, latents: torch.Tensor, conditioning: ConditioningLike,
+                    schedule: ScheduleLike, timesteps: torch.Tensor, seed: int,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     weights: Optional[torch.Tensor] = None) -> float:
-    """Mean ε-MSE over every latent at each of the given fixed timesteps, with seeded noise; with `weights`
-    (N, 1, h, w) the weighted mean that masked training minimises."""
+    """The training loss (ε or v target, as the schedule says) over every latent at each of the given fixed
+    timesteps, with seeded noise; with `weights` (N, 1, h, w) the weighted mean that masked training minimises."""
+    conditioning, schedule = Conditioning.of(conditioning), Schedule.of(schedule)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
+    rows = torch.arange(latents.shape[0])
     for t_value in timesteps.tolist():
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.full((latents.shape[0],), int(t_value), dtype=torch.long)
-        context = contexts.expand(latents.shape[0], *contexts.shape[1:]) if contexts.shape[0] == 1 else contexts
-        prediction = predicted_noise(eps_fn, latents.float(), noise, t, context, alphas_cumprod.float().cpu(),
-                                     device, dtype)
+        x0 = latents.float()
+        output, _ = model_output(predict, x0, noise, t, conditioning.select(rows), schedule, device, dtype)
+        target = schedule.target(x0, noise, t).to(device)
         if weights is None:
-            total += F.mse_loss(prediction.float(), noise.to(device), reduction="sum").item()
+            total += F.mse_loss(output.float(), target, reduction="sum").item()
             count += noise.numel()
         else:
-            total += epsilon_loss(prediction.float(), noise.to(device), weights).item()
+            total += prediction_loss(output.float(), target, weights).item()
             count += 1
     return total / count

@@ -73,6 +73,17 @@ def start_host_for_tool(description: str, workdir_prefix: str, argv: Optional[li
     start_host(os.path.abspath(os.path.expanduser(comfy_root)), tempfile.mkdtemp(prefix=workdir_prefix))
 
 
+def compute_in_bf16(model) -> None:
+    """Let a bf16-weight UNet compute in bf16 on the CPU, as it does on a GPU with bf16 support.
+
+    On the CPU ComfyUI keeps bf16 weights but casts each one to fp32 per layer (manual_cast_dtype fp32):
+    measured on this machine, a 64 px SDXL forward then takes 3.8 s instead of 0.9 s, and a training step
+    keeps fp32 copies of the weights for the backward pass (about +10 GB). Without a manual-cast dtype the
+    model's inputs, and so every layer, run in the weights' bf16.
+    """
+    model.model.manual_cast_dtype = None
+
+
 def pack(submodule: str):
     """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
     import importlib

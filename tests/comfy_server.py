@@ -132,8 +132,8 @@ def prepare_root(root: str, comfy_root: str) -> tuple[str, str]:
 
 def write_residual(path: str, identifier: str = "sks", class_word: str = "dog") -> str:
     """A valid PerRes residual file (random init, not trained), written by the pack's own writer."""
-    residual, layout = pack("perres_core.residual"), pack("perres_core.sd15_layout")
-    residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), 0.05,
+    residual = pack("perres_core.residual")
+    residuals = residual.ResidualSet.create(pack("perres_core.families").SD1.layer_shapes(), 0.05,
                                             concept=residual.ConceptInfo(identifier, class_word))
     residuals.initialize("random", 0)
     os.makedirs(os.path.dirname(path), exist_ok=True)

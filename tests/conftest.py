@@ -1,6 +1,7 @@
 """Shared fixtures: the real ComfyUI host, the random SD1.5 checkpoint, and helpers to run nodes."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helper modules
-from comfy_host import PACK_DIR, find_comfyui, node_ui, pack, prompt_executor, run_node, start_host  # noqa: E402,F401
+from comfy_host import (PACK_DIR, compute_in_bf16, find_comfyui, node_ui, pack, prompt_executor,  # noqa: E402,F401
+                        run_node, start_host)
 from sd15_checkpoint import CHECKPOINT_NAME  # noqa: E402
 
 
@@ -74,3 +76,49 @@ def concept_images() -> torch.Tensor:
     images = torch.rand(4, 64, 64, 3, generator=generator) * 0.3
     images[:, 16:48, 16:48, 0] = 0.9
     return images
+
+
+@contextlib.contextmanager
+def bf16_unet():
+    """Load UNets in bf16 (ComfyUI's --bf16-unet) while the block runs.
+
+    The random SDXL checkpoint's 2.6 G UNet parameters take 10 GB in fp32, the CPU host's default; in bf16
+    they take 5 GB and this CPU computes bf16 matrix products natively (AMX-BF16). SD1.5 tests keep fp32.
+    """
+    from comfy.cli_args import args
+
+    previous = args.bf16_unet
+    args.bf16_unet = True
+    try:
+        yield
+    finally:
+        args.bf16_unet = previous
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint_name(workdir) -> str:
+    """The random SDXL-architecture checkpoint (tests/sdxl_checkpoint.py), built once and cached between runs."""
+    from sdxl_checkpoint import CHECKPOINT_NAME as SDXL_NAME, link_sdxl_checkpoint
+
+    link_sdxl_checkpoint(workdir, SDXL_NAME)
+    return SDXL_NAME
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_checkpoint_name):
+    """(model, clip, vae) of the random SDXL checkpoint from the stock CheckpointLoaderSimple, UNet in bf16
+    and computing in bf16 (compute_in_bf16).
+
+    Module-scoped: the 7 GB model is released when the module's tests are done."""
+    import gc
+
+    import comfy.model_management
+
+    with bf16_unet():
+        loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint_name)
+    compute_in_bf16(loaded[0])
+    yield loaded
+    del loaded
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    comfy.model_management.soft_empty_cache()

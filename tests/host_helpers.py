@@ -49,17 +49,27 @@ def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torc
         latents = model.model.process_latent_in(vae.encode(images)).clone()
         context = encode(clip, "a photo of a sks dog")[0][0].clone()
     unet = model.model.diffusion_model
-    with torch.no_grad(), hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
-        return training.evaluation_loss(lambda x, t, c: unet(x, t.float(), context=c), latents, context,
-                                        host.alphas_cumprod(model), torch.tensor([150, 450, 750]), seed=12345,
+    with torch.no_grad(), hooks.proj_out_hooks(unet, pack("perres_core.families").SD1, hooks.full_residual(residuals.layers)):
+        return training.evaluation_loss(host.unet_prediction(unet), latents, context,
+                                        pack("nodes.host_model").diffusion_schedule(model), torch.tensor([150, 450, 750]), seed=12345,
                                         dtype=dtype, weights=weights)
+
+
+def factors(residuals) -> dict[str, torch.Tensor]:
+    """Every residual factor by name ('<layer>.up', '<layer>.down'), detached copies."""
+    return {f"{path}.{name}": p.detach().clone() for path, layer in residuals.layers.items()
+            for name, p in layer.named_parameters()}
+
+
+def layers_equal(a, b) -> bool:
+    return all(torch.equal(a.layers[k].up, b.layers[k].up) and torch.equal(a.layers[k].down, b.layers[k].down)
+               for k in a.layers)
 
 
 def untrained_residuals(seed: int):
     """The residual a training run with `seed` starts from (random init, paper rank)."""
     residual_mod = pack("perres_core.residual")
-    layout = pack("perres_core.sd15_layout")
-    residuals = residual_mod.ResidualSet.create(layout.sd15_layer_shapes())
+    residuals = residual_mod.ResidualSet.for_family(pack("perres_core.families").SD1)
     with torch.inference_mode(False):
         residuals.initialize("random", seed)
     return residuals

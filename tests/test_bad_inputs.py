@@ -86,8 +86,7 @@ def train_inputs(sd15, images, **overrides) -> dict:
 
 def small_residuals(seed: int = 0):
     residual = pack("perres_core.residual")
-    layout = pack("perres_core.sd15_layout")
-    residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), 0.05,
+    residuals = residual.ResidualSet.create(pack("perres_core.families").SD1.layer_shapes(), 0.05,
                                             concept=residual.ConceptInfo("sks", "dog"))
     residuals.initialize("random", seed)
     return residuals
@@ -161,15 +160,19 @@ def meta_model(family: str, model_type=None):
 
 
 FAMILY_FRAGMENTS = {
-    "SDXL": ("SDXL", "Linear, not 1×1 convs", "Load an SD1.x checkpoint"),
-    "SD20": ("SD20", "Linear, not 1×1 convs", "Load an SD1.x checkpoint"),
-    "Flux": ("Flux", "PerRes supports SD1.x", "Load an SD1.x checkpoint"),
+    ("SDXL", "apply"): ("trained on an SD1.x model, but this model is SDXL", "Load an SD1.x checkpoint"),
+    ("SDXL", "lag"): ("LAG sampling supports only SD1.x models so far; this model is SDXL", "PerRes Apply Residuals"),
+    ("SD20", None): ("SD20", "Linear, not 1×1 convs", "PerRes supports SD1.x", "SDXL"),
+    ("Flux", None): ("Flux", "PerRes supports SD1.x", "SDXL", "Load a checkpoint of one of these families"),
 }
 
 
 @pytest.mark.parametrize("node", ["apply", "lag", "train"])
 @pytest.mark.parametrize("family", ["SDXL", "SD20", "Flux"])
-def test_non_sd1_model_is_refused(family, node, sd15, residuals, images4):
+def test_a_model_of_another_family_is_refused(family, node, sd15, residuals, images4):
+    """SD2.x and Flux are refused by every node; SDXL takes the SD1.x residual nowhere, and LAG not yet."""
+    if (family, node) == ("SDXL", "train"):
+        pytest.skip("SDXL trains (tests/test_host_sdxl.py)")
     model = meta_model(family)
     _, clip, _ = sd15
     calls = {
@@ -181,15 +184,26 @@ def test_non_sd1_model_is_refused(family, node, sd15, residuals, images4):
         "train": (TRAIN, lambda: run_node("PerResTrainResiduals", **train_inputs(sd15, images4, model=model))),
     }
     name, call = calls[node]
-    expect_error(name, *FAMILY_FRAGMENTS[family], call=call)
+    expect_error(name, *FAMILY_FRAGMENTS.get((family, node), FAMILY_FRAGMENTS.get((family, None))), call=call)
 
 
-def test_v_prediction_sd1_model_is_refused_for_training(sd15, images4):
-    import comfy.model_base
-
-    model = meta_model("SD15", model_type=comfy.model_base.ModelType.V_PREDICTION)
-    expect_error(TRAIN, "V_PREDICTION", "use an ε-prediction SD1.x checkpoint",
-                 call=lambda: run_node("PerResTrainResiduals", **train_inputs(sd15, images4, model=model)))
+def test_the_prediction_type_comes_from_the_models_sampling(sd15):
+    """ε and v-prediction are trained (v also with zero-terminal SNR, set by the stock ModelSamplingDiscrete
+    node as users do for NoobAI-style checkpoints); an EDM or x0 model is refused, naming what it samples with."""
+    host = pack("nodes.host_model")
+    model = sd15[0]
+    assert host.diffusion_schedule(model).prediction == "epsilon"
+    v_model = run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)[0]
+    assert host.diffusion_schedule(v_model).prediction == "v"
+    zsnr = run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=True)[0]
+    schedule = host.diffusion_schedule(zsnr)
+    assert schedule.prediction == "v" and float(schedule.alphas_cumprod[-1]) < 1e-6
+    assert float(host.diffusion_schedule(model).alphas_cumprod[-1]) > 1e-3
+    for refused in (run_node("ModelSamplingContinuousEDM", model=model, sampling="edm", sigma_max=120.0,
+                             sigma_min=0.002)[0],
+                    run_node("ModelSamplingDiscrete", model=model, sampling="x0", zsnr=False)[0]):
+        with pytest.raises(pack("perres_core.errors").PerResError, match="trains ε-prediction and v-prediction"):
+            host.diffusion_schedule(refused)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +230,7 @@ def inpaint_model(workdir, checkpoint_name):
 
 
 def test_inpainting_model_training_is_refused_with_explanation(sd15, inpaint_model, images4):
-    expect_error(TRAIN, "9 input channels", "inpainting", "Train on the regular SD1.5 checkpoint",
+    expect_error(TRAIN, "9 input channels", "inpainting", "Train on the regular SD1.x checkpoint",
                  call=lambda: run_node("PerResTrainResiduals", **train_inputs(sd15, images4, model=inpaint_model)))
 
 
@@ -389,7 +403,7 @@ RESIDUAL_FILE_CASES = [
     ("checkpoint_like", "checkpoint.safetensors", make_checkpoint_like,
      ("not a PerRes residual", "PerRes Save Residuals")),
     ("foreign_keys_with_metadata", "foreign.safetensors", make_with_extra_key,
-     ("not SD1.x proj_out residuals", "PerRes Save Residuals")),
+     ("not proj_out residuals of SD1.x or SDXL", "PerRes Save Residuals")),
     ("truncated_data", "truncated.safetensors", make_truncated, ("truncated or corrupt", "copy the file again")),
     ("truncated_header", "truncated_header.safetensors", make_truncated_header,
      ("truncated or corrupt", "copy the file again")),
@@ -945,8 +959,8 @@ spec = importlib.util.spec_from_file_location("perres_core", init, submodule_sea
 module = importlib.util.module_from_spec(spec); sys.modules["perres_core"] = module; spec.loader.exec_module(module)
 from perres_core.residual import ResidualSet
 from perres_core.residual_file import save_residual_file
-from perres_core.sd15_layout import sd15_layer_shapes
-residuals = ResidualSet.create(sd15_layer_shapes()); residuals.initialize("random", 0)
+from perres_core.families import SD1
+residuals = ResidualSet.create(SD1.layer_shapes()); residuals.initialize("random", 0)
 os.fsync = lambda fd: os._exit(3)   # the process dies after the data is written, before it is published
 save_residual_file(residuals, target, "crash-test")
 """

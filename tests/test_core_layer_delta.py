@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from perres_core.families import SD1
 from perres_core.lag_layers import Role, level_sizes, placement
 from perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LowRankDelta, attention
 
@@ -80,7 +81,7 @@ def test_attention_is_softmax_qk_v_per_head():
     ("time_embed.0", Role.GLOBAL),
 ])
 def test_every_kind_of_layer_has_its_role(path, role):
-    where = placement(path)
+    where = placement(path, SD1)
     assert where.role is role
     if role in (Role.AFTER, Role.TEXT, Role.BEFORE):
         assert path.startswith(where.slot.path + ".")

@@ -7,8 +7,8 @@ import torch
 from perres_core.errors import PerResError
 from perres_core.images import alpha_mask, prepare_batch, prepare_masks, subject_masks
 from perres_core.residual import ResidualSet, check_continuable, steps_trained
-from perres_core.sd15_layout import sd15_layer_shapes
-from perres_core.training import TrainSettings, epsilon_loss, loss_weights, train_residuals
+from perres_core.families import SD1
+from perres_core.training import TrainSettings, prediction_loss, loss_weights, train_residuals
 
 
 def test_masks_are_cropped_exactly_like_their_images():
@@ -90,7 +90,7 @@ def test_weight_zero_locations_get_no_gradient_and_weighted_mean_is_normalised()
     noise = torch.randn(2, 4, 8, 8)
     weights = torch.ones(2, 1, 8, 8)
     weights[:, :, :, :3] = 0.0
-    loss = epsilon_loss(prediction, noise, weights)
+    loss = prediction_loss(prediction, noise, weights)
     loss.backward()
     assert torch.count_nonzero(prediction.grad[..., :3]) == 0
     assert torch.count_nonzero(prediction.grad[..., 3:]) == prediction.grad[..., 3:].numel()
@@ -130,12 +130,12 @@ def test_a_continuation_draws_what_one_long_run_draws_at_those_steps():
 
 
 def test_continuing_needs_the_same_layers_and_ranks():
-    fresh = ResidualSet.create(sd15_layer_shapes(), 0.05)
-    check_continuable(ResidualSet.create(sd15_layer_shapes(), 0.05), fresh)
+    fresh = ResidualSet.create(SD1.layer_shapes(), 0.05)
+    check_continuable(ResidualSet.create(SD1.layer_shapes(), 0.05), fresh)
     with pytest.raises(PerResError, match="layer input_blocks.1.1.proj_out has rank 32, but rank_ratio 0.05 gives "
                                           "rank 16. Set rank_ratio to the residual's 0.1"):
-        check_continuable(ResidualSet.create(sd15_layer_shapes(), 0.1), fresh)
-    partial = ResidualSet.create({k: v for k, v in sd15_layer_shapes().items() if k != "middle_block.1.proj_out"})
+        check_continuable(ResidualSet.create(SD1.layer_shapes(), 0.1), fresh)
+    partial = ResidualSet.create({k: v for k, v in SD1.layer_shapes().items() if k != "middle_block.1.proj_out"})
     with pytest.raises(PerResError, match="lack layer middle_block.1.proj_out"):
         check_continuable(partial, fresh)
 

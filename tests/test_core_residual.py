@@ -11,14 +11,14 @@ from safetensors.torch import load_file
 from perres_core.errors import PerResError
 from perres_core.residual import ConceptInfo, LowRankResidual, ResidualSet, rank_for
 from perres_core.residual_file import is_residual_file, load_residual_file, read_header, save_residual_file
-from perres_core.sd15_layout import SD15_RESIDUAL_PARAMETERS, SD15_SLOTS, sd15_layer_shapes
+from perres_core.families import SD1
 
 
 def test_sd15_parameter_count_matches_paper():
     """r_i = 0.05·m_i on the 16 proj_out layers gives exactly 1,239,040 parameters."""
-    residuals = ResidualSet.create(sd15_layer_shapes())
+    residuals = ResidualSet.create(SD1.layer_shapes())
     assert len(residuals.layers) == 16
-    assert residuals.parameter_count() == SD15_RESIDUAL_PARAMETERS == 1_239_040
+    assert residuals.parameter_count() == SD1.residual_parameters == 1_239_040
     assert {layer.rank for layer in residuals.layers.values()} == {16, 32, 64}
 
 
@@ -57,7 +57,7 @@ def test_low_rank_forward_equals_full_delta_weight(conv):
 
 
 def _trained_like(seed: int = 0) -> ResidualSet:
-    residuals = ResidualSet.create(sd15_layer_shapes(), concept=ConceptInfo("ktn", "cat"),
+    residuals = ResidualSet.create(SD1.layer_shapes(), concept=ConceptInfo("ktn", "cat"),
                                    training={"steps": 7, "seed": seed, "resolution": 512}, date="2024-05-20")
     residuals.initialize("random", seed)
     return residuals
@@ -77,7 +77,7 @@ def test_file_uses_kohya_keys_with_alpha_equal_rank(tmp_path):
     path = save_residual_file(_trained_like(), str(tmp_path / "r.safetensors"), "test")
     tensors = load_file(path)
     assert len(tensors) == 3 * 16
-    slot = SD15_SLOTS[0]
+    slot = SD1.slots[0]
     assert slot.kohya_prefix == "lora_unet_down_blocks_0_attentions_0_proj_out"
     assert tensors[slot.kohya_prefix + ".lora_up.weight"].shape == (320, 16, 1, 1)
     assert tensors[slot.kohya_prefix + ".lora_down.weight"].shape == (16, 320, 1, 1)
@@ -127,7 +127,7 @@ def test_resaving_a_loaded_file_keeps_its_training_date(tmp_path):
 def test_new_residuals_are_dated_by_their_training_run():
     import datetime
 
-    assert ResidualSet.create(sd15_layer_shapes()).date == datetime.date.today().isoformat()
+    assert ResidualSet.create(SD1.layer_shapes()).date == datetime.date.today().isoformat()
 
 
 def test_listing_reads_only_the_header(tmp_path):

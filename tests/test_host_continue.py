@@ -71,7 +71,7 @@ def test_held_out_loss_keeps_falling_and_the_file_counts_all_steps(sd15, concept
 
 def test_other_ranks_are_refused_naming_the_layer(sd15, concept_images):
     residual = pack("perres_core.residual")
-    other = residual.ResidualSet.create(pack("perres_core.sd15_layout").sd15_layer_shapes(), 0.1,
+    other = residual.ResidualSet.create(pack("perres_core.families").SD1.layer_shapes(), 0.1,
                                         training={"steps": "3"})
     with pytest.raises(pack("perres_core.errors").PerResError) as info:
         train(sd15, concept_images, steps=1, initial_residuals=other)

@@ -22,7 +22,7 @@ def second_residuals(residuals):
     """A second concept ('ktn cat') with its own random residual."""
     core = pack("perres_core.residual")
     with torch.inference_mode(False):
-        other = core.ResidualSet.create(pack("perres_core.sd15_layout").sd15_layer_shapes(),
+        other = core.ResidualSet.create(pack("perres_core.families").SD1.layer_shapes(),
                                         concept=core.ConceptInfo("ktn", "cat"))
         other.initialize("random", 99)
     for layer in other.layers.values():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import pack, run_node
-from host_helpers import encode, held_out_loss, train, untrained_residuals
+from host_helpers import encode, held_out_loss, layers_equal, train, untrained_residuals
 
 TRAIN = "PerRes Train Residuals"
 
@@ -25,11 +25,6 @@ def square_masks(concept_images) -> torch.Tensor:
 
 def perres_error():
     return pack("perres_core.errors").PerResError
-
-
-def layers_equal(a, b) -> bool:
-    return all(torch.equal(a.layers[k].up, b.layers[k].up) and torch.equal(a.layers[k].down, b.layers[k].down)
-               for k in a.layers)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,18 +70,18 @@ def test_zero_weight_locations_contribute_no_residual_gradient(sd15, concept_ima
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.tensor([100, 300, 500, 700])
-    x_t = training.noisy_latents(latents, noise, t, host.alphas_cumprod(model))
+    x_t = training.noisy_latents(latents, noise, t, pack("nodes.host_model").diffusion_schedule(model))
     unet = model.model.diffusion_model
 
     def residual_gradient(target: torch.Tensor) -> list[torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad(), host.frozen_for_backward(unet), \
-                hooks.proj_out_hooks(unet, hooks.full_residual(residuals.layers)):
+                hooks.proj_out_hooks(unet, pack("perres_core.families").SD1, hooks.full_residual(residuals.layers)):
             params = list(residuals.parameters())
             for param in params:
                 param.requires_grad_(True)
                 param.grad = None
             prediction = unet(x_t, t.float(), context=context)
-            training.epsilon_loss(prediction.float(), target, weights).backward()
+            training.prediction_loss(prediction.float(), target, weights).backward()
             return [param.grad.clone() for param in params]
 
     reference = residual_gradient(noise)
@@ -128,7 +123,7 @@ def test_each_step_weights_its_images_with_their_own_masks(sd15, concept_images,
     for i in range(4):
         masks[i, :, 16 * i:16 * (i + 1)] = 1.0  # image i: one vertical band of its own
     seen = []
-    real_loss, real_noisy = training.epsilon_loss, training.noisy_latents
+    real_loss, real_noisy = training.prediction_loss, training.noisy_latents
 
     def noisy(x0, noise, t, alphas):
         seen.append({"x0": x0.clone()})
@@ -139,7 +134,7 @@ def test_each_step_weights_its_images_with_their_own_masks(sd15, concept_images,
         return real_loss(prediction, noise, weights)
 
     monkeypatch.setattr(training, "noisy_latents", noisy)
-    monkeypatch.setattr(training, "epsilon_loss", loss)
+    monkeypatch.setattr(training, "prediction_loss", loss)
     model, _, vae = sd15
     train(sd15, concept_images, steps=3, batch_size=2, seed=2, masks=masks, background_weight=0.0)
     with torch.inference_mode():

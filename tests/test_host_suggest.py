@@ -57,7 +57,7 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
             unet = pack("nodes.host_model").unet_of(patcher)
             x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
-            predict_noise = host.epsilon_prediction(unet)
+            predict_noise = host.unet_prediction(unet)
             tokens = clip.tokenize(caption)
 
             def predict_with_the_trained_word(x_t, t, _context):
@@ -66,12 +66,12 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
                 # saved; saving copies makes the backward through CLIP valid.
                 with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
                     context = clip.cond_stage_model.encode_token_weights(tokens)[0].float()
-                return predict_noise(x_t, t, context.expand(len(t), -1, -1))
+                return predict_noise(x_t, t, pack("perres_core.diffusion").Conditioning(context.expand(len(t), -1, -1)))
 
             with host.frozen_for_backward(unet), host.frozen_for_backward(clip.cond_stage_model):
                 # PerRes's own loop: the plain ε-loss, AdamW; the context argument is unused (see above)
                 training.train_residuals(predict_with_the_trained_word, x0, torch.zeros(1, 1, 1),
-                                         host.alphas_cumprod(patcher), [delta],
+                                         pack("nodes.host_model").diffusion_schedule(patcher), [delta],
                                          training.TrainSettings(steps=steps, batch_size=4, learning_rate=lr))
     finally:
         handle.remove()
@@ -108,9 +108,9 @@ def test_same_seed_same_ranking_and_every_word_sees_the_same_trials(sd15, concep
     seen = []
     original = training.epsilon_errors
 
-    def spy(eps_fn, x0, noise, t, context, *args, **kwargs):
-        seen.append((x0.clone(), noise.clone(), t.clone(), context[:, 4:6].clone()))
-        return original(eps_fn, x0, noise, t, context, *args, **kwargs)
+    def spy(predict, x0, noise, t, conditioning, *args, **kwargs):
+        seen.append((x0.clone(), noise.clone(), t.clone(), conditioning.context[:, 4:6].clone()))
+        return original(predict, x0, noise, t, conditioning, *args, **kwargs)
 
     monkeypatch.setattr(class_words, "epsilon_errors", spy)
     first = suggest(sd15[0], sd15, concept_images, candidates="dog, cat, robot", budget=3)[1]

@@ -10,7 +10,7 @@ import torch
 from conftest import node_ui, pack, run_node
 from host_helpers import denoise, encode, held_out_loss, proj_out_patch_keys, train, untrained_residuals
 
-SD15_PROJ_OUT_KEYS = {f"diffusion_model.{slot.proj_out}.weight" for slot in pack("perres_core.sd15_layout").SD15_SLOTS}
+SD15_PROJ_OUT_KEYS = {f"diffusion_model.{slot.proj_out}.weight" for slot in pack("perres_core.families").SD1.slots}
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,17 @@ import pytest
 import torch
 
 from conftest import pack, run_node
-from host_helpers import held_out_loss, train, untrained_residuals
+from host_helpers import factors, held_out_loss, train, untrained_residuals
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def factors(residuals) -> dict[str, torch.Tensor]:
-    return {f"{path}.{name}": p.detach().clone() for path, layer in residuals.layers.items()
-            for name, p in layer.named_parameters()}
 
 
 def transformer_call_counter(model):
     """Counts calls of every SpatialTransformer's proj_out (one per forward of that block)."""
     counts = {"calls": 0}
+    unet, sd1 = model.model.diffusion_model, pack("perres_core.families").SD1
     handles = [transformer.proj_out.register_forward_pre_hook(lambda *_: counts.__setitem__("calls", counts["calls"] + 1))
-               for _, transformer in pack("nodes.host_model").transformer_modules(model.model.diffusion_model)]
+               for _, transformer in pack("nodes.host_model").transformer_modules(unet, sd1)]
     return counts, handles
 
 
@@ -127,7 +123,7 @@ def test_out_of_memory_is_a_clear_error_that_leaves_nothing_behind(sd15, concept
     errors = pack("perres_core.errors")
     model = sd15[0]
     unet = model.model.diffusion_model
-    proj_outs = [t.proj_out for _, t in pack("nodes.host_model").transformer_modules(unet)]
+    proj_outs = [t.proj_out for _, t in pack("nodes.host_model").transformer_modules(unet, pack("perres_core.families").SD1)]
     flags_before = [p.requires_grad for p in unet.parameters()]
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
     activations = []

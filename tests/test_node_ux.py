@@ -48,8 +48,8 @@ def run_in_prompt(class_type: str, unique_id: str, **inputs):
 
 
 def untrained_residuals(identifier: str = "sks", class_word: str = "dog"):
-    residual, layout = pack("perres_core.residual"), pack("perres_core.sd15_layout")
-    residuals = residual.ResidualSet.create(layout.sd15_layer_shapes(), 0.05,
+    residual = pack("perres_core.residual")
+    residuals = residual.ResidualSet.create(pack("perres_core.families").SD1.layer_shapes(), 0.05,
                                             concept=residual.ConceptInfo(identifier, class_word))
     residuals.initialize("zero", 0)
     return residuals

@@ -32,6 +32,7 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote"}
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a control widget to these unless told otherwise
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"  # or any SDXL, Pony, Illustrious or NoobAI checkpoint
 ROBOT_RESIDUAL = "perres/robot_00001.safetensors"
 DOG_RESIDUAL = "perres/dog_00001.safetensors"
 CAT_RESIDUAL = "perres/cat_00001.safetensors"
@@ -140,31 +141,60 @@ def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int 
     ]
 
 
-def train_and_sample() -> Workflow:
-    prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
-    return Workflow("perres_train_and_sample", [
-        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
-        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
+def trained_and_sampled(name: str, checkpoint: str, size: int, prefix: str, image_prefix: str, prompt: str, notes: str,
+                        train_values: dict, sampler_values: dict, note_height: int = 300) -> Workflow:
+    """Load Checkpoint → Load Concept Images → Train (→ Save, Plot Loss) → sample with the trained model."""
+    return Workflow(name, [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": checkpoint}),
+        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": size}),
         *train_save_plot((3, 4, 5), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)},
-                         "perres/robot"),
+                         f"perres/{prefix}", **train_values),
         Node(6, "PreviewImage", (0, 180), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
         Node(7, "CLIPTextEncode", (420, 620), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
         Node(8, "CLIPTextEncode", (420, 884), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
-        Node(9, "EmptyLatentImage", (420, 1148), {"width": 512, "height": 512, "batch_size": 1}),
-        sampler(10, (840, 620), (3, 0), (7, 0), (8, 0), (9, 0)),
+        Node(9, "EmptyLatentImage", (420, 1148), {"width": size, "height": size, "batch_size": 1}),
+        sampler(10, (840, 620), (3, 0), (7, 0), (8, 0), (9, 0), **sampler_values),
         Node(11, "VAEDecode", (1220, 620), {}, {"samples": (10, 0), "vae": (1, 2)}),
-        Node(12, "SaveImage", (1600, 620), {"filename_prefix": "perres/trained"}, {"images": (11, 0)},
+        Node(12, "SaveImage", (1600, 620), {"filename_prefix": image_prefix}, {"images": (11, 0)},
              size=(400, 450)),
-        note(13, (1320, 0), (
+        note(13, (1320, 0), notes, size=(420, note_height)),
+    ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
+                                                    color="#8A8")])
+
+
+def train_and_sample() -> Workflow:
+    return trained_and_sampled(
+        "perres_train_and_sample", CHECKPOINT, 512, "robot", "perres/trained",
+        "a photo of a sks toy on a wooden desk next to a cup of coffee", (
             "## Train personalized residuals\n\n"
             "1. Put 3-20 photos of your concept in a folder under `ComfyUI/input` (e.g. `input/my_dog`) and "
             "enter that folder name. The default `perres_example` uses the pack's bundled toy robot.\n"
             "2. Choose a rare `identifier` (`sks`) and the concept's `class_word` (`dog`, `toy`, ...).\n"
             "3. Queue. 150 steps take a few minutes on a GPU. The residual is saved to "
             "`models/loras/perres/robot_00001.safetensors`. The other example workflows load that file.\n\n"
-            "The prompt must contain the identifier and class word (`sks toy`)."), size=(420, 300)),
-    ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
-                                                    color="#8A8")])
+            "The prompt must contain the identifier and class word (`sks toy`)."), {}, {})
+
+
+# SDXL is usually sampled with fewer steps of a second-order sampler than the paper's DDIM 50 on SD1.5.
+SDXL_SAMPLER = {"steps": 30, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+
+
+def sdxl_train_and_sample() -> Workflow:
+    return trained_and_sampled(
+        "perres_sdxl_train_and_sample", SDXL_CHECKPOINT, 1024, "robot_sdxl", "perres/trained_sdxl",
+        "a photo of a sks toy on a wooden desk next to a cup of coffee, soft window light", (
+            "## Train personalized residuals on SDXL\n\n"
+            "The same chain as for SD1.5: Load Checkpoint takes SDXL or any descendant (Pony, Illustrious, "
+            "NoobAI). PerRes reads the family from the checkpoint and trains its 11 proj_out layers "
+            "(1.19 M parameters).\n\n"
+            "- `resolution` 0 trains at SDXL's own 1024 px. Keep `gradient_checkpointing` on for 12-16 GB cards.\n"
+            "- v-prediction checkpoints (NoobAI v-pred) are detected and trained with the v target. If yours is "
+            "not detected, put a ModelSamplingDiscrete node (v_prediction, zsnr) after Load Checkpoint.\n"
+            "- The residual is saved as an SDXL LoRA (`models/loras/perres/robot_sdxl_00001.safetensors`) that "
+            "LoraLoaderModelOnly and other SDXL tools read.\n\n"
+            "The prompt must contain the identifier and class word (`sks toy`)."),
+        {"resolution": 0},  # 0: the model family's own resolution, 1024 px for SDXL
+        SDXL_SAMPLER, note_height=380)
 
 
 def suggest_class_word() -> Workflow:
@@ -336,7 +366,7 @@ def lag_lora() -> Workflow:
     ])
 
 
-WORKFLOWS = [train_and_sample, suggest_class_word, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
+WORKFLOWS = [train_and_sample, sdxl_train_and_sample, suggest_class_word, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
              two_concepts_lag, lag_lora]
 
 

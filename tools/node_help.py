@@ -63,6 +63,16 @@ HELP: dict[str, NodeHelp] = {
         when="Use it to teach the model a new concept from 3–20 photos. The input model is never modified: "
              "the `model` output is a patched copy, ready for sampling. The node reports progress and can be "
              "cancelled. Save the `residuals` output with PerRes Save Residuals to use the concept again.\n\n"
+             "**Model families.** The family comes from the checkpoint ComfyUI loaded, never from a setting: "
+             "SD1.x (16 proj_out 1×1 convs, 1.24 M residual parameters) or SDXL and its descendants — Pony, "
+             "Illustrious, NoobAI — (11 Linear proj_out layers, 1.19 M). On SDXL the UNet is also conditioned on "
+             "the pooled text embedding and the image size; the node builds that vector with the host model's "
+             "own `encode_adm`, for an uncropped image of the training resolution. `resolution` 0 (the default) "
+             "trains at the family's own size, 512 px for SD1.x and 1024 px for SDXL; a much lower one gets a "
+             "warning on the node. The loss is taken in what the model predicts, read from its sampling "
+             "(model_sampling): ε for most checkpoints (paper Eq. 1), v for v-prediction ones such as NoobAI "
+             "v-pred, zero-terminal SNR included when the checkpoint (or a ModelSamplingDiscrete node with "
+             "`zsnr`) says so. EDM, x0 and flow models are refused.\n\n"
              "**Subject masks.** Photos have backgrounds that the residual would learn too. Connect `masks` "
              "(1 on the concept, 0 on the background, one per image in the images' order, or one for all) and "
              "each latent location's loss is weighted by the share of its 8×8 pixels the mask covers: the subject "
@@ -82,15 +92,24 @@ HELP: dict[str, NodeHelp] = {
              "not saved in the file, so the continuation restarts them: 150 + 150 steps come close to one "
              "300-step run but are not identical to it.",
         paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
-              "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100).",
+              "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100). The paper "
+              "covers SD1.x only; on SDXL PerRes keeps these settings at 1024 px.",
         example="Load Checkpoint (SD1.5) → PerRes Load Concept Images → PerRes Train Residuals (`identifier` "
                 "`sks`, `class_word` `dog`) → PerRes Save Residuals. Then prompt 'a sks dog in the snow'. "
+                "For SDXL, Pony, Illustrious or NoobAI the chain is the same: see `perres_sdxl_train_and_sample`. "
                 "See the example workflows `perres_train_and_sample`, `perres_train_with_masks` (RGBA cut-outs "
                 "with subject masks) and `perres_continue_training` (PerRes Load Residuals → "
                 "`initial_residuals`).",
         errors=[
-            ("the model is SDXL …; PerRes supports SD1.x models", "Load an SD1.4/SD1.5 checkpoint or an SD1.x "
-             "fine-tune with Load Checkpoint."),
+            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…)", "Load an SD1.x or SDXL-family checkpoint "
+             "with Load Checkpoint."),
+            ("the model samples with ModelSamplingContinuousEDM/EDM; PerRes trains ε-prediction and "
+             "v-prediction models …", "Train on the ε- or v-prediction checkpoint of the family, or set a "
+             "ModelSampling node in front of the trainer to eps or v_prediction."),
+            ("*warning* training SDXL at 512 px; SDXL models are trained at 1024 px …", "Set `resolution` to 0 "
+             "(1024 px) unless memory is short; keep `gradient_checkpointing` on."),
+            ("initial_residuals was trained on an SD1.x model, but this model is SDXL", "Continue a residual on "
+             "the family it was trained on, or disconnect `initial_residuals`."),
             ("identifier 'sks toy' has spaces; the identifier must be one rare word such as 'sks'",
              "Use one word. The class word may have several words."),
             ("learning_rate must be a positive finite number", "Set a learning rate > 0 (paper: 0.001)."),
@@ -119,7 +138,8 @@ HELP: dict[str, NodeHelp] = {
     ),
     "PerResSaveResiduals": NodeHelp(
         when="Use it after PerRes Train Residuals to keep the concept. A1111/Forge and model sites read the "
-             "file as an SD1 LoRA too, and its metadata (`modelspec.trigger_phrase`) carries the trigger words, "
+             "file as an SD1 or SDXL LoRA too (kohya keys, `ss_base_model_version` and `modelspec.architecture` of "
+             "the family the residual was trained on), and its metadata (`modelspec.trigger_phrase`) carries the trigger words, "
              "the identifier and class word. This is an output node.",
         example="`filename_prefix` `perres/my_dog` writes `models/loras/perres/my_dog_00001.safetensors`.",
         errors=[
@@ -131,8 +151,10 @@ HELP: dict[str, NodeHelp] = {
     "PerResLoadResiduals": NodeHelp(
         when="Use it to sample with a concept trained earlier. The list shows only files whose header carries "
              "PerRes metadata, so ordinary LoRAs do not crowd it; press R (refresh) after adding files. The "
-             "file is checked when loaded: `.safetensors` only (pickles are never opened), the SD1.x layer "
-             "shapes and finite values. Load ordinary LoRAs with the stock LoraLoader.",
+             "file is checked when loaded: `.safetensors` only (pickles are never opened), the layer shapes of "
+             "its model family and finite values. After loading, the node shows the family the residual was "
+             "trained on (SD1.x or SDXL), its words and its steps; it only fits models of that family. Load "
+             "ordinary LoRAs with the stock LoraLoader.",
         example="PerRes Load Residuals (`perres/robot_00001.safetensors`) → PerRes LAG Sampling or PerRes Apply "
                 "Residuals.",
         errors=[
@@ -151,7 +173,9 @@ HELP: dict[str, NodeHelp] = {
         example="PerRes Load Residuals → PerRes Apply Residuals → KSampler with 'a watercolor painting of a sks "
                 "dog'. See `perres_load_and_apply`.",
         errors=[
-            ("the model is SDXL …; PerRes supports SD1.x models", "Use an SD1.x checkpoint."),
+            ("the residual was trained on an SD1.x model, but this model is SDXL", "Use the checkpoint family the "
+             "residual was trained on (Load Residuals shows it), or a residual trained on this family."),
+            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…)", "Use an SD1.x or SDXL-family checkpoint."),
         ],
     ),
     "PerResLAGSampling": NodeHelp(
@@ -169,6 +193,8 @@ HELP: dict[str, NodeHelp] = {
              "identifier and class word, e.g. 'a photo of a sks dog'."),
             ("start_percent (…) is after end_percent (…)", "Set start_percent ≤ end_percent."),
             ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
+            ("LAG sampling supports only SD1.x models so far; this model is SDXL", "LAG on SDXL is the next "
+             "step of the pack. On SDXL use PerRes Apply Residuals (or a stock LoRA loader) for now."),
             ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this concept is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),

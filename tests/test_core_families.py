@@ -1,0 +1,108 @@
+"""The model families (perres_core.families), the v-prediction target and SDXL residual files, host-free."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from perres_core.diffusion import Conditioning, Schedule
+from perres_core.errors import PerResError
+from perres_core.families import FAMILIES, SD1, SDXL, family_of_config, family_of_kohya_prefixes
+from perres_core.residual import ConceptInfo, ResidualSet, check_continuable
+from perres_core.residual_file import (load_residual_file, residuals_from_state_dict, residuals_metadata,
+                                       residuals_to_state_dict, save_residual_file)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_the_paper_rank_gives_the_stated_parameter_count(family):
+    residuals = ResidualSet.for_family(family)
+    assert residuals.parameter_count() == family.residual_parameters
+    assert residuals.base_model == family.name
+    assert all(layer.conv != family.linear_proj_out for layer in residuals.layers.values())
+
+
+def test_sdxl_has_its_eleven_transformers_in_execution_order():
+    assert [slot.path for slot in SDXL.slots] == [
+        "input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
+        "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
+        "output_blocks.5.1"]
+    assert [slot.channels for slot in SDXL.slots] == [640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640]
+    assert [slot.depth for slot in SDXL.slots] == [2, 2, 10, 10, 10, 10, 10, 10, 2, 2, 2]
+    assert SDXL.slots[0].diffusers == "down_blocks.1.attentions.0"
+    assert SDXL.slots[7].diffusers == "up_blocks.0.attentions.2"
+    # sd-scripts names SDXL layers by their original (LDM) paths, SD1.x layers by diffusers paths
+    assert SDXL.slots[0].kohya_prefix == "lora_unet_input_blocks_4_1_proj_out"
+    assert SD1.slots[0].kohya_prefix == "lora_unet_down_blocks_0_attentions_0_proj_out"
+
+
+def test_a_family_is_chosen_from_the_detected_unet_config():
+    sdxl_config = {"model_channels": 320, "use_linear_in_transformer": True, "context_dim": 2048,
+                   "adm_in_channels": 2816, "transformer_depth": [0, 0, 2, 2, 10, 10], "in_channels": 4}
+    assert family_of_config(sdxl_config) is SDXL
+    assert family_of_config({**sdxl_config, "in_channels": 9}) is SDXL   # inpainting samples too
+    assert family_of_config({**sdxl_config, "transformer_depth": [0, 0, 2, 2, 4, 4]}) is None  # SSD-1B: other layers
+    sd2 = {"model_channels": 320, "use_linear_in_transformer": True, "context_dim": 1024, "adm_in_channels": None}
+    assert family_of_config(sd2) is None
+    assert family_of_kohya_prefixes({SD1.slots[0].kohya_prefix, SDXL.slots[0].kohya_prefix}) is None
+
+
+def test_v_target_and_the_noise_it_implies():
+    abar = torch.linspace(0.999, 0.001, 1000)
+    x0, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    v = Schedule(abar, "v")
+    x_t = v.noisy(x0, noise, t)
+    a = abar[t].view(-1, 1, 1, 1)
+    assert torch.allclose(v.target(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    # a perfect v̂ means a perfect ε̂
+    assert torch.allclose(v.noise_from(v.target(x0, noise, t), x_t, t), noise, atol=1e-5)
+    eps = Schedule(abar)
+    assert torch.equal(eps.target(x0, noise, t), noise)
+    with pytest.raises(PerResError, match="unknown prediction type"):
+        Schedule(abar, "x0")
+
+
+def test_conditioning_rows_keep_the_vector_with_its_caption():
+    cond = Conditioning(torch.arange(6.0).view(3, 1, 2), torch.arange(3.0).view(3, 1))
+    picked = cond.select(torch.tensor([2, 0]))
+    assert picked.context[:, 0, 0].tolist() == [4.0, 0.0] and picked.vector[:, 0].tolist() == [2.0, 0.0]
+    single = Conditioning(torch.ones(1, 1, 2), torch.ones(1, 5)).select(torch.tensor([0, 0, 0]))
+    assert single.context.shape[0] == 3 and single.vector.shape == (3, 5)
+    with pytest.raises(PerResError, match="vector"):
+        Conditioning.cat([Conditioning(torch.ones(1, 1, 2)), Conditioning(torch.ones(1, 1, 2), torch.ones(1, 1))])
+
+
+def _sdxl_residuals() -> ResidualSet:
+    residuals = ResidualSet.for_family(SDXL, concept=ConceptInfo("ohwx", "woman"),
+                                       training={"steps": "3", "resolution": "1024", "prediction": "v"})
+    residuals.initialize("random", 1)
+    return residuals
+
+
+def test_an_sdxl_file_carries_kohya_sdxl_keys_linear_factors_and_sdxl_metadata(tmp_path):
+    residuals = _sdxl_residuals()
+    path = save_residual_file(residuals, str(tmp_path / "x.safetensors"), "test")
+    with safe_open(path, framework="pt") as handle:
+        keys, meta = set(handle.keys()), handle.metadata()
+        up = handle.get_tensor("lora_unet_input_blocks_4_1_proj_out.lora_up.weight")
+    assert len(keys) == 33 and up.shape == (640, 32)
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.resolution"] == "1024x1024" and meta["perres.base_model"] == "SDXL"
+    loaded = load_residual_file(path)
+    assert loaded.base_model == "SDXL" and loaded.training["prediction"] == "v"
+    for name, layer in residuals.layers.items():
+        assert not loaded.layers[name].conv
+        assert torch.allclose(loaded.layers[name].delta_weight(), layer.delta_weight().detach())
+
+
+def test_a_file_whose_metadata_names_another_family_than_its_layers_is_refused():
+    residuals = _sdxl_residuals()
+    metadata = {**residuals_metadata(residuals, "test"), "perres.base_model": "SD1.x"}
+    with pytest.raises(PerResError, match="holds SDXL layers"):
+        residuals_from_state_dict(residuals_to_state_dict(residuals), metadata, "x")
+
+
+def test_continuing_across_families_is_refused_naming_both():
+    with pytest.raises(PerResError, match=r"trained on an SD1\.x model, but this model is SDXL"):
+        check_continuable(ResidualSet.for_family(SD1), ResidualSet.for_family(SDXL))
