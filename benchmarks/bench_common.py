@@ -112,7 +112,7 @@ def sdxl_checkpoint(workdir: str) -> str:
 
 
 def pack_module(relative: str):
-    """A module of the loaded pack, e.g. pack_module('nodes.residual_hooks') (the pack's own, not ComfyUI's)."""
+    """A module of the loaded pack, e.g. pack_module('nodes.host.residual_hooks') (the pack's own, not ComfyUI's)."""
     return pack(relative)
 
 

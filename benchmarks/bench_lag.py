@@ -75,7 +75,7 @@ def weight_state(unet) -> str:
 
 def wrapper_setup_cost(unet, repeats: int = 20) -> float:
     """Seconds per UNet call that LagPatch.diffusion_model spends finding blocks and (un)registering 48 hooks."""
-    host_model = bc.pack_module("nodes.host_model")
+    host_model = bc.pack_module("nodes.host.model")
     t0 = time.perf_counter()
     for _ in range(repeats):
         handles = []
@@ -125,7 +125,7 @@ def main() -> None:
     latent = bc.run_node("EmptyLatentImage", width=opts.resolution, height=opts.resolution, batch_size=opts.batch)[0]
     configs = {"base": model, "global": global_model, "lag": lag_model}
     meter = HookMeter()
-    meter.install(bc.pack_module("nodes.lag_patch").LagPatch.of(lag_model))
+    meter.install(bc.pack_module("nodes.host.lag_patch").LagPatch.of(lag_model))
     hook_wall, hook_cpu, states = [], {}, {}
 
     def sample(patcher):

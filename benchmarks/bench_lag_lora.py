@@ -153,7 +153,7 @@ def text_policy(setup: Setup) -> None:
     import torch
 
     opts, say = setup.opts, bc.say
-    lag_patch = bc.pack_module("nodes.lag_patch")
+    lag_patch = bc.pack_module("nodes.host.lag_patch")
     name = setup.lora("bench_text_only.safetensors", all_blocks(TEXT_LAYERS), 8, scale=0.1)
     res = opts.policy_resolution
     base = setup.sample(setup.model, res, 1)
@@ -181,7 +181,7 @@ def before_policy(setup: Setup) -> None:
     import torch
 
     opts, say = setup.opts, bc.say
-    lag_patch = bc.pack_module("nodes.lag_patch")
+    lag_patch = bc.pack_module("nodes.host.lag_patch")
     name = setup.lora("bench_before_only.safetensors", all_blocks(BEFORE_LAYERS), 8)
     patcher = setup.lag(name)
     patch = lag_patch.LagPatch.of(patcher)

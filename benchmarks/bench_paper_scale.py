@@ -29,7 +29,8 @@ is a quicker look.
 SDXL at its own 1024 px, batch 4, takes many minutes per step on this CPU; `--family sdxl --resolution 512
 --batch 1` is what it measures in reasonable time (benchmarks/README.md has the figures).
 
-Run from the pack root:  python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
+Run from the pack root:
+    python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
 """
 from __future__ import annotations
 
@@ -98,10 +99,10 @@ def run_one(opts: argparse.Namespace) -> dict:
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention)
     images = make_images(opts.batch, opts.resolution)
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]["samples"]
-    conditioning = bc.pack_module("nodes.training_host").caption_conditioning(
+    conditioning = bc.pack_module("nodes.host.training").caption_conditioning(
         model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
-    # ones once (nodes/training_host.frozen_for_backward); that one-off copy must not count as a peak.
+    # ones once (nodes/host/training.frozen_for_backward); that one-off copy must not count as a peak.
     train_node(model, clip, vae, make_images(1, 64), 64, 1, 1, False)
     result = measure(opts.only, model, clip, vae, images, latents, conditioning, opts)
     result["unet_dtype"] = str(model.model.get_dtype())

@@ -57,15 +57,15 @@ def make_images(batch: int, resolution: int):
 def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock):
     """Plain frozen-UNet forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
     model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector); `conditioning` is the caption's
-    (nodes.training_host.caption_conditioning)."""
+    (nodes.host.training.caption_conditioning)."""
     import torch
     import torch.nn.functional as F
     import comfy.model_management as mm
 
     residual = bc.pack_module("perres_core.residual")
     training = bc.pack_module("perres_core.training")
-    host = bc.pack_module("nodes.training_host")
-    hooks = bc.pack_module("nodes.residual_hooks")
+    host = bc.pack_module("nodes.host.training")
+    hooks = bc.pack_module("nodes.host.residual_hooks")
 
     with torch.inference_mode(False), torch.enable_grad():
         mm.load_models_gpu([model], force_full_load=True)
@@ -74,7 +74,7 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
         x0_all = model.model.process_latent_in(latents.clone().float()).to(device)
         dtype = host.training_dtype(model.model)
         rows = conditioning.select(torch.zeros(batch, dtype=torch.long)).to(device, dtype)
-        host_model = bc.pack_module("nodes.host_model")
+        host_model = bc.pack_module("nodes.host.model")
         family, schedule = host_model.family_of_model(model), host_model.diffusion_schedule(model)
         residuals = residual.ResidualSet.for_family(family, residual.DEFAULT_RANK_RATIO)
         residuals.initialize("random", seed)
@@ -124,7 +124,7 @@ def main() -> None:
     images = make_images(opts.batch, opts.resolution)
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
-    conditioning = bc.pack_module("nodes.training_host").caption_conditioning(model, clip, CAPTION, opts.resolution,
+    conditioning = bc.pack_module("nodes.host.training").caption_conditioning(model, clip, CAPTION, opts.resolution,
                                                                                  opts.resolution)
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
         f"load device {model.load_device}; images {tuple(images.shape)}, latents {tuple(latents['samples'].shape)}")

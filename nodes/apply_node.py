@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
 from .errors import reported_as
-from .host_model import require_fits, with_residual_weights
+from .host.model import require_fits, with_residual_weights
 from .types import Residuals
 
 NAME = "PerRes Apply Residuals"

@@ -12,11 +12,11 @@ from ..perres_core.residual import ResidualSet
 from ..perres_core.tokens import concept_positions
 from .apply_node import check_strength
 from .errors import reported_as
-from .host_model import LAG_FAMILIES, family_of_model, require_fits
-from .lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
-from .lag_patch import LagConcept, LagPatch
+from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
+from .host.lag_patch import LagConcept, LagPatch
+from .host.model import LAG_FAMILIES, family_of_model, require_fits
+from .host.text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
 from .node_warnings import NodeWarnings, node_id_of
-from .text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
 from .types import Concepts, Residuals
 
 LAG_NAME = "PerRes LAG Sampling"

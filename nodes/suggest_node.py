@@ -15,9 +15,9 @@ from ..perres_core.diffusion import Conditioning
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from .errors import reported_as
-from .host_model import diffusion_schedule, require_trainable, resident_clone, unet_of
+from .host.model import diffusion_schedule, require_trainable, resident_clone, unet_of
+from .host.training import caption_conditioning, training_dtype, unet_prediction
 from .node_warnings import NodeWarnings, node_id_of
-from .training_host import caption_conditioning, training_dtype, unet_prediction
 
 log = logging.getLogger("perres")
 NAME = "PerRes Suggest Class Word"
@@ -99,8 +99,8 @@ class SuggestClassWord(io.ComfyNode):
                                   "(e.g. from 'PerRes Load Concept Images').")
             pixels = prepare_batch(list(images), resolution)
             latents = vae.encode(pixels)
-            conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution, resolution)
-                                             for word in words])
+            conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution,
+                                                                  resolution) for word in words])
             progress = comfy.utils.ProgressBar(1)
 
             def on_progress(done: int, total: int) -> None:

@@ -18,10 +18,10 @@ from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet
                                     steps_trained, training_date)
 from ..perres_core.training import TrainSettings, loss_weights
 from .errors import reported_as
-from .host_model import require_trainable, with_residual_weights
+from .host.model import require_trainable, with_residual_weights
+from .host.text_tokens import check_concept_word, word_token_ids
+from .host.training import caption_conditioning, train_on_model
 from .node_warnings import NodeWarnings, node_id_of
-from .text_tokens import check_concept_word, word_token_ids
-from .training_host import caption_conditioning, train_on_model
 from .types import Residuals
 
 log = logging.getLogger("perres")

@@ -3,5 +3,5 @@ from comfy_api.latest import io
 
 # A perres_core.ResidualSet: the low-rank residuals of one concept plus its identifier and class word.
 Residuals = io.Custom("PERRES_RESIDUALS")
-# A list of nodes.lag_concepts.ConceptSpec (PerRes residuals or LoRA files) for multi-concept LAG.
+# A list of nodes.host.lag_concepts.ConceptSpec (PerRes residuals or LoRA files) for multi-concept LAG.
 Concepts = io.Custom("PERRES_CONCEPTS")

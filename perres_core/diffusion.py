@@ -54,7 +54,8 @@ class Conditioning:
         return Conditioning(self.context[index], None if self.vector is None else self.vector[index])
 
     def to(self, device: Union[torch.device, str], dtype: Optional[torch.dtype] = None) -> "Conditioning":
-        return Conditioning(self.context.to(device, dtype), None if self.vector is None else self.vector.to(device, dtype))
+        vector = None if self.vector is None else self.vector.to(device, dtype)
+        return Conditioning(self.context.to(device, dtype), vector)
 
     def cpu_float(self) -> "Conditioning":
         return Conditioning(self.context.detach().clone().float().cpu(),

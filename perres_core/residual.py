@@ -178,7 +178,8 @@ def check_continuable(initial: ResidualSet, fresh: ResidualSet) -> None:
         old, new = initial.layers.get(path), fresh.layers.get(path)
         if old is None or new is None:
             where = "lack" if old is None else "have the extra"
-            raise PerResError(f"initial_residuals {where} layer {path}, so they do not fit this {fresh.base_model} model; "
+            raise PerResError(f"initial_residuals {where} layer {path}, so they do not fit this {fresh.base_model} "
+                              "model; "
                               f"load a residual trained by PerRes Train Residuals, {restart}.")
         if (old.out_features, old.in_features, old.conv) != (new.out_features, new.in_features, new.conv):
             raise PerResError(f"initial_residuals layer {path} is {old.out_features}×{old.in_features}, this model's "

@@ -46,7 +46,8 @@ def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
     for path, layer in residuals.layers.items():
         slot = family.slot_by_proj_out.get(path)
         if slot is None:
-            raise PerResError(f"No file name is known for layer '{path}'; only {family.name} proj_out layers are saved.")
+            raise PerResError(f"No file name is known for layer '{path}'; only {family.name} proj_out layers are "
+                              "saved.")
         up = layer.up.detach().float().cpu().contiguous()
         down = layer.down.detach().float().cpu().contiguous()
         if layer.conv:
@@ -83,7 +84,8 @@ def modelspec_metadata(residuals: ResidualSet) -> dict[str, str]:
     words = f"{concept.identifier} {concept.class_word}"
     resolution = residuals.training.get("resolution", str(family.resolution))
     out = {"modelspec.sai_model_spec": MODELSPEC_VERSION, "modelspec.architecture": family.modelspec_architecture,
-           "modelspec.implementation": family.modelspec_implementation, "modelspec.title": f"{words} (PerRes residual)", "modelspec.trigger_phrase": words,
+           "modelspec.implementation": family.modelspec_implementation,
+           "modelspec.title": f"{words} (PerRes residual)", "modelspec.trigger_phrase": words,
            "modelspec.resolution": f"{resolution}x{resolution}"}
     if residuals.date:
         out[MODELSPEC_DATE] = residuals.date

@@ -144,7 +144,8 @@ def train_residuals(predict: PredictFn, latents: torch.Tensor, conditioning: Con
     if latents.shape[0] < 1:
         raise PerResError("No training latents were given.")
     if len(conditioning) not in (1, latents.shape[0]):
-        raise PerResError(f"{len(conditioning)} captions for {latents.shape[0]} images; give one caption or one per image.")
+        raise PerResError(f"{len(conditioning)} captions for {latents.shape[0]} images; give one caption or one per "
+                          "image.")
     if weights is not None and (weights.shape[0] != latents.shape[0] or weights.shape[2:] != latents.shape[2:]):
         raise PerResError(f"loss weights of shape {tuple(weights.shape)} do not fit latents of shape "
                           f"{tuple(latents.shape)}; give one mask per image.")

@@ -85,7 +85,7 @@ def compute_in_bf16(model) -> None:
 
 
 def pack(submodule: str):
-    """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.lag_patch"))."""
+    """A module of the pack as ComfyUI loaded it (e.g. pack("nodes.host.lag_patch"))."""
     import importlib
 
     return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)

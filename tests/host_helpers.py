@@ -43,15 +43,17 @@ def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torc
     training never draws (seed 12345), with the UNet computing in `dtype`; weighted per latent location by
     `weights` (N, 1, h, w) if given, as masked training weights it."""
     training = pack("perres_core.training")
-    hooks = pack("nodes.residual_hooks")
-    host = pack("nodes.training_host")
+    hooks = pack("nodes.host.residual_hooks")
+    host = pack("nodes.host.training")
     with torch.inference_mode():
         latents = model.model.process_latent_in(vae.encode(images)).clone()
         context = encode(clip, "a photo of a sks dog")[0][0].clone()
     unet = model.model.diffusion_model
-    with torch.no_grad(), hooks.proj_out_hooks(unet, pack("perres_core.families").SD1, hooks.full_residual(residuals.layers)):
+    sd1 = pack("perres_core.families").SD1
+    with torch.no_grad(), hooks.proj_out_hooks(unet, sd1, hooks.full_residual(residuals.layers)):
         return training.evaluation_loss(host.unet_prediction(unet), latents, context,
-                                        pack("nodes.host_model").diffusion_schedule(model), torch.tensor([150, 450, 750]), seed=12345,
+                                        pack("nodes.host.model").diffusion_schedule(model),
+                                        torch.tensor([150, 450, 750]), seed=12345,
                                         dtype=dtype, weights=weights)
 
 
@@ -80,4 +82,4 @@ def proj_out_patch_keys(model) -> set[str]:
 
 
 def lag_patch_module():
-    return pack("nodes.lag_patch")
+    return pack("nodes.host.lag_patch")

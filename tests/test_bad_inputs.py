@@ -190,7 +190,7 @@ def test_a_model_of_another_family_is_refused(family, node, sd15, residuals, ima
 def test_the_prediction_type_comes_from_the_models_sampling(sd15):
     """ε and v-prediction are trained (v also with zero-terminal SNR, set by the stock ModelSamplingDiscrete
     node as users do for NoobAI-style checkpoints); an EDM or x0 model is refused, naming what it samples with."""
-    host = pack("nodes.host_model")
+    host = pack("nodes.host.model")
     model = sd15[0]
     assert host.diffusion_schedule(model).prediction == "epsilon"
     v_model = run_node("ModelSamplingDiscrete", model=model, sampling="v_prediction", zsnr=False)[0]
@@ -251,7 +251,7 @@ def test_inpainting_model_lag_sampling_is_supported(sd15, inpaint_model, residua
     samples = run_node("KSampler", model=model, seed=0, steps=1, cfg=5.0, sampler_name="euler", scheduler="normal",
                        positive=positive, negative=negative, latent_image=latent, denoise=1.0)[0]["samples"]
     assert samples.shape == (1, 4, 8, 8) and torch.isfinite(samples).all()
-    assert pack("nodes.lag_patch").LagPatch.of(model).recorder.averages(), "LAG masks were not computed"
+    assert pack("nodes.host.lag_patch").LagPatch.of(model).recorder.averages(), "LAG masks were not computed"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,7 +645,7 @@ def test_lag_prompt_longer_than_77_tokens(sd15, residuals):
     filler = ", ".join(["a very detailed background"] * 20)
     prompt = f"{filler}, a photo of a sks dog"
     model, positive = run_node("PerResLAGSampling", **lag_inputs(sd15, residuals, prompt=prompt))
-    concept = pack("nodes.lag_patch").LagPatch.of(model).concepts[0]
+    concept = pack("nodes.host.lag_patch").LagPatch.of(model).concepts[0]
     assert concept.positions and min(concept.positions) >= 77, concept.positions
     assert positive[0][0].shape[1] >= 154
     negative = run_node("CLIPTextEncode", clip=clip, text="")[0]

@@ -30,7 +30,7 @@ def snapshot(residuals) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 def test_continuation_starts_from_the_given_residual_and_leaves_it_and_its_file_alone(sd15, concept_images, saved,
                                                                                        monkeypatch):
-    host = pack("nodes.training_host")
+    host = pack("nodes.host.training")
     path, _, loaded = saved
     before, data, mtime = snapshot(loaded), open(path, "rb").read(), os.stat(path).st_mtime_ns
     calls = []

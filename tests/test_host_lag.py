@@ -38,11 +38,11 @@ def lag(model, clip, residuals, prompt, constant=None, extra=(), **settings):
 
 
 def spec(residuals, words, strength=1.0):
-    return pack("nodes.lag_concepts").ConceptSpec(words, strength, residuals=residuals)
+    return pack("nodes.host.lag_concepts").ConceptSpec(words, strength, residuals=residuals)
 
 
 def recorded(model):
-    return pack("nodes.lag_patch").LagPatch.of(model).recorder.averages()
+    return pack("nodes.host.lag_patch").LagPatch.of(model).recorder.averages()
 
 
 def test_lag_node_returns_patched_clone_and_leaves_input_untouched(sd15, residuals):
@@ -53,7 +53,7 @@ def test_lag_node_returns_patched_clone_and_leaves_input_untouched(sd15, residua
                                  outside_window="full residual")
     assert patched is not model and model.wrappers == {} and patched.wrappers
     assert positive[0][0].shape == (1, 77, 768)
-    patch = pack("nodes.lag_patch").LagPatch.of(patched)
+    patch = pack("nodes.host.lag_patch").LagPatch.of(patched)
     assert patch.concepts[0].positions == [5, 6]  # <start> a photo of a [sks] [dog] ...
 
 
@@ -99,7 +99,7 @@ def test_multi_concept_masks_are_disjoint(sd15, residuals, second_residuals):
     extra = [spec(second_residuals, ["ktn", "cat"])]
     patched, positive = lag(model, clip, residuals, "a sks dog and a ktn cat on a beach", extra=extra)
     sample(patched, positive, encode(clip, ""), seed=8, steps=1)
-    by_slot = pack("nodes.lag_patch").LagPatch.of(patched).bank.by_slot
+    by_slot = pack("nodes.host.lag_patch").LagPatch.of(patched).bank.by_slot
     assert len(by_slot) == 16
     shares = torch.zeros(2)
     for slot, masks in by_slot.items():  # each block's own masks (the preview averages blocks per resolution)
@@ -154,7 +154,7 @@ def test_154_token_prompt_finds_concept_in_second_chunk(sd15, residuals):
     prompt = LONG_PREFIX + ", and a photo of a sks dog"
     patched, positive = lag(model, clip, residuals, prompt)
     assert positive[0][0].shape[1] == 154
-    positions = pack("nodes.lag_patch").LagPatch.of(patched).concepts[0].positions
+    positions = pack("nodes.host.lag_patch").LagPatch.of(patched).concepts[0].positions
     assert positions and min(positions) > 77
     sample(patched, positive, encode(clip, "blurry"), seed=12, steps=1, batch=2)  # 77 vs 154 → LCM batching
     assert (8, 8) in recorded(patched)
@@ -164,7 +164,7 @@ def test_weight_syntax_gives_the_same_token_positions(sd15, residuals):
     model, clip, _ = sd15
     plain, _ = lag(model, clip, residuals, "a photo of a sks dog on the beach")
     weighted, _ = lag(model, clip, residuals, "a photo of a (sks dog:1.2) on the beach")
-    get = pack("nodes.lag_patch").LagPatch.of
+    get = pack("nodes.host.lag_patch").LagPatch.of
     assert get(plain).concepts[0].positions == get(weighted).concepts[0].positions == [5, 6]
 
 
@@ -173,9 +173,9 @@ def test_multi_token_word_positions(sd15, residuals):
     patched, _ = lag(model, clip, residuals, "a photo of a sks dog", extra=[spec(residuals, ["photorealistic"])])
     # not in the prompt → warned and applied everywhere; a word split into several BPE tokens is found whole
     patched2, _ = lag(model, clip, residuals, "photorealistic sks dog", extra=[spec(residuals, ["photorealistic"])])
-    word_ids = pack("nodes.text_tokens").word_token_ids(clip, "photorealistic")
+    word_ids = pack("nodes.host.text_tokens").word_token_ids(clip, "photorealistic")
     assert len(word_ids) > 1
-    assert pack("nodes.lag_patch").LagPatch.of(patched2).concepts[1].positions == list(range(1, 1 + len(word_ids)))
+    assert pack("nodes.host.lag_patch").LagPatch.of(patched2).concepts[1].positions == list(range(1, 1 + len(word_ids)))
 
 
 def test_missing_concept_words_warn_and_fall_back_to_global(sd15, residuals, caplog):
@@ -195,7 +195,7 @@ def test_uncond_rows_use_their_positive_partners_mask_also_when_split(sd15, resi
 
     model, clip, _ = sd15
     patched, positive = lag(model, clip, residuals, "a photo of a sks dog")
-    patch = pack("nodes.lag_patch").LagPatch.of(patched)
+    patch = pack("nodes.host.lag_patch").LagPatch.of(patched)
     unet = patched.model.diffusion_model
     cond = positive[0][0]
     uncond = encode(clip, "")[0][0]

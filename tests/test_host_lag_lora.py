@@ -97,11 +97,11 @@ def test_lora_loaded_through_the_hosts_adapters(sd15, lora_file):
     kinds = {}
     for fmt in ("kohya", "locon", "loha", "dora"):
         spec = run_node("PerResLAGLoRA", lora_name=lora_file(fmt), trigger_words="ohwx", strength=1.0)[0][0]
-        deltas, _ = pack("nodes.lag_concepts").lora_deltas(model, spec.lora, 1.0, spec.lora_name)
+        deltas, _ = pack("nodes.host.lag_concepts").lora_deltas(model, spec.lora, 1.0, spec.lora_name)
         kinds[fmt] = {type(d).__name__ for d in deltas.values()}
     assert kinds["kohya"] == kinds["locon"] == {"LowRankDelta"}
     assert kinds["loha"] == kinds["dora"] == {"DenseDelta"}
-    conv = pack("nodes.lag_concepts").lora_deltas(model, run_node("PerResLAGLoRA", lora_name=lora_file("locon"),
+    conv = pack("nodes.host.lag_concepts").lora_deltas(model, run_node("PerResLAGLoRA", lora_name=lora_file("locon"),
                                                   trigger_words="ohwx", strength=1.0)[0][0].lora, 1.0, "x")[0]
     assert conv["input_blocks.3.0.op"].geometry == delta.ConvGeometry((2, 2), (1, 1), (1, 1), 1)
 
@@ -131,7 +131,7 @@ def test_two_loras_get_disjoint_masks(sd15, lora_file):
     patched, positive = lag_lora(sd15, [(lora_file("kohya", 1), "ohwx, woman", 1.0),
                                         (lora_file("peft", 2), "zkz, dog", 1.0)])
     sample(patched, positive, encode(clip, ""), seed=9)
-    patch = pack("nodes.lag_patch").LagPatch.of(patched)
+    patch = pack("nodes.host.lag_patch").LagPatch.of(patched)
     assert len(patch.bank.by_slot) == 16
     shares = torch.zeros(2)
     for slot, (first, second) in patch.bank.by_slot.items():
@@ -194,7 +194,7 @@ def test_median_masks_keep_the_lora_out_of_half_the_image(sd15, lora_file):
     full = sample(stock_lora(model, name), positive, negative, seed=12)
     assert torch.isfinite(lag).all()
     assert 0.05 < (lag - base).abs().mean() / (full - base).abs().mean() < 0.95
-    averages = pack("nodes.lag_patch").LagPatch.of(patched).recorder.averages()
+    averages = pack("nodes.host.lag_patch").LagPatch.of(patched).recorder.averages()
     for (h, w), masks in averages.items():
         expected = 1.0 if h * w == 1 else 0.5   # a single location is kept
         assert masks.shape == (1, h, w) and abs(masks.mean().item() - expected) < 0.05

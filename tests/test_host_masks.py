@@ -58,7 +58,7 @@ def test_alpha_of_rgba_files_reaches_the_masks_output(workdir):
 def test_zero_weight_locations_contribute_no_residual_gradient(sd15, concept_images, square_masks):
     """Through the real UNet with the residual hooks: changing the target ε only where the weight is 0 leaves
     the residual's gradient bit for bit unchanged; changing it inside the mask does not."""
-    training, hooks, host = pack("perres_core.training"), pack("nodes.residual_hooks"), pack("nodes.training_host")
+    training, hooks, host = pack("perres_core.training"), pack("nodes.host.residual_hooks"), pack("nodes.host.training")
     model, clip, vae = sd15
     residuals = untrained_residuals(0)
     with torch.inference_mode():
@@ -70,7 +70,7 @@ def test_zero_weight_locations_contribute_no_residual_gradient(sd15, concept_ima
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.tensor([100, 300, 500, 700])
-    x_t = training.noisy_latents(latents, noise, t, pack("nodes.host_model").diffusion_schedule(model))
+    x_t = training.noisy_latents(latents, noise, t, pack("nodes.host.model").diffusion_schedule(model))
     unet = model.model.diffusion_model
 
     def residual_gradient(target: torch.Tensor) -> list[torch.Tensor]:

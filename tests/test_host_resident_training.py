@@ -57,8 +57,8 @@ def as_dynamic(model, monkeypatch) -> list[tuple[dict, object]]:
 
 
 def test_training_loads_the_resident_clone(sd15, concept_images, loaded_for_training, monkeypatch):
-    host_model = pack("nodes.host_model")
-    training_host = pack("nodes.training_host")
+    host_model = pack("nodes.host.model")
+    training_host = pack("nodes.host.training")
     asked = []
 
     def resident_clone(model):
@@ -92,11 +92,11 @@ def test_a_dynamic_model_the_host_cannot_reload_is_refused_clearly(sd15, monkeyp
     calls = as_dynamic(model, monkeypatch)
     monkeypatch.setattr(model, "cached_patcher_init", None)
     with pytest.raises(pack("perres_core.errors").PerResError, match="--disable-dynamic-vram"):
-        pack("nodes.host_model").resident_clone(model)
+        pack("nodes.host.model").resident_clone(model)
     assert calls == []
 
 
 def test_a_non_dynamic_model_gets_a_plain_clone(sd15):
     model = sd15[0]
-    clone = pack("nodes.host_model").resident_clone(model)
+    clone = pack("nodes.host.model").resident_clone(model)
     assert clone is not model and clone.model is model.model and clone.patches == model.patches

@@ -33,20 +33,20 @@ def train_sdxl(sdxl, images, model=None, **overrides):
 
 
 def sdxl_conditioning(model, clip, caption: str, size: int = 64):
-    return pack("nodes.training_host").caption_conditioning(model, clip, caption, size, size)
+    return pack("nodes.host.training").caption_conditioning(model, clip, caption, size, size)
 
 
 def held_out_loss(model, clip, vae, images: torch.Tensor, residuals) -> float:
     """The training loss (ε or v target, as the model predicts) of `model` with `residuals` at fixed timesteps
     and noise that training never draws."""
-    training, hooks, host = pack("perres_core.training"), pack("nodes.residual_hooks"), pack("nodes.training_host")
+    training, hooks, host = pack("perres_core.training"), pack("nodes.host.residual_hooks"), pack("nodes.host.training")
     with torch.inference_mode():
         latents = model.model.process_latent_in(vae.encode(images)).clone().float()
     conditioning = sdxl_conditioning(model, clip, "a photo of a sks dog")
     unet = model.model.diffusion_model
     with torch.no_grad(), hooks.proj_out_hooks(unet, families().SDXL, hooks.full_residual(residuals.layers)):
         return training.evaluation_loss(host.unet_prediction(unet), latents, conditioning,
-                                        pack("nodes.host_model").diffusion_schedule(model),
+                                        pack("nodes.host.model").diffusion_schedule(model),
                                         torch.tensor([150, 450, 750]), seed=12345,
                                         dtype=host.training_dtype(model.model))
 
@@ -71,7 +71,7 @@ def denoise(model, x: torch.Tensor, sigma: float, conditioning) -> torch.Tensor:
 
 def test_sdxl_is_detected_with_its_eleven_linear_proj_out_layers(sdxl):
     model = sdxl[0]
-    host = pack("nodes.host_model")
+    host = pack("nodes.host.model")
     assert host.config_name(model) == "SDXL"
     family = host.family_of_model(model)
     assert family is families().SDXL and len(family.slots) == 11
@@ -80,7 +80,7 @@ def test_sdxl_is_detected_with_its_eleven_linear_proj_out_layers(sdxl):
     assert untrained_sdxl(0).parameter_count() == 1_187_840
     assert host.diffusion_schedule(model).prediction == "epsilon"
     assert model.model.get_dtype() == torch.bfloat16
-    assert pack("nodes.training_host").training_dtype(model.model) == torch.bfloat16
+    assert pack("nodes.host.training").training_dtype(model.model) == torch.bfloat16
 
 
 def test_the_adm_vector_is_the_one_the_host_samples_with(sdxl):
@@ -112,7 +112,7 @@ def test_training_lowers_the_held_out_loss_in_each_prediction_type(sdxl, concept
     base, clip, vae = sdxl
     model = base if prediction == "epsilon" else \
         run_node("ModelSamplingDiscrete", model=base, sampling="v_prediction", zsnr=True)[0]
-    assert pack("nodes.host_model").diffusion_schedule(model).prediction == prediction
+    assert pack("nodes.host.model").diffusion_schedule(model).prediction == prediction
     steps, seed, lr = 8, 4, 3e-3
     trained = train_sdxl(sdxl, concept_images, model=model, steps=steps, seed=seed, learning_rate=lr,
                          batch_size=4)[1]

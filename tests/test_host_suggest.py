@@ -39,7 +39,7 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
     lowered every caption's error alike and left `word` first by 0.6 standard errors at best.
     """
     model, clip, vae = sd15
-    training, host = pack("perres_core.training"), pack("nodes.training_host")
+    training, host = pack("perres_core.training"), pack("nodes.host.training")
     caption = pack("perres_core.class_words").caption_for(word)
     token = single_token(clip, word)
     embedding = clip.cond_stage_model.clip_l.transformer.text_model.embeddings.token_embedding
@@ -50,12 +50,12 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
 
     with torch.inference_mode():
         latents = vae.encode(pack("perres_core.images").prepare_batch(list(images), 64))
-    patcher = pack("nodes.host_model").resident_clone(model)
+    patcher = pack("nodes.host.model").resident_clone(model)
     handle = embedding.register_forward_hook(add_delta)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-            unet = pack("nodes.host_model").unet_of(patcher)
+            unet = pack("nodes.host.model").unet_of(patcher)
             x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
             predict_noise = host.unet_prediction(unet)
             tokens = clip.tokenize(caption)
@@ -71,7 +71,7 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
             with host.frozen_for_backward(unet), host.frozen_for_backward(clip.cond_stage_model):
                 # PerRes's own loop: the plain ε-loss, AdamW; the context argument is unused (see above)
                 training.train_residuals(predict_with_the_trained_word, x0, torch.zeros(1, 1, 1),
-                                         pack("nodes.host_model").diffusion_schedule(patcher), [delta],
+                                         pack("nodes.host.model").diffusion_schedule(patcher), [delta],
                                          training.TrainSettings(steps=steps, batch_size=4, learning_rate=lr))
     finally:
         handle.remove()

@@ -122,7 +122,7 @@ def test_training_lowers_held_out_epsilon_loss(sd15, concept_images):
 
 
 def test_frozen_for_backward_handles_inference_tensors_and_restores_flags():
-    host = pack("nodes.training_host")
+    host = pack("nodes.host.training")
     with torch.inference_mode():
         conv = torch.nn.Conv2d(4, 4, 1)
     assert conv.weight.is_inference()

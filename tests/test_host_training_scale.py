@@ -25,7 +25,7 @@ def transformer_call_counter(model):
     counts = {"calls": 0}
     unet, sd1 = model.model.diffusion_model, pack("perres_core.families").SD1
     handles = [transformer.proj_out.register_forward_pre_hook(lambda *_: counts.__setitem__("calls", counts["calls"] + 1))
-               for _, transformer in pack("nodes.host_model").transformer_modules(unet, sd1)]
+               for _, transformer in pack("nodes.host.model").transformer_modules(unet, sd1)]
     return counts, handles
 
 
@@ -84,7 +84,7 @@ def test_half_precision_unet_trains_with_fp32_residuals_and_loss(half_sd15, sd15
                                                                  monkeypatch):
     """The UNet computes in fp16/bf16; the residual stays fp32, fp16 uses loss scaling, the losses are finite,
     the held-out ε-loss (measured in the same dtype) drops, and the saved file is the fp32 run's format."""
-    host = pack("nodes.training_host")
+    host = pack("nodes.host.training")
     model, clip, vae = half_sd15
     dtype = model.model.get_dtype()
     scalers = []
@@ -123,7 +123,7 @@ def test_out_of_memory_is_a_clear_error_that_leaves_nothing_behind(sd15, concept
     errors = pack("perres_core.errors")
     model = sd15[0]
     unet = model.model.diffusion_model
-    proj_outs = [t.proj_out for _, t in pack("nodes.host_model").transformer_modules(unet, pack("perres_core.families").SD1)]
+    proj_outs = [t.proj_out for _, t in pack("nodes.host.model").transformer_modules(unet, pack("perres_core.families").SD1)]
     flags_before = [p.requires_grad for p in unet.parameters()]
     patches_before, uuid_before = dict(model.patches), model.patches_uuid
     activations = []

@@ -22,11 +22,11 @@ import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
-from ..perres_core.errors import PerResError
-from ..perres_core.lag_layers import Role, placement
-from ..perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LayerDelta, LowRankDelta
-from ..perres_core.residual import ResidualSet
-from .host_model import LAG_FAMILIES, family_of_model, unet_of
+from ...perres_core.errors import PerResError
+from ...perres_core.lag_layers import Role, placement
+from ...perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LayerDelta, LowRankDelta
+from ...perres_core.residual import ResidualSet
+from .model import LAG_FAMILIES, family_of_model, unet_of
 
 log = logging.getLogger("perres")
 UNET_PREFIX = "diffusion_model."

@@ -7,12 +7,12 @@ import torch
 import comfy.lora
 import comfy.model_sampling
 
-from ..perres_core.diffusion import Schedule
-from ..perres_core.errors import PerResError
-from ..perres_core.families import FAMILIES, SD1, SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \
+from ...perres_core.diffusion import Schedule
+from ...perres_core.errors import PerResError
+from ...perres_core.families import FAMILIES, SD1, SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \
     require_same_family
-from ..perres_core.residual import ResidualSet
-from ..perres_core.residual_file import residuals_to_state_dict
+from ...perres_core.residual import ResidualSet
+from ...perres_core.residual_file import residuals_to_state_dict
 
 # Families the LAG nodes handle so far (SDXL LAG is the next step); the rest of the pack takes every family.
 LAG_FAMILIES: tuple[ModelFamily, ...] = (SD1,)
@@ -40,7 +40,8 @@ def family_of_model(model, supported: tuple[ModelFamily, ...] = FAMILIES, use: s
     family = family_of_config(unet_config)
     if family is None:
         linear = unet_config.get("use_linear_in_transformer")
-        hint = " (its proj_out layers are Linear, not 1×1 convs)" if linear and unet_config.get("context_dim") == 1024 else ""
+        sd2 = linear and unet_config.get("context_dim") == 1024
+        hint = " (its proj_out layers are Linear, not 1×1 convs)" if sd2 else ""
         raise PerResError(f"the model is {detected}{hint}; PerRes supports {SUPPORTED}. Load a checkpoint of one "
                           "of these families with 'Load Checkpoint'.")
     if family not in supported:

@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..perres_core.families import ModelFamily, TransformerSlot
-from ..perres_core.residual import LowRankResidual
-from .host_model import transformer_modules
+from ...perres_core.families import ModelFamily, TransformerSlot
+from ...perres_core.residual import LowRankResidual
+from .model import transformer_modules
 
 # (slot, layer input x: (B, C, h, w) for a 1×1 conv, (B, N, C) for a Linear) -> delta to add, or None
 DeltaFn = Callable[[TransformerSlot, torch.Tensor], Optional[torch.Tensor]]

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 import comfy.patcher_extension
 
-from ..perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
-from ..perres_core.lag_layers import Placement, Role, level_sizes, placement
-from ..perres_core.layer_delta import LayerDelta, attention
-from ..perres_core.families import SD1, ModelFamily
-from .host_model import transformer_modules
+from ...perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
+from ...perres_core.lag_layers import Placement, Role, level_sizes, placement
+from ...perres_core.layer_delta import LayerDelta, attention
+from ...perres_core.families import SD1, ModelFamily
+from .model import transformer_modules
 
 log = logging.getLogger("perres")
 WRAPPER_KEY = "perres_lag"

@@ -10,13 +10,13 @@ import torch
 
 import comfy.model_management
 
-from ..perres_core.diffusion import Conditioning
-from ..perres_core.errors import PerResError
-from ..perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
-from ..perres_core.memory import is_out_of_memory
-from ..perres_core.residual import ResidualSet, family_of
-from ..perres_core.training import PredictFn, TrainSettings, train_residuals
-from .host_model import diffusion_schedule, resident_clone, unet_of
+from ...perres_core.diffusion import Conditioning
+from ...perres_core.errors import PerResError
+from ...perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
+from ...perres_core.memory import is_out_of_memory
+from ...perres_core.residual import ResidualSet, family_of
+from ...perres_core.training import PredictFn, TrainSettings, train_residuals
+from .model import diffusion_schedule, resident_clone, unet_of
 from .residual_hooks import full_residual, proj_out_hooks
 
 log = logging.getLogger("perres")
@@ -121,9 +121,10 @@ def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, res
                 layer.requires_grad_(True)
             units = checkpoint_units(unet) if gradient_checkpointing else []
             try:
-                with frozen_for_backward(unet), proj_out_hooks(unet, family_of(residuals), full_residual(residuals.layers)), \
-                        recompute_in_backward(units):
-                    return train_residuals(unet_prediction(unet), x0, conditioning.cpu_float(), diffusion_schedule(patcher),
+                hooks = proj_out_hooks(unet, family_of(residuals), full_residual(residuals.layers))
+                with frozen_for_backward(unet), hooks, recompute_in_backward(units):
+                    return train_residuals(unet_prediction(unet), x0, conditioning.cpu_float(),
+                                           diffusion_schedule(patcher),
                                            residuals.parameters(), settings, on_step, device=device, dtype=dtype,
                                            grad_scaler=loss_scaler(dtype, device), weights=weights)
             finally:

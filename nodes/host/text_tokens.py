@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from ..perres_core.errors import PerResError
+from ...perres_core.errors import PerResError
 
 WEIGHT_SYNTAX = re.compile(r"[()\[\]{}:\\<>|]")
 
