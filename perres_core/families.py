@@ -53,6 +53,7 @@ class ModelFamily:
     # training below this many px gets a warning on the node (0: never). SD1.x at 256–384 px is a documented
     # way to fit small cards; SDXL at 512 px learns the concept at a size the model rarely draws.
     low_resolution_warning: int
+    smaller_resolutions: str        # what the out-of-memory advice suggests, e.g. "384 or 256"
     kohya_base_version: str         # ss_base_model_version, as sd-scripts writes it
     modelspec_architecture: str
     modelspec_implementation: str
@@ -108,6 +109,7 @@ SD1 = ModelFamily(
                "adm_in_channels": None},
     resolution=512,
     low_resolution_warning=0,
+    smaller_resolutions="384 or 256",
     kohya_base_version="sd_v1",
     modelspec_architecture="stable-diffusion-v1/lora",
     # what sd-scripts writes for SD1 LoRAs with these diffusers-path key names
@@ -126,6 +128,7 @@ SDXL = ModelFamily(
                "adm_in_channels": 2816, "transformer_depth": [0, 0, 2, 2, 10, 10]},
     resolution=1024,
     low_resolution_warning=768,
+    smaller_resolutions="896 or 768",
     kohya_base_version="sdxl_base_v1-0",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     # sd-scripts' value for SDXL files, whose keys follow Stability AI's original module names

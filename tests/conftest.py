@@ -104,21 +104,21 @@ def sdxl_checkpoint_name(workdir) -> str:
     return SDXL_NAME
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sdxl(sdxl_checkpoint_name):
     """(model, clip, vae) of the random SDXL checkpoint from the stock CheckpointLoaderSimple, UNet in bf16
     and computing in bf16 (compute_in_bf16).
 
-    Module-scoped: the 7 GB model is released when the module's tests are done."""
-    import gc
-
-    import comfy.model_management
-
+    Loaded once per run (7 GB): the tests that use it are marked `sdxl` and run last (see
+    pytest_collection_modifyitems), after the tests that start ComfyUI servers of their own."""
     with bf16_unet():
         loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint_name)
     compute_in_bf16(loaded[0])
-    yield loaded
-    del loaded
-    comfy.model_management.unload_all_models()
-    gc.collect()
-    comfy.model_management.soft_empty_cache()
+    return loaded
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `sdxl` run after all others (in their own order): the SDXL model they share stays loaded
+    until the run ends, and next to it the SD1.5 model and the servers other tests start would not fit the
+    suite's 16 GiB."""
+    items.sort(key=lambda item: item.get_closest_marker("sdxl") is not None)

@@ -17,6 +17,8 @@ import torch
 from conftest import node_ui, pack, run_node
 from host_helpers import encode, factors, layers_equal, untrained_residuals
 
+pytestmark = [pytest.mark.sdxl, pytest.mark.slow]
+
 TRAIN = dict(identifier="sks", class_word="dog", steps=2, batch_size=2, learning_rate=1e-3, rank_ratio=0.05,
              resolution=64, seed=0, init="random")
 
@@ -215,3 +217,24 @@ def test_the_suggester_scores_sdxl_captions_with_their_own_vectors(sdxl, concept
     vectors = torch.cat([c.vector for c in seen])
     assert vectors.shape[1] == 2816
     assert not torch.equal(vectors.min(dim=0).values, vectors.max(dim=0).values), "one vector for every word"
+
+
+def test_out_of_memory_on_sdxl_says_what_to_change_and_leaves_the_model_clean(sdxl, concept_images):
+    model = sdxl[0]
+    unet = model.model.diffusion_model
+    patches_before = dict(model.patches)
+
+    def fail(module, args, output):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    handle = unet.output_blocks[2][1].register_forward_hook(fail)  # the last 1280-channel transformer
+    try:
+        with pytest.raises(pack("perres_core.errors").PerResError) as info:
+            train_sdxl(sdxl, concept_images, steps=2, batch_size=4)
+    finally:
+        handle.remove()
+    message = str(info.value)
+    assert message.startswith("PerRes Train Residuals: out of memory") and "e.g. 896 or 768" in message
+    assert "Nothing was saved" in message and "batch_size 4" in message
+    assert all(not unet.get_submodule(s.proj_out)._forward_hooks for s in families().SDXL.slots)
+    assert model.patches == patches_before

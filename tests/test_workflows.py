@@ -352,7 +352,8 @@ def failure_report(executor) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.sdxl) if name in SDXL_WORKFLOWS else name
+                                  for name in WORKFLOWS])
 def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora_stand_ins, loaded_checkpoints,
                            workdir, caplog, request):
     import execution

@@ -141,17 +141,18 @@ def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, res
     del patcher
     gc.collect()
     comfy.model_management.soft_empty_cache()
-    raise OutOfMemoryDuringTraining(latents, settings.batch_size, gradient_checkpointing, device_name, failure)
+    raise OutOfMemoryDuringTraining(latents, settings.batch_size, gradient_checkpointing, device_name, failure,
+                                    family_of(residuals).smaller_resolutions)
 
 
 class OutOfMemoryDuringTraining(PerResError):
     """Training ran out of memory; the message says what to change in the workflow."""
 
     def __init__(self, latents: torch.Tensor, batch_size: int, gradient_checkpointing: bool, device: str,
-                 failure: str) -> None:
+                 failure: str, smaller_resolutions: str = "384 or 256") -> None:
         resolution = latents.shape[-1] * 8
         advice = ["lower batch_size (1 or 2 still trains; the paper uses 4)",
-                  "lower the resolution (e.g. 384 or 256)"]
+                  f"lower the resolution (e.g. {smaller_resolutions})"]
         if not gradient_checkpointing:
             advice.insert(0, "turn on gradient_checkpointing (at 512 px it needed a quarter of the memory for "
                              "1.27× the time per step)")
