@@ -1,16 +1,17 @@
 """LAG for any LoRA: the sampling cost next to the merged LoRA, and the experiment behind its mask policies.
 
-One run, the tests' random-weight SD1.5 checkpoint (fp32), the stock KSampler (euler / normal, CFG 7, so
-cond and uncond are batched), the same seed and conditioning for every config. LoRA files are built by
-tests/lora_files.py with the names kohya's scripts write.
+One run, the tests' random-weight checkpoint of --family (SD1.5 in fp32, or SDXL with its UNet in bf16),
+the stock KSampler (euler / normal, CFG 7, so cond and uncond are batched), the same seed and conditioning
+for every config. LoRA files are built by tests/lora_files.py with the names kohya's scripts write.
 
---part speed   a rank-32 LoRA on every attention and feed-forward layer of the 16 transformer blocks
-               (attn1/attn2 to_q, to_k, to_v, to_out; ff.net.0.proj, ff.net.2: 160 layers):
+--part speed   a rank-32 LoRA on every attention and feed-forward layer of every BasicTransformerBlock
+               (attn1/attn2 to_q, to_k, to_v, to_out; ff.net.0.proj, ff.net.2: 160 layers on SD1.5, 700 on
+               SDXL):
                  merged  LoraLoaderModelOnly (strength 1): weights merged when the model loads;
                  lag     PerRes LAG LoRA + PerRes LAG Sampling (median masks).
                Each config runs once untimed (load, warm-up), then --repeats times interleaved; per-step
                times come from KSampler's progress callback (first step dropped), wall and process CPU.
-               Target: lag/merged <= 1.25.
+               Target: lag/merged <= 1.10.
 --part policy  the two mask-policy choices of perres_core/lag_layers.py, at --policy-resolution:
   text         a LoRA on attn2.to_k/to_v only, one sampling step. "attention" adds the LoRA's change of the
                attention output inside the mask; "columns" adds ΔK, ΔV only at the trigger words' token
@@ -19,16 +20,25 @@ tests/lora_files.py with the names kohya's scripts write.
                |merged - base|, 0 is none).
   before       over a --policy-steps run, for every block and step: how often the mask a layer before the
                block's cross-attention gets (proj_in, attn1, attn2.to_q) equals the block's own mask of the
-               same step, for "resolution" (newest mask at the layer's resolution) and "block" (the
-               block's own mask of the previous step). The first step, where "block" has none, is left out.
-The masks of the random-weight model are not those of a real SD1.5; rerun the policy part with real
-weights (COMFYUI_PATH host with the checkpoint) before trusting its numbers beyond this model.
+               same step, for "resolution" (newest mask at the layer's resolution: in a deep SDXL
+               transformer, the previous block's of this step) and "block" (the block's own mask of the
+               previous step). The first step, where "block" has none, is left out.
+  depth        (SDXL: transformers of 2 and 10 blocks) over a --policy-steps run with a PerRes-style LoRA
+               on proj_out: (1) layers inside a block, own mask against one mask per transformer: how often
+               the transformer's mask (the previous step's, the only one ready while its blocks run) equals
+               each block's own mask of the step; (2) proj_out, "mean" (median split of the mean of all
+               blocks' concept attention) against "last" (the last block's own mask): how often each equals
+               the blocks' own masks (mean over blocks), and how often it equals itself one step earlier.
+The masks of random-weight models are not those of a real SD1.5 or SDXL; rerun the policy part with real
+weights (COMFYUI_PATH host with the checkpoint) before trusting its numbers beyond these models.
 
-Run from the pack root:  python benchmarks/bench_lag_lora.py [--part speed|policy|all] [--resolution 512]
+Run from the pack root:  python benchmarks/bench_lag_lora.py [--family sd15|sdxl] [--part speed|policy|all]
+                         [--resolution 512]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -43,11 +53,25 @@ ATTENTION_AND_FF = [layer for layer in TRANSFORMER_LAYERS if ".attn" in layer or
 TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v")
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
                  "transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn2.to_q")
+FAMILIES = {"sd15": "SD1", "sdxl": "SDXL"}
+TARGET = 1.10
 
 
-def all_blocks(layers) -> list[str]:
-    slots = bc.pack_module("perres_core.families").SD1.slots
-    return [f"{slot.path}.{layer}" for slot in slots for layer in layers]
+def family_of(name: str):
+    return getattr(bc.pack_module("perres_core.families"), FAMILIES[name])
+
+
+def all_blocks(layers, family) -> list[str]:
+    """`layers` (named for block 0) in every transformer of `family`, and in each of its blocks."""
+    paths = []
+    for slot in family.slots:
+        for layer in layers:
+            if layer.startswith("transformer_blocks.0."):
+                rest = layer[len("transformer_blocks.0."):]
+                paths += [f"{slot.path}.transformer_blocks.{j}.{rest}" for j in range(slot.depth)]
+            else:
+                paths.append(f"{slot.path}.{layer}")
+    return paths
 
 
 def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
@@ -57,9 +81,10 @@ def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float =
     return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
 
 
-def attention_ff_lora(model, rank: int = 32) -> str:
-    """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of the 16 blocks."""
-    return write_lora_of(model, f"bench_rank{rank}_attention_ff.safetensors", all_blocks(ATTENTION_AND_FF), rank)
+def attention_ff_lora(model, family, rank: int = 32) -> str:
+    """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of every block."""
+    return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors",
+                         all_blocks(ATTENTION_AND_FF, family), rank)
 
 
 def merged_lora_model(model, name: str):
@@ -76,6 +101,9 @@ def lag_lora_model(model, clip, name: str):
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sd15", choices=list(FAMILIES),
+                   help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
+                        "UNet in bf16 on the CPU")
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
     p.add_argument("--resolution", type=int, default=512, help="speed part: image side in px; default 512")
     p.add_argument("--steps", type=int, default=3, help="speed part: sampling steps per run; default 3")
@@ -92,7 +120,9 @@ def parse_args() -> argparse.Namespace:
 class Setup:
     def __init__(self, opts) -> None:
         self.opts = opts
-        self.model, self.clip, _ = bc.load_sd15(opts.device, opts.threads)
+        precision = "bf16" if opts.family == "sdxl" and opts.device == "cpu" else "fp32"
+        self.model, self.clip, _ = bc.load_model(opts.family, opts.device, opts.threads, precision)
+        self.family = family_of(opts.family)   # (the pack's modules load with the host)
         self.positive = bc.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
         self.negative = bc.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
 
@@ -117,9 +147,10 @@ def speed(setup: Setup) -> None:
     import torch
 
     opts, say = setup.opts, bc.say
-    name = attention_ff_lora(setup.model, opts.rank)
+    name = attention_ff_lora(setup.model, setup.family, opts.rank)
     configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
-    say(f"speed: rank-{opts.rank} LoRA on {len(all_blocks(ATTENTION_AND_FF))} layers, {opts.resolution}px, "
+    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(all_blocks(ATTENTION_AND_FF, setup.family))} "
+        f"layers, {opts.resolution}px, "
         f"{opts.steps} euler steps, CFG 7, {opts.repeats} repeats, torch threads {torch.get_num_threads()}; "
         f"{bc.load_note()}")
     clock = bc.StepClock()
@@ -145,7 +176,7 @@ def speed(setup: Setup) -> None:
     for key in configs:
         say(f"  {key:6s} s/step wall: {bc.spread(wall[key])}")
         say(f"         s/step cpu:  {bc.spread(cpu[key])}")
-    say(f"  lag/merged = {ratio:.3f} wall, {cpu_ratio:.3f} cpu  (target <= 1.25: {bc.verdict(ratio, 1.25)})")
+    say(f"  lag/merged = {ratio:.3f} wall, {cpu_ratio:.3f} cpu  (target <= {TARGET}: {bc.verdict(ratio, TARGET)})")
     say("=" * 78)
 
 
@@ -154,12 +185,13 @@ def text_policy(setup: Setup) -> None:
 
     opts, say = setup.opts, bc.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora("bench_text_only.safetensors", all_blocks(TEXT_LAYERS), 8, scale=0.1)
+    name = setup.lora(f"bench_{setup.family.name}_text_only.safetensors", all_blocks(TEXT_LAYERS, setup.family), 8,
+                      scale=0.1)
     res = opts.policy_resolution
     base = setup.sample(setup.model, res, 1)
     merged = setup.sample(setup.merged(name), res, 1)
     change = merged - base
-    say(f"text policy: LoRA on attn2.to_k/to_v of 16 blocks, {res}px, 1 step; |merged - base| mean "
+    say(f"text policy: LoRA on attn2.to_k/to_v of every block, {res}px, 1 step; |merged - base| mean "
         f"{change.abs().mean():.4g}")
     for policy in ("attention", "columns"):
         patcher = setup.lag(name)
@@ -169,7 +201,9 @@ def text_policy(setup: Setup) -> None:
         result = setup.sample(patcher, res, 1)
         seconds = time.perf_counter() - t0
         finest = max(patch.recorder.averages().items(), key=lambda item: item[0][0] * item[0][1])[1][0]
-        inside = (finest >= 0.5).expand_as(result[0, 0])[None, None].expand_as(result)
+        # (SDXL's finest transformers sit at half the latent's size)
+        finest = torch.nn.functional.interpolate(finest[None, None], size=result.shape[-2:], mode="nearest")[0, 0]
+        inside = (finest >= 0.5)[None, None].expand_as(result)
         kept = 1 - (result - merged).abs()[inside].mean() / change.abs()[inside].mean()
         leak = (result - base).abs()[~inside].mean() / change.abs()[~inside].mean()
         say(f"  {policy:9s} kept inside {kept:6.3f}   leak outside {leak:6.3f}   ({seconds:.1f} s)")
@@ -177,47 +211,114 @@ def text_policy(setup: Setup) -> None:
     torch.cuda.empty_cache() if bc.cuda_active() else None
 
 
-def before_policy(setup: Setup) -> None:
-    import torch
-
-    opts, say = setup.opts, bc.say
-    lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora("bench_before_only.safetensors", all_blocks(BEFORE_LAYERS), 8)
-    patcher = setup.lag(name)
-    patch = lag_patch.LagPatch.of(patcher)
-    log: list[tuple[int, int, tuple, torch.Tensor]] = []   # (call, slot, size, first concept's masks)
-    calls = [0]
+def logged_masks(patch) -> list:
+    """Every mask the patch stores during sampling, in execution order: (UNet call, site, size, the first
+    concept's positive masks); a site is (transformer, block), block None for the transformer's mask."""
+    log: list = []
     store = patch.bank.store
 
-    def logged_store(slot, size, masks):
-        if slot == 0:
-            calls[0] += 1
-        log.append((calls[0], slot, size, masks[0].detach().cpu().clone()))
-        store(slot, size, masks)
+    def logged_store(site, size, masks):
+        if site == (0, 0):
+            log.append(None)   # a new UNet call starts with the first block of the first transformer
+        log.append((sum(entry is None for entry in log), site, size, masks[0].detach().cpu().clone()))
+        store(site, size, masks)
 
     patch.bank.store = logged_store
+    return log
+
+
+def agreement(a, b) -> float:
+    return (a == b).float().mean().item()
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def before_policy(setup: Setup) -> None:
+    opts, say = setup.opts, bc.say
+    lag_patch = bc.pack_module("nodes.host.lag_patch")
+    name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", all_blocks(BEFORE_LAYERS, setup.family), 8)
+    patcher = setup.lag(name)
+    log = logged_masks(lag_patch.LagPatch.of(patcher))
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
+    order = [entry for entry in log if entry is not None]
     agree = {"resolution": [], "block": []}
-    order = sorted(log, key=lambda entry: (entry[0], entry[1]))
-    for i, (call, slot, size, own) in enumerate(order):
-        if call == 1:
+    for i, (call, site, size, own) in enumerate(order):
+        if call == 1 or site[1] is None:
             continue
-        previous_block = next(m for c, s, _, m in reversed(order[:i]) if s == slot and c == call - 1)
+        previous_step = next(m for c, s, _, m in reversed(order[:i]) if s == site and c == call - 1)
         newest_at_size = next(m for _, _, z, m in reversed(order[:i]) if z == size)
-        agree["block"].append((previous_block == own).float().mean().item())
-        agree["resolution"].append((newest_at_size == own).float().mean().item())
+        agree["block"].append(agreement(previous_step, own))
+        agree["resolution"].append(agreement(newest_at_size, own))
     say(f"before policy: {opts.policy_resolution}px, {opts.policy_steps} steps, agreement with the block's own "
         f"mask of the same step (mean over {len(agree['block'])} block-steps):")
     for policy, values in agree.items():
-        say(f"  {policy:10s} {sum(values) / len(values):.3f}")
+        say(f"  {policy:10s} {mean(values):.3f}")
+
+
+def depth_policy(setup: Setup) -> None:
+    opts, say = setup.opts, bc.say
+    if all(slot.depth == 1 for slot in setup.family.slots):
+        say(f"depth policy: every {setup.family.name} transformer has one block; nothing to choose")
+        return
+    lag_patch = bc.pack_module("nodes.host.lag_patch")
+    name = setup.lora(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family), 8)
+    patcher = setup.lag(name)
+    log = logged_masks(lag_patch.LagPatch.of(patcher))
+    setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
+    entries = [entry for entry in log if entry is not None]
+    masks = {(call, site): m for call, site, _, m in entries}
+    calls = max(call for call, *_ in entries)
+    inner, mean_blocks, last_blocks, mean_stable, last_stable = [], [], [], [], []
+    for slot in setup.family.slots:
+        if slot.depth == 1:
+            continue
+        for call in range(1, calls + 1):
+            blocks = [masks[(call, (slot.index, j))] for j in range(slot.depth)]
+            transformer, last = masks[(call, (slot.index, None))], blocks[-1]
+            mean_blocks.append(mean([agreement(transformer, b) for b in blocks]))
+            last_blocks.append(mean([agreement(last, b) for b in blocks]))
+            if call > 1:
+                previous = masks[(call - 1, (slot.index, None))]
+                inner.append(mean([agreement(previous, b) for b in blocks]))
+                mean_stable.append(agreement(previous, transformer))
+                last_stable.append(agreement(masks[(call - 1, (slot.index, slot.depth - 1))], last))
+    say(f"depth policy: {setup.family.name}, {opts.policy_resolution}px, {opts.policy_steps} steps, transformers of "
+        f"several blocks only:")
+    say(f"  inside blocks: the transformer's mask of the previous step equals a block's own mask at "
+        f"{mean(inner):.3f} of locations (own mask: 1 by definition)")
+    say(f"  proj_out 'mean': agrees with the blocks' own masks {mean(mean_blocks):.3f}, with itself one step "
+        f"earlier {mean(mean_stable):.3f}")
+    say(f"  proj_out 'last': agrees with the blocks' own masks {mean(last_blocks):.3f}, with itself one step "
+        f"earlier {mean(last_stable):.3f}")
+
+
+@contextlib.contextmanager
+def fp32_compute(model):
+    """The policy parts compare outputs and masks, not time: a bf16 UNet (SDXL on the CPU) computes them in
+    fp32 from its bf16 weights, where bf16 rounding alone would move a sample about as much as a LoRA does
+    (tests/test_host_sdxl_lag.py)."""
+    import torch
+
+    base = model.model
+    before = base.manual_cast_dtype
+    if base.get_dtype() == torch.bfloat16:
+        base.manual_cast_dtype = torch.float32
+    try:
+        yield
+    finally:
+        base.manual_cast_dtype = before
 
 
 def main() -> None:
     opts = parse_args()
     setup = Setup(opts)
     if opts.part in ("policy", "all"):
-        text_policy(setup)
-        before_policy(setup)
+        with fp32_compute(setup.model):
+            text_policy(setup)
+            before_policy(setup)
+            depth_policy(setup)
     if opts.part in ("speed", "all"):
         speed(setup)
 

@@ -1,4 +1,4 @@
-"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any SD1.x LoRA), the mask preview."""
+"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any SD1.x or SDXL LoRA), the mask preview."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,7 @@ from .apply_node import check_strength
 from .errors import reported_as
 from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .host.lag_patch import LagConcept, LagPatch
-from .host.model import LAG_FAMILIES, family_of_model, require_fits
+from .host.model import family_of_model, require_fits
 from .host.text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
 from .node_warnings import NodeWarnings, node_id_of
 from .types import Concepts, Residuals
@@ -23,7 +23,6 @@ LAG_NAME = "PerRes LAG Sampling"
 CONCEPT_NAME = "PerRes LAG Concept"
 LORA_NAME = "PerRes LAG LoRA"
 PREVIEW_NAME = "PerRes LAG Mask Preview"
-LAG_USE = "LAG sampling"  # how family errors name what the model is refused for
 OUTSIDE = {"full residual": "full", "base model": "base"}
 # colours of concepts 1, 2, 3, ... in the mask preview
 PALETTE = torch.tensor([[1.0, 0.25, 0.2], [0.2, 0.6, 1.0], [0.3, 0.9, 0.3], [1.0, 0.85, 0.2], [0.8, 0.3, 1.0]])
@@ -87,12 +86,12 @@ class LagLoraNode(io.ComfyNode):
             node_id="PerResLAGLoRA",
             display_name=LORA_NAME,
             category="PerRes",
-            description="Turns any SD1.x LoRA into a LAG concept: it acts only where its trigger words attend, so "
+            description="Turns any SD1.x or SDXL LoRA into a LAG concept: it acts only where its trigger words attend, so "
                         "two character LoRAs in one prompt stay apart and the background stays the base model's. "
                         "UNet only (like LoraLoaderModelOnly); chain into PerRes LAG Sampling's extra_concepts.",
             inputs=[
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="An SD1.x LoRA (.safetensors) from models/loras: kohya, diffusers/PEFT, LoCon, "
+                               tooltip="An SD1.x or SDXL LoRA (.safetensors, for the family of the model) from models/loras: kohya, diffusers/PEFT, LoCon, "
                                        "LoHa, LoKr or DoRA, read by ComfyUI's own LoRA loader."),
                 io.String.Input("trigger_words", default="",
                                 tooltip="Comma-separated words of this LoRA in the prompt (its trigger words, and "
@@ -124,7 +123,7 @@ class LagSampling(io.ComfyNode):
                         "(cross-attention, per block, binarized at the median); the base model draws the rest. "
                         "Encodes the prompt too: wire 'positive' to the sampler.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x model (stock LoRAs may already be applied)."),
+                io.Model.Input("model", tooltip="An SD1.x or SDXL-family model (stock LoRAs may already be applied)."),
                 io.Clip.Input("clip", tooltip="Tokenizes and encodes the prompt."),
                 Residuals.Input("residuals", optional=True,
                                 tooltip="From PerRes Train Residuals or PerRes Load Residuals. Optional when "
@@ -162,7 +161,7 @@ class LagSampling(io.ComfyNode):
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
         with reported_as(LAG_NAME):
-            family_of_model(model, LAG_FAMILIES, LAG_USE)
+            family_of_model(model)
             check_strength(strength)
             if not prompt.strip():
                 raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
@@ -201,11 +200,10 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     """(patched clone, positive conditioning) for the concepts.
 
     `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
-    family = family_of_model(model, LAG_FAMILIES, LAG_USE)
+    family = family_of_model(model)
     for spec in specs:
         if spec.residuals is not None:
-            require_fits(model, spec.residuals, f"the residual for '{spec.label}'",
-                         LAG_FAMILIES, LAG_USE)
+            require_fits(model, spec.residuals, f"the residual for '{spec.label}'")
     chunks = prompt_token_chunks(clip, prompt)
     warnings = NodeWarnings(LAG_NAME, node_id)
     concepts = [concept_of(model, clip, chunks, spec, warnings) for spec in specs]
@@ -238,8 +236,9 @@ class LagMaskPreview(io.ComfyNode):
             node_id="PerResLAGMaskPreview",
             display_name=PREVIEW_NAME,
             category="PerRes",
-            description="After sampling, shows where each residual acted: one image per block resolution "
-                        "(64, 32, 16, 8 latent px at 512 px), averaged over steps; concept 1 red, 2 blue, 3 green.",
+            description="After sampling, shows where each residual acted: one image per transformer resolution "
+                        "(SD1.x at 512 px: 64, 32, 16, 8 latent px; SDXL at 1024 px: 64, 32), averaged over steps; "
+                        "concept 1 red, 2 blue, 3 green.",
             inputs=[
                 io.Model.Input("model", tooltip="The model output of PerRes LAG Sampling."),
                 io.Latent.Input("samples", tooltip="The sampler's output (so the preview runs after sampling)."),

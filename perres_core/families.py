@@ -72,6 +72,11 @@ class ModelFamily:
     def matches(self, unet_config: Mapping[str, object]) -> bool:
         return all(unet_config.get(key) == value for key, value in self.signature.items())
 
+    @property
+    def context_width(self) -> int:
+        """Width of the text context its cross-attention reads (SD1.x: CLIP-L 768; SDXL: CLIP-L + CLIP-G 2048)."""
+        return int(self.signature["context_dim"])
+
     def describe(self) -> str:
         return f"{self.name} ({self.examples})"
 
@@ -152,6 +157,11 @@ def family_named(name: str) -> ModelFamily:
 def family_of_config(unet_config: Mapping[str, object]) -> Optional[ModelFamily]:
     """The family whose signature a detected unet_config carries, or None."""
     return next((family for family in FAMILIES if family.matches(unet_config)), None)
+
+
+def family_of_context_width(width: int) -> Optional[ModelFamily]:
+    """The family whose cross-attention reads text of this width, or None (SD2.x: 1024)."""
+    return next((family for family in FAMILIES if family.context_width == width), None)
 
 
 def family_of_kohya_prefixes(prefixes: set[str]) -> Optional[ModelFamily]:

@@ -1,9 +1,10 @@
-"""SD1.x LoRA files in the formats ComfyUI's LoRA loader reads, built for the tests.
+"""SD1.x and SDXL LoRA files in the formats ComfyUI's LoRA loader reads, built for the tests.
 
 Key names come from the host's own key map (comfy.lora.model_lora_keys_unet), so each file is named
-exactly as the tools that write these formats name it: kohya ('lora_unet_down_blocks_0_...', with
-lora_up/lora_down/alpha, LoCon with k×k conv factors, LoHa, LoKr, DoRA) and diffusers/PEFT
-('unet.down_blocks.0....processor.to_q' with lora_A/lora_B).
+exactly as the tools that write these formats name it: kohya (with lora_up/lora_down/alpha, LoCon with k×k
+conv factors, LoHa, LoKr, DoRA; sd-scripts names SD1.x layers by their diffusers paths,
+'lora_unet_down_blocks_0_...', and SDXL layers by their LDM paths, 'lora_unet_input_blocks_4_1_...') and
+diffusers/PEFT ('unet.down_blocks.0....processor.to_q' with lora_A/lora_B).
 """
 from __future__ import annotations
 
@@ -27,16 +28,40 @@ CONV_LAYERS = ("input_blocks.0.0", "input_blocks.1.0.in_layers.2", "input_blocks
                "output_blocks.2.1.conv", "out.2")
 
 
+# SDXL: a depth-2 transformer at each end and the depth-10 middle one; in each, the layers of its first and
+# last BasicTransformerBlock. LoCon adds the same kinds of convs as for SD1.x and SDXL's label_emb (the ADM
+# vector's projection, which has no image locations).
+SDXL_BLOCKS = {"input_blocks.4.1": 2, "middle_block.1": 10, "output_blocks.5.1": 2}
+SDXL_CONV_LAYERS = ("input_blocks.0.0", "input_blocks.1.0.in_layers.2", "input_blocks.1.0.emb_layers.1",
+                    "input_blocks.1.0.out_layers.3", "input_blocks.3.0.op", "input_blocks.4.0.skip_connection",
+                    "output_blocks.2.2.conv", "out.2", "label_emb.0.0")
+
+
 def attention_layers(blocks=BLOCKS) -> list[str]:
     return [f"{block}.{layer}" for block in blocks for layer in TRANSFORMER_LAYERS]
 
 
-def layers_of(fmt: str) -> list[str]:
+def sdxl_attention_layers(blocks=tuple(SDXL_BLOCKS)) -> list[str]:
+    layers = []
+    for block in blocks:
+        for j in sorted({0, SDXL_BLOCKS[block] - 1}):
+            layers += [f"{block}.{layer}".replace("transformer_blocks.0.", f"transformer_blocks.{j}.")
+                       for layer in TRANSFORMER_LAYERS if layer.startswith("transformer_blocks.0.") or j == 0]
+    return layers
+
+
+def is_sdxl(model) -> bool:
+    return model.model.model_config.unet_config.get("context_dim") == 2048
+
+
+def layers_of(fmt: str, sdxl: bool = False) -> list[str]:
+    attention, convs = (sdxl_attention_layers, SDXL_CONV_LAYERS) if sdxl else (attention_layers, CONV_LAYERS)
+    blocks = tuple(SDXL_BLOCKS) if sdxl else BLOCKS
     if fmt == "locon":
-        return attention_layers() + list(CONV_LAYERS)
+        return attention() + list(convs)
     if fmt in ("loha", "lokr", "dora"):   # weight-space adapters: fewer layers keep the test quick
-        return attention_layers(BLOCKS[:1]) + ["input_blocks.1.0.in_layers.2"]
-    return attention_layers()
+        return attention(blocks[:1]) + ["input_blocks.1.0.in_layers.2"]
+    return attention()
 
 
 _NAMES: dict[int, dict[str, list[str]]] = {}
@@ -57,10 +82,12 @@ def names_of(model) -> dict[str, list[str]]:
 def alias(model, path: str, fmt: str) -> str:
     """The name a `fmt` file gives the UNet layer at `path`, from the host's key map."""
     names = names_of(model).get(f"diffusion_model.{path}.weight", [])
+    ldm = "lora_unet_" + path.replace(".", "_")
     if fmt == "peft":
         wanted = [k for k in names if k.startswith("unet.")]
-    else:   # kohya names derive from the diffusers layer names, not the LDM ones
-        ldm = "lora_unet_" + path.replace(".", "_")
+    elif is_sdxl(model):   # sd-scripts' SDXL UNet keeps the LDM module names
+        wanted = [ldm]
+    else:   # SD1.x kohya names derive from the diffusers layer names, not the LDM ones
         wanted = [k for k in names if k.startswith("lora_unet_") and k != ldm] or [ldm]
     if not wanted:
         raise KeyError(f"no {fmt} name for {path}")
@@ -73,7 +100,7 @@ def build_lora(model, fmt: str, seed: int = 0, rank: int = 4, scale: float = 0.3
     generator = torch.Generator().manual_seed(seed)
     unet = model.model.diffusion_model
     tensors: dict[str, torch.Tensor] = {}
-    for path in layers or layers_of(fmt):
+    for path in layers or layers_of(fmt, is_sdxl(model)):
         weight = unet.get_submodule(path).weight.detach().float()
         out_f, in_f = weight.shape[0], weight.shape[1]
         kernel = tuple(weight.shape[2:])
@@ -125,6 +152,8 @@ def write_lora(loras_dir: str, name: str, tensors: dict[str, torch.Tensor]) -> s
 
 # Names of example-workflow LoRAs -> (seed, trigger words); the tests write stand-ins under these names.
 EXAMPLE_LORAS = {"character_a.safetensors": (21, "ohwx, woman"), "character_b.safetensors": (22, "zkz, man")}
+SDXL_EXAMPLE_LORAS = {"character_a_sdxl.safetensors": (23, "ohwx, woman"),
+                      "character_b_sdxl.safetensors": (24, "zkz, man")}
 
 
 def placeholder_lora(path: str) -> str:

@@ -160,8 +160,7 @@ def meta_model(family: str, model_type=None):
 
 
 FAMILY_FRAGMENTS = {
-    ("SDXL", "apply"): ("trained on an SD1.x model, but this model is SDXL", "Load an SD1.x checkpoint"),
-    ("SDXL", "lag"): ("LAG sampling supports only SD1.x models so far; this model is SDXL", "PerRes Apply Residuals"),
+    ("SDXL", None): ("trained on an SD1.x model, but this model is SDXL", "Load an SD1.x checkpoint"),
     ("SD20", None): ("SD20", "Linear, not 1×1 convs", "PerRes supports SD1.x", "SDXL"),
     ("Flux", None): ("Flux", "PerRes supports SD1.x", "SDXL", "Load a checkpoint of one of these families"),
 }
@@ -170,7 +169,7 @@ FAMILY_FRAGMENTS = {
 @pytest.mark.parametrize("node", ["apply", "lag", "train"])
 @pytest.mark.parametrize("family", ["SDXL", "SD20", "Flux"])
 def test_a_model_of_another_family_is_refused(family, node, sd15, residuals, images4):
-    """SD2.x and Flux are refused by every node; SDXL takes the SD1.x residual nowhere, and LAG not yet."""
+    """SD2.x and Flux are refused by every node; SDXL takes the SD1.x residual nowhere (Apply nor LAG)."""
     if (family, node) == ("SDXL", "train"):
         pytest.skip("SDXL trains (tests/test_host_sdxl.py)")
     model = meta_model(family)

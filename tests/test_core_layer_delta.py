@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perres_core.families import SD1
+from perres_core.families import SD1, SDXL
 from perres_core.lag_layers import Role, level_sizes, placement
 from perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LowRankDelta, attention
 
@@ -97,3 +97,34 @@ def test_level_sizes_follow_the_stride_two_downsamplers():
     for size in level_sizes(9, 5)[1:]:
         x = conv(x)
         assert tuple(x.shape[-2:]) == size
+
+
+@pytest.mark.parametrize("path, role, block", [
+    ("middle_block.1.proj_out", Role.AFTER, None),              # the transformer's mask, from all its blocks
+    ("middle_block.1.transformer_blocks.7.ff.net.2", Role.AFTER, 7),
+    ("input_blocks.4.1.transformer_blocks.1.attn2.to_out.0", Role.AFTER, 1),
+    ("output_blocks.0.1.transformer_blocks.9.attn2.to_v", Role.TEXT, 9),
+    ("input_blocks.7.1.transformer_blocks.3.attn1.to_q", Role.BEFORE, 3),
+    ("input_blocks.7.1.transformer_blocks.3.attn2.to_q", Role.BEFORE, 3),
+    ("input_blocks.7.1.proj_in", Role.BEFORE, 0),
+    ("input_blocks.1.0.in_layers.2", Role.SPATIAL, None),        # SDXL's first level has no transformer
+    ("label_emb.0.0", Role.GLOBAL, None),                       # SDXL's ADM vector (pooled text, sizes)
+])
+def test_sdxl_layers_take_the_mask_of_their_own_block(path, role, block):
+    where = placement(path, SDXL)
+    assert where.role is role and where.block == block
+    if where.slot is not None:
+        assert where.site == (where.slot.index, block)
+
+
+def test_add_into_is_the_masked_delta_added_in_place():
+    g = torch.Generator().manual_seed(4)
+    up, down = torch.randn(6, 3, generator=g), torch.randn(3, 5, generator=g)
+    delta = LowRankDelta(up, down, scale=0.7)
+    x, output = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 6, generator=g)
+    mask = (torch.rand(2, 4, 1, generator=g) > 0.5).float()
+    expected = output + delta(x, mask=mask)
+    assert delta.add_into(output, x, mask)
+    torch.testing.assert_close(output, expected)
+    conv = LowRankDelta(up, down, geometry=ConvGeometry())
+    assert not conv.add_into(torch.zeros(1, 6, 2, 2), torch.zeros(1, 5, 2, 2))   # convs take the other path

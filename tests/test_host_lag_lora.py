@@ -1,4 +1,4 @@
-"""LAG for any SD1.x LoRA, in the real host: invariants against ComfyUI's own LoRA loader.
+"""LAG for any SD1.x LoRA, in the real host (SDXL: tests/test_host_sdxl_lag.py): invariants against ComfyUI's own LoRA loader.
 
 LoRA files in every format ComfyUI reads for SD1.x are built here (tests/lora_files.py) and loaded by
 the stock LoraLoaderModelOnly and by PerRes LAG LoRA from the same models/loras folder.
@@ -12,11 +12,12 @@ import torch
 
 from conftest import pack, run_node
 from host_helpers import encode, sample
+from lag_lora_checks import (LAG_DEFAULTS, PROMPT, check_composes_with_a_stock_lora,
+                             check_composes_with_an_attn2_replace_patch, check_disjoint_masks, check_lora_of_another_family_is_refused,
+                             check_median_masks, check_ones_and_zeros)
 from lora_files import FORMATS, alias, build_lora, write_lora
 
-PROMPT = "a photo of ohwx woman and a zkz dog on a beach"
-LAG_DEFAULTS = dict(prompt=PROMPT, concept_words="", strength=1.0, threshold="median", quantile=0.5,
-                    start_percent=0.0, end_percent=1.0, outside_window="full residual")
+FP32_MERGE_PRECISION = 0.01   # fp32 weights: a weight merge and an activation delta agree to rounding
 
 
 @pytest.fixture(scope="module")
@@ -39,33 +40,6 @@ def lora_file(sd15, loras_dir):
     return make
 
 
-def lag_lora(sd15, chain: list[tuple[str, str, float]], constant=None, model=None, **settings):
-    """(model, positive) of LAG with LoRA concepts, built by the nodes (chain: name, trigger words, strength)."""
-    base, clip, _ = sd15
-    concepts = None
-    for name, words, strength in chain:
-        concepts = run_node("PerResLAGLoRA", lora_name=name, trigger_words=words, strength=strength,
-                            concepts=concepts)[0]
-    if constant is None and not settings:
-        return run_node("PerResLAGSampling", model=model or base, clip=clip, extra_concepts=concepts,
-                        **LAG_DEFAULTS)
-    lag_nodes = pack("nodes.lag_nodes")
-    mask_settings = pack("perres_core.lag").MaskSettings(constant=constant, **settings)
-    return lag_nodes.build_lag_model(model or base, clip, PROMPT, concepts, mask_settings)
-
-
-def stock_lora(model, name: str, strength: float = 1.0):
-    return run_node("LoraLoaderModelOnly", model=model, lora_name=name, strength_model=strength)[0]
-
-
-def assert_same_as(lag_result, reference, base, what: str):
-    """Equal to the precision of a weight merge versus an activation delta: under 1 % of the LoRA's effect."""
-    effect = (reference - base).abs().max()
-    assert effect > 1e-2, f"{what}: the LoRA has no visible effect ({effect})"
-    error = (lag_result - reference).abs().max()
-    assert error < 0.01 * effect, f"{what}: differs from the stock loader by {error} (effect {effect})"
-
-
 @pytest.fixture(scope="module")
 def reference(sd15):
     """positive and negative conditioning, and the base model's sample."""
@@ -77,17 +51,7 @@ def reference(sd15):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_masks_of_ones_are_the_stock_loader_and_masks_of_zeros_the_base_model(sd15, lora_file, reference, fmt):
-    """M ≡ 1 gives LoraLoaderModelOnly's result at the same strength (weight merge vs activation delta);
-    M ≡ 0 gives the base model bit for bit."""
-    model = sd15[0]
-    positive, negative, base = reference
-    name = lora_file(fmt)
-    ones, lag_positive = lag_lora(sd15, [(name, "ohwx, woman", 0.8)], constant=1.0)
-    torch.testing.assert_close(lag_positive[0][0], positive[0][0])
-    stock = sample(stock_lora(model, name, 0.8), positive, negative, seed=3, steps=1)
-    assert_same_as(sample(ones, positive, negative, seed=3, steps=1), stock, base, fmt)
-    zeros, _ = lag_lora(sd15, [(name, "ohwx, woman", 0.8)], constant=0.0)
-    assert torch.equal(sample(zeros, positive, negative, seed=3, steps=1), base)
+    check_ones_and_zeros(sd15, lora_file(fmt), reference, FP32_MERGE_PRECISION, fmt)
 
 
 def test_lora_loaded_through_the_hosts_adapters(sd15, lora_file):
@@ -127,77 +91,22 @@ def test_perres_residual_file_through_lag_lora_equals_lag_sampling(sd15, loras_d
 
 
 def test_two_loras_get_disjoint_masks(sd15, lora_file):
-    model, clip, _ = sd15
-    patched, positive = lag_lora(sd15, [(lora_file("kohya", 1), "ohwx, woman", 1.0),
-                                        (lora_file("peft", 2), "zkz, dog", 1.0)])
-    sample(patched, positive, encode(clip, ""), seed=9)
-    patch = pack("nodes.host.lag_patch").LagPatch.of(patched)
-    assert len(patch.bank.by_slot) == 16
-    shares = torch.zeros(2)
-    for slot, (first, second) in patch.bank.by_slot.items():
-        assert (first * second).sum() == 0, f"block {slot}: the two LoRAs' masks overlap"
-        shares += torch.stack([first.mean(), second.mean()]).cpu()
-    # Where each concept wins is up to the random UNet's attention, but both must win some area: comparing
-    # raw summed attention gave 'ohwx, woman' (more tokens) nothing in any block; relative maps give it ~2/3.
-    assert shares.min() > 0.2 * shares.max(), shares.tolist()
+    patched = check_disjoint_masks(sd15, lora_file("kohya", 1), lora_file("peft", 2), transformers=16)
     previews = run_node("PerResLAGMaskPreview", model=patched, samples={"samples": torch.zeros(1, 4, 8, 8)})[0]
     assert previews.shape[0] == 4 and previews.amax() > 0
 
 
 def test_composes_with_a_stock_lora_applied_before(sd15, lora_file):
-    model, clip, _ = sd15
-    first, mine = lora_file("kohya", 5), lora_file("locon", 6)
-    stocked = stock_lora(model, first, 1.0)
-    negative = encode(clip, "")
-    zeros, positive = lag_lora(sd15, [(mine, "ohwx", 1.0)], constant=0.0, model=stocked)
-    assert torch.equal(sample(zeros, positive, negative, seed=10, steps=1), sample(stocked, positive, negative, seed=10, steps=1))
-    ones, _ = lag_lora(sd15, [(mine, "ohwx", 1.0)], constant=1.0, model=stocked)
-    both = stock_lora(stocked, mine, 1.0)
-    assert_same_as(sample(ones, positive, negative, seed=10, steps=1), sample(both, positive, negative, seed=10, steps=1),
-                   sample(stocked, positive, negative, seed=10, steps=1), "stock LoRA + LAG LoRA")
+    check_composes_with_a_stock_lora(sd15, lora_file("kohya", 5), lora_file("locon", 6), FP32_MERGE_PRECISION)
 
 
 def test_composes_with_an_attn2_replace_patch(sd15, lora_file):
-    """An IP-Adapter-style replace patch keeps running on every block and keeps its effect everywhere."""
-    import comfy.ldm.modules.attention as attention
-
-    model, clip, _ = sd15
-    calls = []
-
-    def replace(q, k, v, extra_options):
-        calls.append(extra_options["block"])
-        return attention.optimized_attention(q, k, v, extra_options["n_heads"]) + 0.05
-
-    replaced = model.clone()
-    for block, index in (("input", 1), ("middle", 0), ("output", 11)):
-        replaced.set_model_attn2_replace(replace, block, index)
-    name = lora_file("kohya")
-    negative = encode(clip, "")
-    zeros, positive = lag_lora(sd15, [(name, "ohwx", 1.0)], constant=0.0, model=replaced)
-    assert torch.equal(sample(zeros, positive, negative, seed=11, steps=1), sample(replaced, positive, negative, seed=11, steps=1))
-    calls.clear()
-    ones, _ = lag_lora(sd15, [(name, "ohwx", 1.0)], constant=1.0, model=replaced)
-    result = sample(ones, positive, negative, seed=11, steps=1)
-    assert {tuple(b) for b in calls} == {("input", 1), ("middle", 0), ("output", 11)}
-    assert_same_as(result, sample(stock_lora(replaced, name), positive, negative, seed=11, steps=1),
-                   sample(replaced, positive, negative, seed=11, steps=1), "LoRA under an attn2 replace patch")
+    check_composes_with_an_attn2_replace_patch(sd15, lora_file("kohya"), (("input", 1), ("middle", 0), ("output", 11)),
+                                               FP32_MERGE_PRECISION)
 
 
 def test_median_masks_keep_the_lora_out_of_half_the_image(sd15, lora_file):
-    """With real masks the result lies strictly between the base model and the LoRA everywhere."""
-    model, clip, _ = sd15
-    name = lora_file("locon")
-    patched, positive = lag_lora(sd15, [(name, "ohwx, woman", 1.0)])
-    negative = encode(clip, "")
-    lag = sample(patched, positive, negative, seed=12)
-    base = sample(model, positive, negative, seed=12)
-    full = sample(stock_lora(model, name), positive, negative, seed=12)
-    assert torch.isfinite(lag).all()
-    assert 0.05 < (lag - base).abs().mean() / (full - base).abs().mean() < 0.95
-    averages = pack("nodes.host.lag_patch").LagPatch.of(patched).recorder.averages()
-    for (h, w), masks in averages.items():
-        expected = 1.0 if h * w == 1 else 0.5   # a single location is kept
-        assert masks.shape == (1, h, w) and abs(masks.mean().item() - expected) < 0.05
+    assert len(check_median_masks(sd15, lora_file("locon"))) == 4
 
 
 def test_text_encoder_only_lora_is_a_clear_error(sd15, loras_dir):
@@ -218,6 +127,14 @@ def test_lora_for_another_model_is_a_clear_error(sd15, loras_dir):
     concepts = run_node("PerResLAGLoRA", lora_name=name, trigger_words="ohwx", strength=1.0)[0]
     with pytest.raises(Exception, match="changes no layer of this SD1.x UNet.*for another model"):
         run_node("PerResLAGSampling", model=model, clip=clip, extra_concepts=concepts, **LAG_DEFAULTS)
+
+
+def test_an_sdxl_lora_is_a_clear_error_naming_both_families(sd15, loras_dir):
+    """SDXL kohya files use LDM names, which SD1.x's key map also has (input_blocks.4.1 is a 640-channel
+    transformer in both); the text width its cross-attention factors read (2048) tells them apart."""
+    check_lora_of_another_family_is_refused(sd15, loras_dir, "sdxl_on_sd1.safetensors",
+                                            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", 640, 2048,
+                                            "is an SDXL LoRA .*2048.*but this model is SD1.x")
 
 
 def test_bad_lag_lora_inputs_are_clear_errors(sd15, lora_file, loras_dir):

@@ -16,8 +16,9 @@ import os
 import uuid
 
 import pytest
+import torch
 
-from conftest import prompt_executor, run_node
+from conftest import pack, prompt_executor, run_node
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(PACK_DIR, "example_workflows")
@@ -25,9 +26,10 @@ API_DIR = os.path.join(UI_DIR, "api")
 
 EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_sampling", "perres_normal_vs_lag",
             "perres_two_concepts_lag", "perres_lag_lora", "perres_train_with_masks",
-            "perres_continue_training", "perres_suggest_class_word", "perres_sdxl_train_and_sample"}
+            "perres_continue_training", "perres_suggest_class_word", "perres_sdxl_train_and_sample",
+            "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
 # Workflows for SDXL-family checkpoints: they run on the random SDXL checkpoint (UNet in bf16).
-SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample"}
+SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample", "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
 # At the tests' 64 px the trainer rightly warns that SDXL is trained at 1024 px.
 SDXL_TEST_WARNING = "training SDXL at 64 px"
 # Frontend-only nodes (comments on the canvas): in UI files, never in API files.
@@ -42,6 +44,7 @@ RESIDUALS = {
     "perres/dog_00001.safetensors": ("sks", "dog"),
     "perres/cat_00001.safetensors": ("olis", "cat"),
 }
+SDXL_RESIDUALS = {"perres/robot_sdxl_00001.safetensors": ("sks", "toy")}
 TEST_RESOLUTION = 64
 TEST_STEPS = 2
 
@@ -310,12 +313,35 @@ def residual_files(sd15, concept_images) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lora_stand_ins(sd15, workdir) -> None:
-    """Random kohya LoRAs under the names the workflows load (tests/lora_files.EXAMPLE_LORAS)."""
-    from lora_files import EXAMPLE_LORAS, build_lora, write_lora
+def sdxl_residual_files() -> dict[str, str]:
+    """Stand-ins for the SDXL residual files the SDXL workflows load: untrained (random init) SDXL residuals,
+    saved by the Save node under each concept's words; no SDXL model is needed to make them."""
+    residual = pack("perres_core.residual")
+    saved = {}
+    for name, (identifier, class_word) in sorted(SDXL_RESIDUALS.items()):
+        residuals = residual.ResidualSet.for_family(pack("perres_core.families").SDXL,
+                                                    concept=residual.ConceptInfo(identifier, class_word))
+        with torch.inference_mode(False):
+            residuals.initialize("random", 0)
+        (filename,) = run_node("PerResSaveResiduals", residuals=residuals,
+                               filename_prefix=f"workflow_tests/sdxl_{class_word}")
+        saved[name] = filename
+    return saved
 
-    for name, (seed, _words) in EXAMPLE_LORAS.items():
-        write_lora(os.path.join(workdir, "models", "loras"), name, build_lora(sd15[0], "kohya", seed=seed))
+
+def write_lora_stand_ins(model, loras: dict, workdir: str) -> None:
+    """Random kohya LoRAs of `model`'s family under the names the workflows load (tests/lora_files)."""
+    from lora_files import build_lora, write_lora
+
+    for name, (seed, _words) in loras.items():
+        write_lora(os.path.join(workdir, "models", "loras"), name, build_lora(model, "kohya", seed=seed))
+
+
+@pytest.fixture(scope="module")
+def lora_stand_ins(sd15, workdir) -> None:
+    from lora_files import EXAMPLE_LORAS
+
+    write_lora_stand_ins(sd15[0], EXAMPLE_LORAS, workdir)
 
 
 def for_tests(name: str, prompt: dict, checkpoint: str, residuals: dict[str, str]) -> dict:
@@ -359,8 +385,12 @@ def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora
     import execution
 
     if name in SDXL_WORKFLOWS:
+        from lora_files import SDXL_EXAMPLE_LORAS
+
         checkpoint_name = request.getfixturevalue("sdxl_checkpoint_name")
         loaded_checkpoints.setdefault(checkpoint_name, tuple(request.getfixturevalue("sdxl")))
+        write_lora_stand_ins(loaded_checkpoints[checkpoint_name][0], SDXL_EXAMPLE_LORAS, workdir)
+        residual_files = {**residual_files, **request.getfixturevalue("sdxl_residual_files")}
     prompt = for_tests(name, load(API_DIR, name), checkpoint_name, residual_files)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))

@@ -36,8 +36,11 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"  # or any SDXL, Pony, Illustrious
 ROBOT_RESIDUAL = "perres/robot_00001.safetensors"
 DOG_RESIDUAL = "perres/dog_00001.safetensors"
 CAT_RESIDUAL = "perres/cat_00001.safetensors"
-# Any two SD1.5 character LoRAs of the user's; their trigger words go into the LAG LoRA nodes and the prompt.
+ROBOT_SDXL_RESIDUAL = "perres/robot_sdxl_00001.safetensors"  # what perres_sdxl_train_and_sample saves
+# Any two character LoRAs of the user's (SD1.5, and SDXL-family for the SDXL workflow); their trigger words go
+# into the LAG LoRA nodes and the prompt.
 LORA_A, LORA_B = "character_a.safetensors", "character_b.safetensors"
+SDXL_LORA_A, SDXL_LORA_B = "character_a_sdxl.safetensors", "character_b_sdxl.safetensors"
 # the node's default candidate list, kept in the workflow so it opens with the same words
 DEFAULT_CANDIDATES = ("person, man, woman, child, baby\ndog, cat, bird, rabbit, horse\ntoy, teddy bear, stuffed animal, "
                       "doll, figurine, robot\nbackpack, handbag, shoe, sneaker, sunglasses, watch, cup, mug, vase, "
@@ -94,15 +97,16 @@ PROMPT_HEIGHT = 204  # a CLIPTextEncode, as node_size() makes it
 
 
 def base_nodes(ckpt_id: int = 1, negative_id: int = 5, latent_id: int = 6,
-               prompts_at: tuple[float, float] = (COLUMNS[1], 460)) -> list[Node]:
+               prompts_at: tuple[float, float] = (COLUMNS[1], 460), checkpoint: str = CHECKPOINT,
+               size: int = 512) -> list[Node]:
     """Load Checkpoint at the origin; the negative prompt at `prompts_at`, the empty latent below it."""
     x, y = prompts_at
     return [
-        Node(ckpt_id, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": CHECKPOINT}),
+        Node(ckpt_id, "CheckpointLoaderSimple", (0, 0), {"ckpt_name": checkpoint}),
         Node(negative_id, "CLIPTextEncode", (x, y), {"text": NEGATIVE}, {"clip": (ckpt_id, 1)},
              title="Negative prompt"),
         Node(latent_id, "EmptyLatentImage", (x, y + PROMPT_HEIGHT + ROW_GAP),
-             {"width": 512, "height": 512, "batch_size": 1}),
+             {"width": size, "height": size, "batch_size": 1}),
     ]
 
 
@@ -112,11 +116,12 @@ def lag_node(node_id: int, pos, prompt: str, links: dict, size: tuple[float, flo
                  "start_percent": 0.0, "end_percent": 1.0, "outside_window": "full residual"}, links, size=size)
 
 
-def lag_outputs(ids: tuple[int, int, int, int], lag: int, negative: int, latent: int, prefix: str) -> list[Node]:
+def lag_outputs(ids: tuple[int, int, int, int], lag: int, negative: int, latent: int, prefix: str,
+                sampler_values: Optional[dict] = None) -> list[Node]:
     """KSampler, VAE Decode and Save Image right of a PerRes LAG Sampling node, its mask preview under the decode."""
     sample_id, decode_id, save_id, preview_id = ids
     return [
-        sampler(sample_id, (COLUMNS[2], 0), (lag, 0), (lag, 1), (negative, 0), (latent, 0)),
+        sampler(sample_id, (COLUMNS[2], 0), (lag, 0), (lag, 1), (negative, 0), (latent, 0), **(sampler_values or {})),
         Node(decode_id, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (sample_id, 0), "vae": (1, 2)}),
         Node(save_id, "SaveImage", (COLUMNS[3] + 460, 0), {"filename_prefix": prefix}, {"images": (decode_id, 0)},
              size=(400, 450)),
@@ -279,18 +284,37 @@ def load_and_apply() -> Workflow:
     ])
 
 
-def lag_sampling() -> Workflow:
-    prompt = "a photo of a sks toy on a sandy beach, a sandcastle in the background"
-    return Workflow("perres_lag_sampling", base_nodes() + [
-        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": ROBOT_RESIDUAL}),
+def residual_lag(name: str, checkpoint: str, size: int, residual: str, prompt: str, prefix: str, notes: str,
+                 sampler_values: Optional[dict] = None) -> Workflow:
+    """Load Residuals → PerRes LAG Sampling → KSampler → decode and save, with the mask preview."""
+    return Workflow(name, base_nodes(checkpoint=checkpoint, size=size) + [
+        Node(2, "PerResLoadResiduals", (0, 200), {"residual_name": residual}),
         lag_node(3, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "residuals": (2, 0)}, (400, 400)),
-        *lag_outputs((7, 8, 9, 10), lag=3, negative=5, latent=6, prefix="perres/lag"),
-        note(11, (0, 360), (
+        *lag_outputs((7, 8, 9, 10), lag=3, negative=5, latent=6, prefix=prefix, sampler_values=sampler_values),
+        note(11, (0, 360), notes),
+    ])
+
+
+def lag_sampling() -> Workflow:
+    return residual_lag(
+        "perres_lag_sampling", CHECKPOINT, 512, ROBOT_RESIDUAL,
+        "a photo of a sks toy on a sandy beach, a sandcastle in the background", "perres/lag", (
             "## LAG sampling\n\n"
             "**PerRes LAG Sampling** encodes the prompt (wire its `positive` output to the sampler) and applies "
             "the residual only where the concept words (`sks toy`) attend; the base model draws the rest.\n\n"
-            "**PerRes LAG Mask Preview** shows where the residual acted, per block resolution.")),
-    ])
+            "**PerRes LAG Mask Preview** shows where the residual acted, per block resolution."))
+
+
+def sdxl_lag_sampling() -> Workflow:
+    return residual_lag(
+        "perres_sdxl_lag_sampling", SDXL_CHECKPOINT, 1024, ROBOT_SDXL_RESIDUAL,
+        "a photo of a sks toy on a sandy beach, a sandcastle in the background", "perres/sdxl_lag", (
+            "## LAG sampling on SDXL\n\n"
+            "The residual saved by `perres_sdxl_train_and_sample`, applied only where `sks toy` attends. Any "
+            "SDXL-family checkpoint (Pony, Illustrious, NoobAI) works with a residual trained on it.\n\n"
+            "Each of SDXL's transformers has 2 or 10 cross-attentions; the residual's mask comes from all of "
+            "them. The mask preview shows SDXL's two transformer resolutions (64 and 32 latent px)."),
+        SDXL_SAMPLER)
 
 
 STITCH_GAP = 16  # white pixels between the normal and the LAG image
@@ -348,26 +372,47 @@ def two_concepts_lag() -> Workflow:
     ])
 
 
-def lag_lora() -> Workflow:
-    prompt = "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves"
-    return Workflow("perres_lag_lora", base_nodes(prompts_at=(COLUMNS[1], 480)) + [
-        Node(2, "PerResLAGLoRA", (0, 200), {"lora_name": LORA_A, "trigger_words": "ohwx, woman", "strength": 1.0},
+def two_loras_lag(name: str, checkpoint: str, size: int, loras: tuple[str, str], prompt: str, prefix: str,
+                  notes: str, sampler_values: Optional[dict] = None) -> Workflow:
+    """Two PerRes LAG LoRA nodes, each with its trigger words, → PerRes LAG Sampling → sample, mask preview."""
+    return Workflow(name, base_nodes(prompts_at=(COLUMNS[1], 480), checkpoint=checkpoint, size=size) + [
+        Node(2, "PerResLAGLoRA", (0, 200), {"lora_name": loras[0], "trigger_words": "ohwx, woman", "strength": 1.0},
              title="LoRA 1 (ohwx woman)"),
-        Node(3, "PerResLAGLoRA", (0, 420), {"lora_name": LORA_B, "trigger_words": "zkz, man", "strength": 1.0},
+        Node(3, "PerResLAGLoRA", (0, 420), {"lora_name": loras[1], "trigger_words": "zkz, man", "strength": 1.0},
              {"concepts": (2, 0)}, title="LoRA 2 (zkz man)"),
         lag_node(7, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "extra_concepts": (3, 0)}, (400, 420)),
-        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix="perres/lag_lora"),
-        note(12, (0, 660), (
-            "## LAG for any LoRA\n\n"
-            "Pick two SD1.5 LoRAs (kohya, diffusers/PEFT, LoCon, LoHa, LoKr or DoRA) and write each one's "
-            "trigger words. Each LoRA then acts only where its own words attend, so the two do not bleed into "
-            "each other or into the background. No masks to draw, no extra UNet pass.\n\n"
-            "The UNet part only (like LoraLoaderModelOnly). In the mask preview LoRA 1 is red, LoRA 2 blue.")),
+        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix=prefix, sampler_values=sampler_values),
+        note(12, (0, 660), notes),
     ])
 
 
-WORKFLOWS = [train_and_sample, sdxl_train_and_sample, suggest_class_word, train_with_masks, continue_training, load_and_apply, lag_sampling, normal_vs_lag,
-             two_concepts_lag, lag_lora]
+LAG_LORA_NOTE = (
+    "Pick two {family} LoRAs (kohya, diffusers/PEFT, LoCon, LoHa, LoKr or DoRA) and write each one's "
+    "trigger words. Each LoRA then acts only where its own words attend, so the two do not bleed into "
+    "each other or into the background. No masks to draw, no extra UNet pass.\n\n"
+    "The UNet part only (like LoraLoaderModelOnly). In the mask preview LoRA 1 is red, LoRA 2 blue.")
+
+
+def lag_lora() -> Workflow:
+    return two_loras_lag(
+        "perres_lag_lora", CHECKPOINT, 512, (LORA_A, LORA_B),
+        "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves", "perres/lag_lora",
+        "## LAG for any LoRA\n\n" + LAG_LORA_NOTE.format(family="SD1.5"))
+
+
+def sdxl_lag_lora() -> Workflow:
+    return two_loras_lag(
+        "perres_sdxl_lag_lora", SDXL_CHECKPOINT, 1024, (SDXL_LORA_A, SDXL_LORA_B),
+        "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves", "perres/sdxl_lag_lora",
+        "## LAG for any SDXL LoRA\n\n" + LAG_LORA_NOTE.format(family="SDXL-family (SDXL, Pony, Illustrious, "
+                                                                   "NoobAI)") +
+        " SDXL's label_emb (pooled text and size) has no image locations and stays the base model's.",
+        SDXL_SAMPLER)
+
+
+WORKFLOWS = [train_and_sample, sdxl_train_and_sample, suggest_class_word, train_with_masks, continue_training,
+             load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora, sdxl_lag_sampling,
+             sdxl_lag_lora]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -181,8 +181,10 @@ HELP: dict[str, NodeHelp] = {
     "PerResLAGSampling": NodeHelp(
         when="Use it when the concept should stay as it is and the rest of the image should change: new "
              "backgrounds, added objects, identity preservation. The residual no longer pulls the background "
-             "towards the training photos. Add more concepts with PerRes LAG Concept, and any SD1.x LoRA with "
-             "PerRes LAG LoRA (then `residuals` may stay unconnected).",
+             "towards the training photos. Add more concepts with PerRes LAG Concept, and any LoRA of the model's "
+             "family with PerRes LAG LoRA (then `residuals` may stay unconnected). Works on SD1.x and on SDXL, "
+             "Pony, Illustrious and NoobAI, where each of a transformer's 2 or 10 cross-attentions makes its own "
+             "mask and the residual's mask comes from all of them (`perres_sdxl_lag_sampling`).",
         paper="threshold `median` (the upper half of each attention map), strength 1, LAG at every step "
               "(start 0, end 1); DDIM, 50 steps, guidance 6.0 in the sampler.",
         example="PerRes Load Residuals → PerRes LAG Sampling (prompt 'a photo of a sks dog on a mossy rock in a "
@@ -193,8 +195,8 @@ HELP: dict[str, NodeHelp] = {
              "identifier and class word, e.g. 'a photo of a sks dog'."),
             ("start_percent (…) is after end_percent (…)", "Set start_percent ≤ end_percent."),
             ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
-            ("LAG sampling supports only SD1.x models so far; this model is SDXL", "LAG on SDXL is the next "
-             "step of the pack. On SDXL use PerRes Apply Residuals (or a stock LoRA loader) for now."),
+            ("the residual for '…' was trained on an SD1.x model, but this model is SDXL", "Residuals fit only the "
+             "family they were trained on: use a residual trained on SDXL, or load an SD1.x checkpoint."),
             ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this concept is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),
@@ -213,22 +215,27 @@ HELP: dict[str, NodeHelp] = {
         ],
     ),
     "PerResLAGLoRA": NodeHelp(
-        when="Use it to keep an ordinary SD1.x LoRA (a character, an object, a style) to the part of the image "
+        when="Use it to keep an ordinary SD1.x or SDXL-family LoRA (a character, an object, a style) to the part of the image "
              "its trigger words describe: two character LoRAs in one prompt stay apart, and the background "
              "stays the base model's. Chain one node per LoRA through `concepts` into PerRes LAG Sampling's "
              "`extra_concepts`; PerRes residuals and LoRAs mix in one chain. Only the LoRA's UNet part is "
              "applied (like LoraLoaderModelOnly): the text-encoder part is not tied to image locations; add it "
              "with a stock LoRA loader's strength_clip if you want it. Layers that run before a block's "
              "cross-attention use that block's mask from the previous step, so at the very first step they "
-             "keep the base model; README, 'LAG for any LoRA', has the details and limits.",
+             "keep the base model. On SDXL each of a transformer's 2 or 10 blocks makes its own mask; SDXL's "
+             "label_emb (the pooled-text and size vector) has no image locations and stays the base model's. "
+             "README, 'LAG for any LoRA', has the details and limits.",
         example="Two PerRes LAG LoRA nodes (character_a.safetensors with 'ohwx, woman', character_b.safetensors "
                 "with 'zkz, man') → PerRes LAG Sampling (prompt 'a photo of ohwx woman and zkz man sitting on a "
-                "park bench') → KSampler. See `perres_lag_lora`.",
+                "park bench') → KSampler. See `perres_lag_lora`, and `perres_sdxl_lag_lora` for SDXL.",
         errors=[
             ("trigger_words is empty", "Write the LoRA's trigger words, comma-separated, as in the prompt."),
             ("'…' is not a .safetensors file", "PerRes reads only safetensors; convert the LoRA or pick another."),
-            ("LoRA '…' changes no layer of this SD1.x UNet", "The LoRA is for another model family (SDXL, "
-             "SD2, Flux, ...) or only trains the text encoder; use an SD1.x LoRA that trains the UNet."),
+            ("LoRA '…' is an SD1.x LoRA (its cross-attention reads 768-wide text), but this model is SDXL",
+             "LoRAs fit only the family they were trained on (also the other way round); pick a LoRA for the "
+             "model's family."),
+            ("LoRA '…' changes no layer of this SD1.x UNet", "The LoRA is for another model family (SD2, Flux, "
+             "...) or only trains the text encoder; use a LoRA of the model's family that trains the UNet."),
             ("*warning* its text-encoder part is not applied", "Shown on PerRes LAG Sampling; add the LoRA to the "
              "CLIP with a stock loader if you need its text-encoder part."),
         ],

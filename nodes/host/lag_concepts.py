@@ -1,4 +1,4 @@
-"""What a LAG concept changes in the UNet: a PerRes residual, or any SD1.x LoRA read by ComfyUI itself.
+"""What a LAG concept changes in the UNet: a PerRes residual, or any SD1.x or SDXL LoRA read by ComfyUI itself.
 
 A LoRA file goes through ComfyUI's own pipeline, as LoraLoaderModelOnly does: lora_convert, the UNet's
 key map (model_lora_keys_unet: kohya, diffusers/PEFT, LyCORIS names) and the weight adapters of
@@ -23,10 +23,11 @@ import comfy.weight_adapter
 import folder_paths
 
 from ...perres_core.errors import PerResError
+from ...perres_core.families import ModelFamily, family_of_context_width
 from ...perres_core.lag_layers import Role, placement
 from ...perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LayerDelta, LowRankDelta
-from ...perres_core.residual import ResidualSet
-from .model import LAG_FAMILIES, family_of_model, unet_of
+from ...perres_core.residual import ResidualSet, family_of
+from .model import family_of_model, unet_of
 
 log = logging.getLogger("perres")
 UNET_PREFIX = "diffusion_model."
@@ -50,16 +51,18 @@ class ConceptSpec:
 
 
 def residual_deltas(residuals: ResidualSet, strength: float) -> dict[str, LayerDelta]:
-    """The 16 proj_out residuals (1×1 convs) with the strength folded into A."""
+    """The proj_out residuals (1×1 convs on SD1.x, Linear layers on SDXL) with the strength folded into A."""
     if strength == 0:
         return {}
-    return {path: LowRankDelta(layer.up, layer.down, strength, ConvGeometry()) for path, layer in residuals.layers.items()}
+    geometry = None if family_of(residuals).linear_proj_out else ConvGeometry()
+    return {path: LowRankDelta(layer.up, layer.down, strength, geometry) for path, layer in residuals.layers.items()}
 
 
 def load_lora_file(lora_name: str) -> dict[str, torch.Tensor]:
     """The tensors of models/loras/<lora_name>; only .safetensors files are read."""
     if not lora_name:
-        raise PerResError("no LoRA is selected; put an SD1.x LoRA (.safetensors) in ComfyUI/models/loras and pick it.")
+        raise PerResError("no LoRA is selected; put an SD1.x or SDXL LoRA (.safetensors) in ComfyUI/models/loras and "
+                          "pick it.")
     if not lora_name.lower().endswith(".safetensors"):
         raise PerResError(f"'{lora_name}' is not a .safetensors file; PerRes reads only safetensors (other formats "
                           "can run code when loaded). Convert it, or pick a .safetensors LoRA.")
@@ -78,7 +81,8 @@ def _dense(module: torch.nn.Module, key: str, patch, strength: float) -> Callabl
     return compute
 
 
-def _low_rank(module: torch.nn.Module, patch, strength: float, name: str, path: str) -> Optional[LowRankDelta]:
+def _low_rank(module: torch.nn.Module, patch, strength: float, name: str, path: str,
+              family: ModelFamily) -> Optional[LowRankDelta]:
     """A plain LoRA/LoCon factor pair as a LowRankDelta, or None where only the merged ΔW is exact."""
     if not isinstance(patch, comfy.weight_adapter.LoRAAdapter):
         return None
@@ -91,7 +95,7 @@ def _low_rank(module: torch.nn.Module, patch, strength: float, name: str, path: 
     if up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
         raise PerResError(f"LoRA '{name}': its factors for {path} have shapes {tuple(up.shape)} and "
                           f"{tuple(down.shape)}, which do not fit that layer's weight {tuple(weight.shape)}; the file "
-                          "is for another model (SD1.x LoRAs only) or damaged.")
+                          f"is for another model than this {family.name} one, or damaged.")
     if conv:
         down = down.reshape(rank, *weight.shape[1:])
     else:
@@ -100,9 +104,36 @@ def _low_rank(module: torch.nn.Module, patch, strength: float, name: str, path: 
     return LowRankDelta(up, down, scale, ConvGeometry.of(module) if conv else None)
 
 
+# the down (input-side) factor of a cross-attention key/value projection, in each format the host reads:
+# its input width is the width of the text the LoRA was trained with
+_TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v", "attn2.to_k", "attn2.to_v", "attn2.processor.to_k",
+                     "attn2.processor.to_v")
+_DOWN_FACTORS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".hada_w1_b", ".hada_w2_b")
+
+
+def lora_family(lora: dict[str, torch.Tensor]) -> Optional[ModelFamily]:
+    """The family a LoRA was trained for, from the text width its cross-attention factors read; None when it
+    has no such factor (e.g. a LoRA of self-attention only, or LoKr)."""
+    for key, tensor in lora.items():
+        if tensor.dim() == 2 and key.endswith(_DOWN_FACTORS) and any(p in key for p in _TEXT_PROJECTIONS):
+            return family_of_context_width(tensor.shape[1])
+    return None
+
+
+def require_lora_family(lora: dict[str, torch.Tensor], family: ModelFamily, name: str) -> None:
+    """Refuse a LoRA of another family, naming both (an SD1.x file's layer names partly match SDXL's)."""
+    trained_for = lora_family(lora)
+    if trained_for is not None and trained_for is not family:
+        raise PerResError(f"LoRA '{name}' is an {trained_for.name} LoRA (its cross-attention reads "
+                          f"{trained_for.context_width}-wide text), but this model is {family.name}; LoRAs only fit "
+                          f"the family they were trained on. Use it on an {trained_for.name} model, or pick an "
+                          f"{family.name} LoRA.")
+
+
 def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str) -> tuple[dict[str, LayerDelta], list[str]]:
     """(layer path → delta, notes for the user) of a LoRA on this model's UNet."""
-    family = family_of_model(model, LAG_FAMILIES, "LAG sampling")
+    family = family_of_model(model)
+    require_lora_family(lora, family, name)
     unet = unet_of(model)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map, log_missing=False)
@@ -118,7 +149,7 @@ def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str
             skipped.append(path)   # norms: their change cannot be expressed as a function of the layer input
             continue
         geometry = ConvGeometry.of(module) if isinstance(module, torch.nn.Conv2d) else None
-        delta = _low_rank(module, patch, strength, name, path) if param == "weight" else None
+        delta = _low_rank(module, patch, strength, name, path, family) if param == "weight" else None
         if delta is None:
             compute = _dense(module, key, patch, strength)
             delta = DenseDelta(compute, geometry, is_bias=param == "bias")

@@ -1,10 +1,13 @@
 """LAG sampling as a ComfyUI model patch (paper §3.3, Eqs. 2-3), for one or several concepts, each a
-PerRes residual or any SD1.x LoRA in residual form (perres_core.layer_delta).
+PerRes residual or any SD1.x or SDXL LoRA in residual form (perres_core.layer_delta), on a UNet of any
+family in perres_core.families.
 
 Per UNet call a DIFFUSION_MODEL wrapper registers forward hooks, removed again when the call returns (other
 clones of the same UNet never see them):
-  * attn2.to_q / to_k of every transformer block keep the block's own cross-attention queries and keys and
-    turn A_C of every concept into a mask (median split by default), on the positive rows;
+  * attn2.to_q / to_k of every BasicTransformerBlock keep the block's own cross-attention queries and keys
+    and turn A_C of every concept into that block's mask (median split by default), on the positive rows;
+    after a transformer's last block, the mean of its blocks' maps gives the transformer's mask, which its
+    proj_out uses (SDXL: 2 or 10 blocks per transformer; SD1.x: one, and both masks are the same);
   * every layer a concept changes gets f̂ = W·x + Σ_k M_k·(ΔW_k·x), with the mask its role calls for
     (perres_core.lag_layers: the block's own mask after the cross-attention, the newest mask at the
     layer's resolution before it, the attention-output change for attn2's key/value projections).
@@ -32,13 +35,14 @@ import comfy.patcher_extension
 
 from ...perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
 from ...perres_core.lag_layers import Placement, Role, level_sizes, placement
-from ...perres_core.layer_delta import LayerDelta, attention
-from ...perres_core.families import SD1, ModelFamily
+from ...perres_core.layer_delta import LayerDelta, LowRankDelta, attention
+from ...perres_core.families import SD1, ModelFamily, TransformerSlot
 from .model import transformer_modules
 
 log = logging.getLogger("perres")
 WRAPPER_KEY = "perres_lag"
 POSITIVE, NEGATIVE = 0, 1
+Site = tuple[int, Optional[int]]
 
 
 @dataclass
@@ -59,10 +63,14 @@ class _CallState:
     rows_per_chunk: int
     mode: str                       # "masked", "direct" (W + ΔW everywhere) or "off" (base model)
     sizes: dict[int, tuple[int, int]]   # token count -> (h, w) of the UNet's resolution levels
-    queries: dict[int, torch.Tensor] = field(default_factory=dict)
-    keys: dict[int, tuple] = field(default_factory=dict)       # slot -> (K, {concept: K+ΔK})
-    values: dict[int, dict] = field(default_factory=dict)      # slot -> (V, {concept: V+ΔV})
-    masks: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # slot -> per concept (B_total, N)
+    # another pack replaces cross-attention somewhere: the host's attention output is then not attn(q, K, V)
+    attn2_replaced: bool = False
+    # keyed by site: (transformer slot index, BasicTransformerBlock index; None for the whole transformer)
+    queries: dict[Site, torch.Tensor] = field(default_factory=dict)
+    keys: dict[Site, tuple] = field(default_factory=dict)       # site -> (K, {concept: K+ΔK})
+    values: dict[Site, tuple] = field(default_factory=dict)     # site -> (V, {concept: V+ΔV})
+    masks: dict[Site, list[torch.Tensor]] = field(default_factory=dict)  # site -> per concept (B_total, N)
+    maps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # slot -> concept -> Σ_blocks A (P, N)
     embeddings: dict[str, list] = field(default_factory=dict)  # resblock -> per concept Δe (B, C) or None
     _selector: object = None
     _gather: Optional[torch.Tensor] = None
@@ -119,23 +127,29 @@ class MaskRecorder:
 
 
 class MaskBank:
-    """The newest positive masks (per concept, (P, N)) of each block and each resolution, kept across the
-    UNet calls of one sampling run: what layers without a mask of their own in the current call use."""
+    """The newest positive masks (per concept, (P, N)) of each site (a transformer, or one of its blocks)
+    and each resolution, kept across the UNet calls of one sampling run: what layers without a mask of
+    their own in the current call use. by_slot holds the transformers' masks (the proj_out ones)."""
 
     def __init__(self) -> None:
+        self.by_site: dict[Site, list[torch.Tensor]] = {}
         self.by_slot: dict[int, list[torch.Tensor]] = {}
         self.by_size: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.newest: Optional[tuple[int, int]] = None
 
     def reset(self) -> None:
+        self.by_site.clear()
         self.by_slot.clear()
         self.by_size.clear()
         self.newest = None
 
-    def store(self, slot: int, size: tuple[int, int], masks: list[torch.Tensor]) -> None:
-        self.by_slot[slot] = masks
-        self.by_size[size] = masks
-        self.newest = size
+    def store(self, site: Site, size: Optional[tuple[int, int]], masks: list[torch.Tensor]) -> None:
+        self.by_site[site] = masks
+        if site[1] is None:
+            self.by_slot[site[0]] = masks
+        if size is not None:
+            self.by_size[size] = masks
+            self.newest = size
 
     def at(self, size: tuple[int, int]) -> Optional[list[torch.Tensor]]:
         """The newest masks at `size`, else the newest of any size resized to it, else None."""
@@ -160,8 +174,11 @@ class LagPatch:
     # change inside the mask) or "columns" (ΔK, ΔV only at the concept words' columns); before: "block"
     # (the block's own mask of the previous step, else as "resolution") or "resolution" (the newest mask
     # at the layer's resolution).
+    # depth: which mask proj_out (the PerRes residual) uses in a transformer of several blocks: "mean" (the
+    # median split of the mean of all its blocks' concept attention) or "last" (its last block's own mask).
     text_policy = "attention"
     before_policy = "block"
+    depth_policy = "mean"
 
     def __init__(self, concepts: list[LagConcept], prompt_length: int, settings: MaskSettings,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full",
@@ -180,7 +197,7 @@ class LagPatch:
         self.recorder = MaskRecorder()
         self.bank = MaskBank()
         self.placements = {path: placement(path, family) for c in concepts for path in c.deltas}
-        self.text_slots = {where.slot.index for where in self.placements.values() if where.role is Role.TEXT}
+        self.text_sites = {where.site for where in self.placements.values() if where.role is Role.TEXT}
         self._columns: dict[tuple, torch.Tensor] = {}
         self.prompt_context = prompt_context
         self._warn = warn or (lambda message: log.warning("PerRes LAG: %s", message))
@@ -239,22 +256,29 @@ class LagPatch:
                 out_layers = unet.get_submodule(where.resblock).out_layers
                 handles.append(out_layers.register_forward_pre_hook(self._add_embedding(where.resblock, state)))
         for slot, transformer in transformer_modules(unet, self.family):
-            attn2 = transformer.transformer_blocks[0].attn2
-            has_text = slot.index in self.text_slots
-            if state.mode == "masked":
-                handles.append(attn2.to_q.register_forward_hook(self._keep_queries(slot.index, state)))
-                handles.append(attn2.to_k.register_forward_hook(self._make_masks(slot.index, state, attn2.heads)))
-            if has_text and state.mode == "masked":
-                handles.append(attn2.to_v.register_forward_hook(self._keep_values(slot.index, state)))
-                if self.text_policy == "attention":
-                    handles.append(attn2.to_out.register_forward_pre_hook(
-                        self._add_attention_change(slot.index, state, attn2.heads)))
-            elif has_text:   # W + ΔW everywhere: the LoRA's keys and values themselves
-                for projection in ("to_k", "to_v"):
-                    path = f"{slot.path}.transformer_blocks.0.attn2.{projection}"
-                    if path in self.placements:
-                        handles.append(getattr(attn2, projection).register_forward_hook(
-                            self._add_deltas(path, self.placements[path], state)))
+            blocks = transformer.transformer_blocks
+            for j, block in enumerate(blocks):
+                self._register_block(slot, j, len(blocks), block.attn2, state, handles)
+
+    def _register_block(self, slot: TransformerSlot, j: int, depth: int, attn2: torch.nn.Module, state: _CallState,
+                        handles: list) -> None:
+        """The hooks of block j's cross-attention: its mask, and the LoRA's change of its keys and values."""
+        site = (slot.index, j)
+        has_text = site in self.text_sites
+        if state.mode == "masked":
+            handles.append(attn2.to_q.register_forward_hook(self._keep_queries(site, state)))
+            handles.append(attn2.to_k.register_forward_hook(self._make_masks(slot, j, depth, state, attn2.heads)))
+        if has_text and state.mode == "masked":
+            handles.append(attn2.to_v.register_forward_hook(self._keep_values(slot, j, state)))
+            if self.text_policy == "attention":
+                handles.append(attn2.to_out.register_forward_pre_hook(
+                    self._add_attention_change(slot, j, state, attn2.heads)))
+        elif has_text:   # W + ΔW everywhere: the LoRA's keys and values themselves
+            for projection in ("to_k", "to_v"):
+                path = f"{slot.path}.transformer_blocks.{j}.attn2.{projection}"
+                if path in self.placements:
+                    handles.append(getattr(attn2, projection).register_forward_hook(
+                        self._add_deltas(path, self.placements[path], state)))
 
     def _call_state(self, x: torch.Tensor, transformer_options: dict) -> _CallState:
         batch = x.shape[0]
@@ -278,7 +302,8 @@ class LagPatch:
                 mode = "direct" if self.outside == "full" else "off"
         sizes = {h * w: (h, w) for h, w in level_sizes(x.shape[-2], x.shape[-1])}
         return _CallState(positive_rows=positive_rows, pair_of_row=pair, rows_per_chunk=rows_per_chunk,
-                          mode=mode, sizes=sizes)
+                          mode=mode, sizes=sizes,
+                          attn2_replaced=bool(transformer_options.get("patches_replace", {}).get("attn2")))
 
     # --- masks --------------------------------------------------------------------------------
     def _columns_for(self, concept_index: int, context_length: int, device: torch.device) -> torch.Tensor:
@@ -311,9 +336,9 @@ class LagPatch:
         tolerance = 1e-2 * float(expected.abs().amax())
         return any(torch.allclose(row, expected[:tokens], rtol=0.0, atol=tolerance) for row in rows)
 
-    def _keep_queries(self, slot: int, state: _CallState):
+    def _keep_queries(self, site: Site, state: _CallState):
         def hook(module, args, output):
-            state.queries[slot] = output
+            state.queries[site] = output
         return hook
 
     def _changed_text(self, path: str, text: torch.Tensor, projected: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -332,46 +357,67 @@ class LagPatch:
             projected = projected.index_copy(1, columns, full.index_select(1, columns))
         return projected
 
-    def _make_masks(self, slot: int, state: _CallState, heads: int):
-        key_path = self.family.slots[slot].path + ".transformer_blocks.0.attn2.to_k"
+    def _make_masks(self, slot: TransformerSlot, j: int, depth: int, state: _CallState, heads: int):
+        site = (slot.index, j)
+        key_path = f"{slot.path}.transformer_blocks.{j}.attn2.to_k"
 
         def hook(module, args, keys):
             # the attention change of a LoRA's key/value projections needs the queries once more
-            queries = state.queries.get(slot) if slot in self.text_slots else state.queries.pop(slot, None)
+            queries = state.queries.get(site) if site in self.text_sites else state.queries.pop(site, None)
             changed = self._changed_text(key_path, args[0], keys)
             if self.text_policy == "columns":
                 keys = self._at_columns(keys, changed)
                 changed = {}
-            state.keys[slot] = (keys, changed)
+            state.keys[site] = (keys, changed)
             if queries is None or not state.positive_rows:
                 return keys
             positive = state.positive(queries.device)
             q = queries[positive]
-            located = [c for c, concept in enumerate(self.concepts) if concept.positions]
             # a concept's mask comes from its own keys: a LoRA trained its trigger words' attention
-            maps = [concept_attention(q, changed.get(c, keys)[positive], heads,
-                                      self._columns_for(c, keys.shape[1], keys.device)) for c in located]
-            found = dict(zip(located, concept_masks(maps, self.settings)))   # each (P, N)
-            # a concept whose words are not in the prompt falls back to its change everywhere
-            everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
-            positive_masks = [found.get(c, everywhere) for c in range(len(self.concepts))]
+            maps = {c: concept_attention(q, changed.get(c, keys)[positive], heads,
+                                         self._columns_for(c, keys.shape[1], keys.device))
+                    for c, concept in enumerate(self.concepts) if concept.positions}
             size = state.sizes.get(q.shape[1])
-            if size is not None:
-                self.recorder.add(*size, positive_masks)
-                self.bank.store(slot, size, positive_masks)
-            partner = state.partner_index(q.device)
-            state.masks[slot] = [m.index_select(0, partner) for m in positive_masks]
+            own = self._store_masks(state, site, size, q, maps)
+            if depth == 1:
+                self._store_masks(state, (slot.index, None), size, q, maps, own)
+                return keys
+            if self.depth_policy == "mean":
+                sums = state.maps.get(slot.index)
+                state.maps[slot.index] = maps if sums is None else {c: sums[c] + m for c, m in maps.items()}
+            if j == depth - 1:   # the transformer's mask, for its proj_out (and the preview)
+                if self.depth_policy == "mean":
+                    self._store_masks(state, (slot.index, None), size, q, state.maps.pop(slot.index))
+                else:
+                    self._store_masks(state, (slot.index, None), size, q, maps, own)
             return keys
         return hook
 
-    def _keep_values(self, slot: int, state: _CallState):
-        value_path = self.family.slots[slot].path + ".transformer_blocks.0.attn2.to_v"
+    def _store_masks(self, state: _CallState, site: Site, size: Optional[tuple[int, int]], q: torch.Tensor,
+                     maps: dict[int, torch.Tensor], masks: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """The site's masks from its concept attention maps (or the given positive `masks`), for every row of
+        the call and in the bank; a transformer's masks also go to the preview. Returns the positive masks."""
+        if masks is None:
+            found = dict(zip(maps, concept_masks(list(maps.values()), self.settings)))   # each (P, N)
+            # a concept whose words are not in the prompt falls back to its change everywhere
+            everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
+            masks = [found.get(c, everywhere) for c in range(len(self.concepts))]
+        if site[1] is None and size is not None:
+            self.recorder.add(*size, masks)
+        self.bank.store(site, size, masks)
+        partner = state.partner_index(q.device)
+        state.masks[site] = [m.index_select(0, partner) for m in masks]
+        return masks
+
+    def _keep_values(self, slot: TransformerSlot, j: int, state: _CallState):
+        site = (slot.index, j)
+        value_path = f"{slot.path}.transformer_blocks.{j}.attn2.to_v"
 
         def hook(module, args, values):
             changed = self._changed_text(value_path, args[0], values)
             if self.text_policy == "columns":
                 return self._at_columns(values, changed)
-            state.values[slot] = (values, changed)
+            state.values[site] = (values, changed)
             return None
         return hook
 
@@ -394,14 +440,14 @@ class LagPatch:
         if where.role is Role.GLOBAL:
             return [torch.zeros(batch, tokens, device=device) for _ in self.concepts]
         if where.role in (Role.AFTER, Role.TEXT):
-            own = state.masks.get(where.slot.index)
+            own = state.masks.get(where.site)
             if own is not None:
                 return own
-            # a negative-only call (ComfyUI split the batch): the last positive masks of this block
-            return self._from_bank(self.bank.by_slot.get(where.slot.index), state, batch, tokens)
+            # a negative-only call (ComfyUI split the batch): the last positive masks of this site
+            return self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
         masks = None
         if where.role is Role.BEFORE and self.before_policy == "block":
-            masks = self._from_bank(self.bank.by_slot.get(where.slot.index), state, batch, tokens)
+            masks = self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
         size = state.sizes.get(tokens)
         if masks is None and size is not None:
             masks = self._from_bank(self.bank.at(size), state, batch, tokens)
@@ -424,6 +470,9 @@ class LagPatch:
             batch = output.shape[0]
             tokens = output.shape[-2] * output.shape[-1] if spatial else output.shape[1] if output.dim() == 3 else 1
             masks = None if where.role is Role.TEXT else self._masks_for(where, state, batch, tokens, x.device)
+            # in place when no gradient is recorded (sampling): the layer's fresh output is nobody else's yet,
+            # and a new tensor per changed layer was measurable on SDXL's 700 LoRA layers
+            in_place = not torch.is_grad_enabled() or not output.requires_grad
             result = output
             for k, delta in enumerate(deltas):
                 if delta is None:
@@ -431,7 +480,10 @@ class LagPatch:
                 mask = None if masks is None else (
                     masks[k].reshape(batch, 1, *output.shape[-2:]) if spatial
                     else masks[k].reshape(batch, tokens, 1) if output.dim() == 3 else masks[k].reshape(batch, 1))
-                result = result + delta(x, mask=mask).to(output.dtype)
+                if in_place and isinstance(delta, LowRankDelta) and delta.add_into(result, x, mask):
+                    continue
+                change = delta(x, mask=mask).to(output.dtype)
+                result = result.add_(change) if in_place else result + change
             return result
         return hook
 
@@ -452,23 +504,31 @@ class LagPatch:
             return (h,) + tuple(args[1:])
         return pre_hook
 
-    def _add_attention_change(self, slot: int, state: _CallState, heads: int):
-        """out + Σ_k M_k·(attn(q, K+ΔK_k, V+ΔV_k) − attn(q, K, V)): the LoRA's key/value change, inside the mask."""
-        where = Placement(Role.TEXT, slot=self.family.slots[slot])
+    def _add_attention_change(self, slot: TransformerSlot, j: int, state: _CallState, heads: int):
+        """out + Σ_k M_k·(attn(q, K+ΔK_k, V+ΔV_k) − attn(q, K, V)): the LoRA's key/value change, inside the mask.
+
+        Without an attn2 replace patch, `out` is the host's own attn(q, K, V), so the change is taken against
+        it, in the model's dtype: one extra cross-attention per concept (measured on SDXL, where 70 blocks
+        made the fp32 pair cost a tenth of a step). A replace patch (IP-Adapter style) makes `out` its own;
+        the base attention is then computed again, in fp32, and the patch's effect stays everywhere."""
+        where = Placement(Role.TEXT, slot=slot, block=j)
+        site = where.site
 
         def pre_hook(module, args):
-            keys, changed_keys = state.keys.pop(slot, (None, {}))
-            values, changed_values = state.values.pop(slot, (None, {}))
+            keys, changed_keys = state.keys.pop(site, (None, {}))
+            values, changed_values = state.values.pop(site, (None, {}))
             concepts = sorted(set(changed_keys) | set(changed_values))
             if keys is None or values is None or not concepts:
                 return None
             out = args[0]
-            queries = state.queries.pop(slot)
+            queries = state.queries.pop(site)
             batch, tokens = out.shape[0], out.shape[1]
             masks = self._masks_for(where, state, batch, tokens, out.device)
-            base = attention(queries, keys, values, heads)
+            dtype = torch.float32 if state.attn2_replaced else out.dtype
+            base = attention(queries, keys, values, heads, dtype) if state.attn2_replaced else out
+            result = out
             for c in concepts:
-                changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads)
-                out = out + (masks[c].reshape(batch, tokens, 1) * (changed - base)).to(out.dtype)
-            return (out,) + tuple(args[1:])
+                changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads, dtype)
+                result = result + (masks[c].reshape(batch, tokens, 1).to(dtype) * (changed - base)).to(out.dtype)
+            return (result,) + tuple(args[1:])
         return pre_hook

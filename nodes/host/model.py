@@ -9,14 +9,10 @@ import comfy.model_sampling
 
 from ...perres_core.diffusion import Schedule
 from ...perres_core.errors import PerResError
-from ...perres_core.families import FAMILIES, SD1, SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \
+from ...perres_core.families import SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \
     require_same_family
 from ...perres_core.residual import ResidualSet
 from ...perres_core.residual_file import residuals_to_state_dict
-
-# Families the LAG nodes handle so far (SDXL LAG is the next step); the rest of the pack takes every family.
-LAG_FAMILIES: tuple[ModelFamily, ...] = (SD1,)
-
 
 def config_name(model) -> str:
     """The class name of the host's detected model config (e.g. 'SD15', 'SDXL', 'Flux')."""
@@ -28,11 +24,10 @@ def unet_of(model) -> torch.nn.Module:
     return model.model.diffusion_model
 
 
-def family_of_model(model, supported: tuple[ModelFamily, ...] = FAMILIES, use: str = "PerRes") -> ModelFamily:
+def family_of_model(model) -> ModelFamily:
     """The family of a ComfyUI MODEL, from its detected unet_config, checked against its real proj_out layers.
 
-    Raises a PerResError naming what is supported when the model is of another family, or when `use` (e.g.
-    "LAG sampling") supports fewer families than the pack.
+    Raises a PerResError naming what is supported when the model is of another family.
     """
     config = getattr(model.model, "model_config", None)
     unet_config = getattr(config, "unet_config", {}) or {}
@@ -44,11 +39,6 @@ def family_of_model(model, supported: tuple[ModelFamily, ...] = FAMILIES, use: s
         hint = " (its proj_out layers are Linear, not 1×1 convs)" if sd2 else ""
         raise PerResError(f"the model is {detected}{hint}; PerRes supports {SUPPORTED}. Load a checkpoint of one "
                           "of these families with 'Load Checkpoint'.")
-    if family not in supported:
-        names = " and ".join(f.name for f in supported)
-        raise PerResError(f"{use} supports only {names} models so far; this model is {family.name} ({detected}). "
-                          f"Use PerRes Apply Residuals (or a stock LoRA loader) on {family.name}, or load an "
-                          f"{names} checkpoint.")
     unet = unet_of(model)
     kind = torch.nn.Linear if family.linear_proj_out else torch.nn.Conv2d
     shape = (lambda m: (m, m)) if family.linear_proj_out else (lambda m: (m, m, 1, 1))
@@ -60,10 +50,9 @@ def family_of_model(model, supported: tuple[ModelFamily, ...] = FAMILIES, use: s
     return family
 
 
-def require_fits(model, residuals: ResidualSet, what: str = "the residual",
-                 supported: tuple[ModelFamily, ...] = FAMILIES, use: str = "PerRes") -> ModelFamily:
+def require_fits(model, residuals: ResidualSet, what: str = "the residual") -> ModelFamily:
     """The model's family, after refusing residuals trained on another family (the message names both)."""
-    family = family_of_model(model, supported, use)
+    family = family_of_model(model)
     require_same_family(residuals.base_model, family, what)
     return family
 
