@@ -401,3 +401,41 @@ def load_model(family: str, device: str, threads: int, precision: str, attention
     if device == "cpu" and precision == "bf16":
         compute_in_bf16(loaded[0])  # as the SDXL tests run it: bf16 matmuls, no fp32 weight copies
     return loaded
+
+
+def stock_trainer_inputs(overrides: dict) -> dict:
+    """ComfyUI's TrainLoraNode inputs: the host's own defaults for everything not overridden. Its inputs
+    differ by host (0.33.0 added quantized_backward, checkpoint_depth, offloading, bucket_mode, bypass_mode),
+    so the benchmarks never spell out the full list."""
+    import nodes
+    from comfy_api.internal import _ComfyNodeInternal
+
+    cls = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+    info = cls.GET_NODE_INFO_V1() if issubclass(cls, _ComfyNodeInternal) else {"input": cls.INPUT_TYPES()}
+    values = {}
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                values[name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                values[name] = spec[0][-1] if "[None]" in spec[0] else spec[0][0]
+    unknown = set(overrides) - set(values) - {"model", "latents", "positive"}
+    if unknown:
+        raise SystemExit(f"TrainLoraNode of this ComfyUI has no input(s) {sorted(unknown)}")
+    values.update(overrides)
+    return values
+
+
+def run_stock_trainer(values: dict):
+    """One TrainLoraNode call with `values` (stock_trainer_inputs), as the host's executor would make it."""
+    import nodes
+    import torch
+
+    cls = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+    with torch.inference_mode():
+        if getattr(cls, "define_schema", None) and cls.define_schema().is_input_list:
+            return cls.execute(**{k: [v] for k, v in values.items()})  # newer hosts: every input is a list
+        if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
+            return cls.execute(**values)
+        return getattr(cls(), cls.FUNCTION)(**values)

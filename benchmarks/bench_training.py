@@ -110,10 +110,11 @@ def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int
 
 
 def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int):
-    return bc.run_node("TrainLoraNode", model=model, latents=latents, positive=positive, batch_size=batch,
-                       grad_accumulation_steps=1, steps=steps, learning_rate=5e-4, rank=rank, optimizer="AdamW",
-                       loss_function="MSE", seed=seed, training_dtype="fp32", lora_dtype="fp32",
-                       algorithm="LoRA", gradient_checkpointing=checkpointing, existing_lora="[None]")
+    """TrainLoraNode with these settings and fp32, the host's own defaults for the rest."""
+    return bc.run_stock_trainer(bc.stock_trainer_inputs({
+        "model": model, "latents": latents, "positive": positive, "batch_size": batch, "steps": steps,
+        "learning_rate": 5e-4, "rank": rank, "seed": seed, "training_dtype": "fp32", "lora_dtype": "fp32",
+        "gradient_checkpointing": checkpointing}))
 
 
 def main() -> None:

@@ -109,40 +109,14 @@ def train_perres(model, clip, vae, images, opts, checkpointing: bool, resolution
             "residuals": residuals}
 
 
-def stock_inputs(overrides: dict) -> tuple[type, dict]:
-    """TrainLoraNode's inputs: its own defaults for everything not overridden (its inputs differ by host)."""
-    import nodes
-    from comfy_api.internal import _ComfyNodeInternal
-
-    cls = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
-    info = cls.GET_NODE_INFO_V1() if issubclass(cls, _ComfyNodeInternal) else {"input": cls.INPUT_TYPES()}
-    values = {}
-    for section in ("required", "optional"):
-        for name, spec in info["input"].get(section, {}).items():
-            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if "default" in options:
-                values[name] = options["default"]
-            elif isinstance(spec[0], list) and spec[0]:
-                values[name] = spec[0][-1] if "[None]" in spec[0] else spec[0][0]
-    values.update(overrides)
-    return cls, values
-
-
 def train_stock(model, vae, clip, images, opts) -> dict:
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
-    cls, values = stock_inputs({"model": model, "latents": latents, "positive": positive,
-                                "steps": opts.train_steps, "batch_size": opts.batch, "seed": 0})
+    values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": positive,
+                                      "steps": opts.train_steps, "batch_size": opts.batch, "seed": 0})
     free_memory()
     with CudaPeak() as phase:
-        import torch
-        with torch.inference_mode():
-            if getattr(cls, "define_schema", None) and cls.define_schema().is_input_list:
-                cls.execute(**{k: [v] for k, v in values.items()})  # newer hosts: every input is a list
-            elif hasattr(cls, "execute") and hasattr(cls, "define_schema"):
-                cls.execute(**values)
-            else:
-                getattr(cls(), cls.FUNCTION)(**values)
+        bc.run_stock_trainer(values)
     settings = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
     return {"seconds": phase.seconds, "peak_allocated": phase.peak, "settings": settings}
 
