@@ -379,14 +379,12 @@ class LagPatch:
                     for c, concept in enumerate(self.concepts) if concept.positions}
             size = state.sizes.get(q.shape[1])
             own = self._store_masks(state, site, size, q, maps)
-            if depth == 1:
-                self._store_masks(state, (slot.index, None), size, q, maps, own)
-                return keys
-            if self.depth_policy == "mean":
+            mean = depth > 1 and self.depth_policy == "mean"   # one block: its own mask is the transformer's
+            if mean:
                 sums = state.maps.get(slot.index)
                 state.maps[slot.index] = maps if sums is None else {c: sums[c] + m for c, m in maps.items()}
             if j == depth - 1:   # the transformer's mask, for its proj_out (and the preview)
-                if self.depth_policy == "mean":
+                if mean:
                     self._store_masks(state, (slot.index, None), size, q, state.maps.pop(slot.index))
                 else:
                     self._store_masks(state, (slot.index, None), size, q, maps, own)
