@@ -34,7 +34,7 @@ def say(text: str = "") -> None:
 _STARTED: dict[str, str] = {}  # the workdir of the host this process started (it starts once)
 
 
-def start(device: str, precision: str = "fp32", attention: str = "default") -> str:
+def start(device: str, precision: str = "fp32", attention: str = "default", dynamic_vram: str = "off") -> str:
     """Start ComfyUI in-process (CPU, or CUDA with --device cuda) with the pack loaded; returns the workdir.
 
     precision "fp32" forces fp32 UNet, VAE and text encoder weights on every device (the default, so the
@@ -42,6 +42,8 @@ def start(device: str, precision: str = "fp32", attention: str = "default") -> s
     attention "pytorch" is ComfyUI's --use-pytorch-cross-attention (torch's fused scaled_dot_product_attention,
     which ComfyUI picks by itself on NVIDIA GPUs); "default" leaves ComfyUI's choice for the device (on the
     CPU: sub-quadratic attention, which keeps the N×N attention scores for the backward pass).
+    dynamic_vram "on" enables ComfyUI's dynamic VRAM (comfy-aimdo, ModelPatcherDynamic) the way its main.py
+    does by default on NVIDIA GPUs (0.33.0); dynamic_vram_state() says what was used.
     """
     if "workdir" in _STARTED:  # a second model in the same run: same host, same settings
         return _STARTED["workdir"]
@@ -67,21 +69,83 @@ def start(device: str, precision: str = "fp32", attention: str = "default") -> s
         # comfy.model_management fixes its device when it is first imported; importing it here, before
         # start_host() sets args.cpu = True for the tests, keeps the accelerator.
         args.cpu = False
+        aimdo = _aimdo_control() if dynamic_vram == "on" else None
         import comfy.model_management  # noqa: F401
+        _STARTED["dynamic_vram"] = _enable_dynamic_vram(aimdo) if aimdo else \
+            ("off (asked)" if dynamic_vram != "on" else "off (this ComfyUI has no comfy-aimdo)")
+    else:
+        _STARTED["dynamic_vram"] = "off (CPU: ComfyUI enables it on NVIDIA and recent ROCm only)"
     workdir = tempfile.mkdtemp(prefix="perres-bench-")
     start_host(root, workdir)
     _STARTED["workdir"] = workdir
     import comfy.model_management as mm
     say(f"ComfyUI {comfy_version(root)} at {root}; torch device {mm.get_torch_device()}; "
-        f"torch {torch_version()}, {torch_threads()} CPU threads; pack {PACK_DIR}")
+        f"torch {torch_version()}, {torch_threads()} CPU threads; dynamic VRAM {dynamic_vram_state()}; "
+        f"pack {PACK_DIR}")
     return workdir
 
 
-def comfy_version(root: str) -> str:
+def dynamic_vram_state() -> str:
+    """'on', or 'off (why)': whether this process's host runs ComfyUI's dynamic VRAM."""
+    return _STARTED.get("dynamic_vram", "off (no host in this process)")
+
+
+def _aimdo_control():
+    """comfy_aimdo.control initialised as ComfyUI's main.py does before comfy.model_management is imported,
+    or None where the host predates comfy-aimdo (0.3.64 has none)."""
+    import importlib.util
+    from comfy import cli_args
+    if importlib.util.find_spec("comfy_aimdo") is None or not hasattr(cli_args, "enables_dynamic_vram"):
+        return None
+    import comfy_aimdo.control
+    try:
+        comfy_aimdo.control.init(simple_vram_headroom=None, nvml_pressure=True)
+    except TypeError:  # comfy-aimdo 0.4.10 and older take fewer arguments; main.py falls back the same way
+        comfy_aimdo.control.init()
+    return comfy_aimdo.control
+
+
+def _enable_dynamic_vram(control) -> str:
+    """main.py's second half: aimdo on every torch device, then the dynamic ModelPatcher as the host's default."""
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from comfy.cli_args import args
+    if not mm.is_nvidia():
+        return "off (not an NVIDIA device)"
+    headroom = int(getattr(args, "vram_headroom", 0) * 1024 ** 3)
+    try:
+        ready = control.init_devices((d.index, headroom) for d in mm.get_all_torch_devices())
+    except TypeError:
+        ready = control.init_devices(d.index for d in mm.get_all_torch_devices())
+    if not ready:
+        return "off (comfy-aimdo could not initialise the device)"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return "on"
+
+
+def say_settings(opts, compares: str) -> None:
+    """The lines every benchmark's summary starts with: the host, every option it ran with, what it compares."""
+    say(f"  host: ComfyUI {comfy_version('')}, torch {torch_version()}, {torch_threads()} threads, "
+        f"dynamic VRAM {dynamic_vram_state()}")
+    say("  settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(opts).items())))
+    say(f"  compares: {compares}")
+
+
+def comfy_version(root: str = "") -> str:
+    """The version of the host in this process, else of the ComfyUI at `root` (or the one find_comfyui finds)."""
     try:
         import comfyui_version
         return comfyui_version.__version__
     except Exception:
+        pass
+    import re
+    try:
+        with open(os.path.join(root or find_comfyui() or "", "comfyui_version.py"), encoding="utf-8") as handle:
+            found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", handle.read())
+        return found.group(1) if found else "?"
+    except OSError:
         return "?"
 
 
@@ -384,18 +448,20 @@ def load_note() -> str:
     return f"load average {load:.2f} on {cores} cores{busy}"
 
 
-def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default"):
+def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default",
+              dynamic_vram: str = "off"):
     """Start the host, set torch's threads and load the cached random SD1.5 checkpoint: (model, clip, vae)."""
-    workdir = start(device, precision, attention)
+    workdir = start(device, precision, attention, dynamic_vram)
     set_threads(threads)
     return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))
 
 
-def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default"):
+def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default",
+               dynamic_vram: str = "off"):
     """(model, clip, vae) of the tests' random checkpoint of `family` ("sd15" or "sdxl")."""
     if family == "sd15":
-        return load_sd15(device, threads, precision, attention)
-    workdir = start(device, precision, attention)
+        return load_sd15(device, threads, precision, attention, dynamic_vram)
+    workdir = start(device, precision, attention, dynamic_vram)
     set_threads(threads)
     loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint(workdir))
     if device == "cpu" and precision == "bf16":

@@ -190,6 +190,8 @@ def main() -> None:
     total_median = {name: bc.median(v) for name, v in totals.items()}
     say("")
     say("=" * 78)
+    bc.say_settings(opts, "per sampling step, KSampler with the base model, PerRes Apply Residuals and PerRes "
+                            "LAG Sampling (same seed, latent, CFG); and the time inside LAG's hooks")
     say(f"LAG SAMPLING  {opts.resolution}px  batch {opts.batch}  {opts.steps} steps  cfg {opts.cfg}  fp32  "
         f"device {opts.device}  torch threads {torch.get_num_threads()}")
     say(f"  {bc.load_note()}")

@@ -173,6 +173,8 @@ def speed(setup: Setup) -> None:
     ratio = bc.median(wall["lag"]) / bc.median(wall["merged"])
     cpu_ratio = bc.median(cpu["lag"]) / bc.median(cpu["merged"])
     say("=" * 78)
+    bc.say_settings(opts, "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through "
+                            "PerRes LAG LoRA; and the mask policies' experiment")
     for key in configs:
         say(f"  {key:6s} s/step wall: {bc.spread(wall[key])}")
         say(f"         s/step cpu:  {bc.spread(cpu[key])}")

@@ -162,6 +162,8 @@ def main() -> None:
     }
     say("")
     say("=" * 78)
+    bc.say_settings(opts, "per training step and peak memory above the loaded model: the frozen-UNet bound, "
+                            "PerRes without and with gradient checkpointing")
     say(f"PAPER SCALE  {opts.family}  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}  device {opts.device}")
     say(f"  {'trainer':22s} {'s/step':>8s} {'cpu s/step':>11s} {'extra peak':>12s}")
     labels = {"bound": "frozen-UNet bound", "plain": "PerRes, no checkpoint", "ckpt": "PerRes, checkpointing"}

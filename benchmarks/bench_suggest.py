@@ -61,6 +61,7 @@ def main() -> None:
     default_count = class_words.evaluation_count(len(defaults), opts.images, class_words.DEFAULT_BUDGET)
     default_seconds = seconds / timed_count * default_count
     bc.say("=" * 78)
+    bc.say_settings(opts, "Suggest Class Word with its defaults vs one 150-step training")
     bc.say(f"SUGGEST CLASS WORD  {opts.resolution}px  {opts.images} images  {len(defaults)} candidates  budget "
            f"{class_words.DEFAULT_BUDGET}  device {opts.device}; {bc.load_note()}")
     if words is not defaults:

@@ -1,11 +1,16 @@
 """Per-step training time: PerRes Train Residuals vs. the plain-UNet bound vs. ComfyUI's TrainLoraNode.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32), one batch and resolution:
+One run, one model (the tests' random-weight SD1.5 checkpoint, fp32), one batch and resolution, and one
+row per gradient-checkpointing setting (--checkpointing off,on: both by default), each comparing
 
   (a) perres  the PerResTrainResiduals node executed as ComfyUI executes it (inference mode, real
-              ModelPatcher); VAE/CLIP encoding and the first (warm-up) optimizer step are excluded.
+              ModelPatcher), with that gradient_checkpointing; VAE/CLIP encoding and the first (warm-up)
+              optimizer step are excluded;
   (b) bound   the frozen UNet module called directly, forward + backward + AdamW on the same 16
-              residual modules through the pack's own proj_out hooks, base weights requires_grad=False.
+              residual modules through the pack's own proj_out hooks, base weights requires_grad=False,
+              with the same modules recomputed in backward when that row checkpoints,
+
+and, once per run,
   (c) stock   ComfyUI's TrainLoraNode (comfy_extras/nodes_train.py), rank 8, fp32, on latents from
               VAEEncode and conditioning from CLIPTextEncode.
 
@@ -34,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per PerRes/bound run (plus 1 warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="alternating bound/perres rounds; default 2")
+    p.add_argument("--checkpointing", default="off,on",
+                   help="gradient checkpointing settings to compare, one row each: off, on or off,on (default)")
     p.add_argument("--stock-steps", type=int, default=3, help="TrainLoraNode steps (first one is warm-up); 0 skips it")
     p.add_argument("--stock-rank", type=int, default=8)
     p.add_argument("--stock-no-checkpointing", action="store_true",
@@ -42,7 +49,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="also profile one extra PerRes node run with cProfile and write the stats to FILE")
-    return p.parse_args()
+    opts = p.parse_args()
+    names = [name.strip() for name in opts.checkpointing.split(",") if name.strip()]
+    if not names or set(names) - {"off", "on"}:
+        p.error(f"--checkpointing takes off, on or off,on; got {opts.checkpointing!r}")
+    opts.checkpointing = [name == "on" for name in names]
+    return opts
 
 
 def make_images(batch: int, resolution: int):
@@ -54,10 +66,12 @@ def make_images(batch: int, resolution: int):
     return images
 
 
-def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock):
+def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock,
+              checkpointing: bool = False):
     """Plain frozen-UNet forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
     model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector); `conditioning` is the caption's
-    (nodes.host.training.caption_conditioning)."""
+    (nodes.host.training.caption_conditioning). With `checkpointing`, the modules PerRes recomputes in
+    backward (nodes.host.training.checkpoint_units) are recomputed here too."""
     import torch
     import torch.nn.functional as F
     import comfy.model_management as mm
@@ -82,7 +96,10 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
             layer.to(device).requires_grad_(True)
         optimizer = torch.optim.AdamW(list(residuals.parameters()), lr=1e-3, weight_decay=1e-2)
         gen = torch.Generator(device=device).manual_seed(seed)
-        with host.frozen_for_backward(unet), hooks.proj_out_hooks(unet, family, hooks.full_residual(residuals.layers)):
+        recompute = bc.pack_module("perres_core.grad_checkpoint").recompute_in_backward
+        units = host.checkpoint_units(unet) if checkpointing else []
+        with host.frozen_for_backward(unet), hooks.proj_out_hooks(unet, family, hooks.full_residual(residuals.layers)), \
+                recompute(units):
             assert not any(p.requires_grad for p in unet.parameters())
             for step in range(steps + 1):
                 if step == 1:
@@ -103,10 +120,11 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
     return residuals.parameter_count()
 
 
-def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int, seed: int):
+def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int, seed: int,
+               checkpointing: bool = True):
     return bc.run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
                        class_word="dog", steps=steps + 1, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
-                       resolution=resolution, seed=seed, init="random")
+                       resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
 
 
 def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int):
@@ -136,98 +154,118 @@ def main() -> None:
     def fmt(values):
         return " ".join(f"{d:.3f}" for d in values)
 
+    def row(checkpointing: bool) -> str:
+        return f"checkpointing {'on' if checkpointing else 'off'}"
+
     clock = bc.StepClock()
     segments = bc.Segments()
-    breakdown: dict[str, list[dict]] = {"bound": [], "perres": [], "stock": []}
-    wall = {"bound": [], "perres": [], "stock": []}
-    cpu = {"bound": [], "perres": [], "stock": []}
-    perres_totals, perres_outside, mem = [], [], {}
-    stock_total = None
+    # keyed by (kind, checkpointing): kind is "bound", "perres" or "stock"
+    breakdown: dict[tuple, list[dict]] = {}
+    wall: dict[tuple, list[float]] = {}
+    cpu: dict[tuple, list[float]] = {}
+    perres_totals: dict[bool, list[float]] = {}
+    perres_outside: dict[bool, list[float]] = {}
+    mem: dict[tuple, bc.PeakMemory] = {}
+    stock_key, stock_total = ("stock", not opts.stock_no_checkpointing), None
     with bc.optimizer_steps(clock), bc.segment_marks(segments, model.model.diffusion_model):
-        for r in range(opts.rounds):
-            # alternate which one goes first, so drifting machine load does not favour either
-            for name in (("bound", "perres") if r % 2 == 0 else ("perres", "bound")):
-                clock.reset()
-                segments.reset()
-                t0 = time.perf_counter()
-                with bc.PeakMemory() as m:
-                    if name == "bound":
-                        params = run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps, seed=r,
-                                           clock=clock)
-                    else:
-                        run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=r)
-                total = time.perf_counter() - t0
-                mem.setdefault(name, m)
-                # bound: the clock restarts after its warm-up step; perres runs steps+1 optimizer steps, and
-                # the intervals between them are steps 2..N
-                durations, cpu_durations = clock.durations(), clock.cpu_durations()
-                breakdown[name].append(segments.per_step())
-                wall[name] += durations
-                cpu[name] += cpu_durations
-                note = f"({params} trained params)" if name == "bound" else \
-                    f"(node call {total:.2f} s, {total - sum(durations):.2f} s of it outside the timed steps)"
-                if name == "perres":
-                    perres_totals.append(total)
-                    perres_outside.append(total - sum(durations))
-                say(f"[round {r + 1}] {name:6s} s/step wall {fmt(durations)} | cpu {fmt(cpu_durations)}  {note}")
+        for checkpointing in opts.checkpointing:
+            for r in range(opts.rounds):
+                # alternate which one goes first, so drifting machine load does not favour either
+                for name in (("bound", "perres") if r % 2 == 0 else ("perres", "bound")):
+                    key = (name, checkpointing)
+                    clock.reset()
+                    segments.reset()
+                    t0 = time.perf_counter()
+                    with bc.PeakMemory() as m:
+                        if name == "bound":
+                            params = run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps,
+                                               seed=r, clock=clock, checkpointing=checkpointing)
+                        else:
+                            run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=r,
+                                       checkpointing=checkpointing)
+                    total = time.perf_counter() - t0
+                    mem.setdefault(key, m)
+                    # bound: the clock restarts after its warm-up step; perres runs steps+1 optimizer steps, and
+                    # the intervals between them are steps 2..N
+                    durations, cpu_durations = clock.durations(), clock.cpu_durations()
+                    breakdown.setdefault(key, []).append(segments.per_step())
+                    wall.setdefault(key, []).extend(durations)
+                    cpu.setdefault(key, []).extend(cpu_durations)
+                    note = f"({params} trained params)" if name == "bound" else \
+                        f"(node call {total:.2f} s, {total - sum(durations):.2f} s of it outside the timed steps)"
+                    if name == "perres":
+                        perres_totals.setdefault(checkpointing, []).append(total)
+                        perres_outside.setdefault(checkpointing, []).append(total - sum(durations))
+                    say(f"[{row(checkpointing)}, round {r + 1}] {name:6s} s/step wall {fmt(durations)} | "
+                        f"cpu {fmt(cpu_durations)}  {note}")
 
         if opts.stock_steps > 0:
             clock.reset()
             segments.reset()
             t0 = time.perf_counter()
             with bc.PeakMemory() as m:
-                run_stock(model, latents, positive, opts.batch, opts.stock_steps, opts.stock_rank,
-                          not opts.stock_no_checkpointing, seed=0)
+                run_stock(model, latents, positive, opts.batch, opts.stock_steps, opts.stock_rank, stock_key[1],
+                          seed=0)
             stock_total = time.perf_counter() - t0
-            mem["stock"] = m
-            wall["stock"] = clock.durations()
-            breakdown["stock"].append(segments.per_step())
-            cpu["stock"] = clock.cpu_durations()
+            mem[stock_key] = m
+            wall[stock_key] = clock.durations()
+            breakdown[stock_key] = [segments.per_step()]
+            cpu[stock_key] = clock.cpu_durations()
             say(f"[stock] TrainLoraNode call {stock_total:.2f} s for {opts.stock_steps} steps; between optimizer "
-                f"steps: wall {fmt(wall['stock'])} | cpu {fmt(cpu['stock'])}")
+                f"steps: wall {fmt(wall[stock_key])} | cpu {fmt(cpu[stock_key])}")
 
     if opts.profile:
         import cProfile
         import pstats
         profiler = cProfile.Profile()
         profiler.enable()
-        run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=99)
+        run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=99,
+                   checkpointing=opts.checkpointing[-1])
         profiler.disable()
         profiler.dump_stats(opts.profile)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
-    perres, bound = bc.median(wall["perres"]), bc.median(wall["bound"])
-    perres_cpu, bound_cpu = bc.median(cpu["perres"]), bc.median(cpu["bound"])
     say("")
     say("=" * 78)
-    say(f"TRAINING  resolution {opts.resolution}px  batch {opts.batch}  fp32  device {opts.device}  "
-        f"torch threads {torch.get_num_threads()}")
+    bc.say_settings(opts, "per optimizer step, the PerRes node vs the frozen-UNet bound with the same gradient "
+                            "checkpointing (one row per setting), and the PerRes node vs ComfyUI's TrainLoraNode")
+    say(f"TRAINING  ComfyUI {bc.comfy_version('')}  resolution {opts.resolution}px  batch {opts.batch}  fp32  "
+        f"device {opts.device}  torch threads {torch.get_num_threads()}")
     say(f"  {bc.load_note()}")
-    say(f"  (b) bound  s/step wall: {bc.spread(wall['bound'])}")
-    say(f"                    cpu:  {bc.spread(cpu['bound'])}")
-    say(f"  (a) perres s/step wall: {bc.spread(wall['perres'])}")
-    say(f"                    cpu:  {bc.spread(cpu['perres'])}")
-    say(f"      perres node call total: {bc.spread(perres_totals)}")
-    say(f"      outside the timed steps (VAE+CLIP encode, setup, warm-up step, copy-out): {bc.spread(perres_outside)}")
+    for checkpointing in opts.checkpointing:
+        perres_key, bound_key = ("perres", checkpointing), ("bound", checkpointing)
+        perres, bound = bc.median(wall[perres_key]), bc.median(wall[bound_key])
+        perres_cpu, bound_cpu = bc.median(cpu[perres_key]), bc.median(cpu[bound_key])
+        say(f"  -- {row(checkpointing)} (PerRes node and bound alike)")
+        say(f"  (b) bound  s/step wall: {bc.spread(wall[bound_key])}")
+        say(f"                    cpu:  {bc.spread(cpu[bound_key])}")
+        say(f"  (a) perres s/step wall: {bc.spread(wall[perres_key])}")
+        say(f"                    cpu:  {bc.spread(cpu[perres_key])}")
+        say(f"      perres node call total: {bc.spread(perres_totals[checkpointing])}")
+        say(f"      outside the timed steps (VAE+CLIP encode, setup, warm-up step, copy-out): "
+            f"{bc.spread(perres_outside[checkpointing])}")
+        say(f"  perres/bound = {perres / bound:.3f} wall, {perres_cpu / bound_cpu:.3f} cpu   "
+            f"(target <= 1.10: {bc.verdict(perres / bound, 1.10)} wall)")
+        report_glue(breakdown, checkpointing)
     if stock_total is not None:
         stock = stock_total / opts.stock_steps
-        say(f"  (c) stock  s/step wall: {stock:.3f} (node total / steps: setup and warm-up step included)")
-        say(f"      between optimizer steps wall: {bc.spread(wall['stock'])}")
-        say(f"                              cpu:  {bc.spread(cpu['stock'])}")
-        say(f"      stock settings: rank {opts.stock_rank}, fp32, AdamW, gradient_checkpointing="
-            f"{not opts.stock_no_checkpointing}, every layer trained; {opts.batch} cond entries x latent batch "
-            f"{opts.batch} = {opts.batch * opts.batch} UNet samples per step (calc_cond_batch)")
-    say(f"  perres/bound = {perres / bound:.3f} wall, {perres_cpu / bound_cpu:.3f} cpu   "
-        f"(target <= 1.10: {bc.verdict(perres / bound, 1.10)} wall)")
-    if stock_total is not None:
-        say(f"  perres/stock = {perres / stock:.3f} wall (stock = total/steps)   "
-            f"(target <= 0.20: {bc.verdict(perres / stock, 0.20)})")
-        if wall["stock"]:
-            say(f"  perres/stock between-step = {perres / bc.median(wall['stock']):.3f} wall, "
-                f"{perres_cpu / bc.median(cpu['stock']):.3f} cpu")
+        say(f"  -- (c) stock: rank {opts.stock_rank}, fp32, AdamW, {row(stock_key[1])}, every layer trained; "
+            f"{opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} UNet samples per "
+            f"step (calc_cond_batch)")
+        say(f"      s/step wall: {stock:.3f} (node total / steps: setup and warm-up step included)")
+        say(f"      between optimizer steps wall: {bc.spread(wall[stock_key])}")
+        say(f"                              cpu:  {bc.spread(cpu[stock_key])}")
+        matching = ("perres", stock_key[1])
+        if matching in wall:
+            perres = bc.median(wall[matching])
+            say(f"  perres/stock ({row(stock_key[1])} both) = {perres / stock:.3f} wall (stock = total/steps)   "
+                f"(target <= 0.20: {bc.verdict(perres / stock, 0.20)})")
+            if wall[stock_key]:
+                say(f"  perres/stock between-step = {perres / bc.median(wall[stock_key]):.3f} wall, "
+                    f"{bc.median(cpu[matching]) / bc.median(cpu[stock_key]):.3f} cpu")
     say("  where a step goes (median per step over runs, wall / cpu seconds):")
-    for name in ("bound", "perres", "stock"):
-        runs = [b for b in breakdown[name] if b]
+    for key, runs in breakdown.items():
+        runs = [b for b in runs if b]
         if not runs:
             continue
         parts = []
@@ -235,19 +273,24 @@ def main() -> None:
             values = [b[seg] for b in runs if seg in b]
             if values:
                 parts.append(f"{seg} {bc.median([v[0] for v in values]):.3f}/{bc.median([v[1] for v in values]):.3f}")
-        say(f"    {name:6s}: " + ", ".join(parts))
-    glue = {name: bc.median([b["glue"][1] for b in breakdown[name] if "glue" in b]) for name in ("bound", "perres")}
-    work = {name: bc.median([sum(v[1] for k, v in b.items() if k != "glue") for b in breakdown[name] if b])
-            for name in ("bound", "perres")}
-    if all(glue.values()) and all(work.values()):
-        say(f"  perres glue costs {glue['perres'] * 1000:.1f} ms/step vs {glue['bound'] * 1000:.1f} ms for the bound: "
-            f"perres/bound from the breakdown (bound's UNet+backward+optimizer work, perres's glue) = "
-            f"{(work['bound'] + glue['perres']) / (work['bound'] + glue['bound']):.3f} (contention-proof estimate)")
-    for name in ("bound", "perres", "stock"):
-        if name in mem:
-            say(f"  memory {name:6s}: {mem[name].describe()}")
+        say(f"    {key[0]:6s} {row(key[1]):17s}: " + ", ".join(parts))
+    for key, peak in mem.items():
+        say(f"  memory {key[0]:6s} {row(key[1]):17s}: {peak.describe()}")
     say(f"  process peak RSS (ru_maxrss): {bc.process_peak_rss()}")
     say("=" * 78)
+
+
+def report_glue(breakdown: dict, checkpointing: bool) -> None:
+    """The contention-proof estimate: the bound's UNet work plus each one's glue (CPU seconds)."""
+    glue, work = {}, {}
+    for name in ("bound", "perres"):
+        runs = [b for b in breakdown.get((name, checkpointing), []) if b]
+        glue[name] = bc.median([b["glue"][1] for b in runs if "glue" in b])
+        work[name] = bc.median([sum(v[1] for k, v in b.items() if k != "glue") for b in runs])
+    if all(v == v and v > 0 for v in (*glue.values(), *work.values())):  # v == v: not NaN
+        bc.say(f"  perres glue costs {glue['perres'] * 1000:.1f} ms/step vs {glue['bound'] * 1000:.1f} ms for the "
+               f"bound: perres/bound from the breakdown (bound's UNet+backward+optimizer work, perres's glue) = "
+               f"{(work['bound'] + glue['perres']) / (work['bound'] + glue['bound']):.3f} (contention-proof estimate)")
 
 
 if __name__ == "__main__":

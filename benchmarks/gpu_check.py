@@ -1,39 +1,44 @@
-"""The paper-scale GPU check: one command, one table, one JSON file (about 5 minutes on one H100).
+"""The paper-scale GPU check: one command, one table, one JSON file.
 
-On the random-weight SD1.5-architecture checkpoint, with ComfyUI running the UNet in fp16 (--fp16-unet,
-what SD1.5 users' GPUs run), at 512 px and batch 4:
+For each family asked for (--families sd15,sdxl), on the tests' random-weight checkpoint of that family with
+ComfyUI running the UNet in fp16 (--fp16-unet, what users' GPUs run), at batch 4:
 
-  perres_plain   PerRes Train Residuals, 150 steps, gradient_checkpointing off
-  perres_ckpt    PerRes Train Residuals, 150 steps, gradient_checkpointing on (the default)
+  perres_plain   PerRes Train Residuals, gradient_checkpointing off
+  perres_ckpt    PerRes Train Residuals, gradient_checkpointing on (the default)
   stock_lora     ComfyUI's TrainLoraNode on the same images, steps and batch (its own defaults otherwise:
                  rank 8, every layer, bf16 training dtype — it offers no fp16 — gradient checkpointing on)
-  sample_*       50-step DDIM sampling at 512 px (CFG 6, the paper's sampler), base model, PerRes Apply
-                 Residuals and PerRes LAG Sampling; one warm-up run each, then --sample-repeats timed runs
-  lora_*         the same sampling with a rank-32 LoRA on every attention and feed-forward layer, merged by
-                 LoraLoaderModelOnly and through PerRes LAG LoRA (benchmarks/bench_lag_lora.py on the GPU)
+  sampling       the base model, PerRes Apply Residuals, PerRes LAG Sampling, and a rank-32 LoRA on every
+                 attention and feed-forward layer merged by LoraLoaderModelOnly and through PerRes LAG LoRA;
+                 one warm-up run each, then --sample-repeats timed runs (medians)
 
-With --families sd15,sdxl (or sdxl) the same check runs on the random SDXL-architecture checkpoint (UNet
-fp16) at 1024 px, batch 4: PerRes with and without checkpointing and TrainLoraNode, 150 steps each, and
-30-step dpmpp_2m sampling with the base model, PerRes Apply Residuals, PerRes LAG Sampling and the rank-32
-LoRA merged and through PerRes LAG LoRA. Targets: perres_ckpt peak <= 10 GiB at 1024 px (so 12 GB cards
-train SDXL with the defaults); LAG LoRA <= 1.10x the merged LoRA.
+  SD1.5  512 px, 150 training steps, 50-step DDIM (CFG 6, the paper's sampler).
+         Targets: perres_plain 150 steps <= 30 s on an H100; perres_ckpt peak <= 6 GiB (8 GB cards train with
+         the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.25x the merged LoRA.
+  SDXL   1024 px, --sdxl-train-steps (150 by default; fewer on a lent machine, with the 150-step time
+         extrapolated), 30-step dpmpp_2m karras. Targets: perres_ckpt peak <= 10 GiB (12 GB cards train SDXL
+         with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.10x the merged LoRA.
 
 Training figures are the node call's wall time (VAE encoding and setup included) and
-torch.cuda.max_memory_allocated during the call. Targets: perres_plain 150 steps <= 30 s on an H100;
-perres_ckpt peak <= 6 GiB (so 8 GB cards train with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.25x
-the merged LoRA.
+torch.cuda.max_memory_allocated during the call. ComfyUI 0.33.0 runs NVIDIA GPUs with dynamic VRAM
+(comfy-aimdo) by default; --dynamic-vram on does the same, off runs the classic ModelPatcher, and the JSON
+says which was used. Every phase is timed on its own: one that fails is recorded with its error and the
+others still run; the JSON is rewritten after every phase, so a run cut short keeps what it measured;
+with --deadline the phases that would start later are recorded as skipped.
 
-    python benchmarks/gpu_check.py --json $OUT/gpu_check.json            # on the GPU machine
-    python benchmarks/gpu_check.py --device cpu --smoke                  # the same code paths, tiny, on a CPU
+    python custom_nodes/PerRes/benchmarks/gpu_check.py --families sd15,sdxl --json gpu_check.json
+    python benchmarks/gpu_check.py --device cpu --smoke          # the same code paths, tiny, on a CPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import platform
 import sys
 import time
+from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -43,32 +48,73 @@ from bench_training import make_images  # noqa: E402
 CAPTION = "a photo of a sks dog"
 PROMPT = "a photo of a sks dog on the beach"
 GIB = 1024 ** 3
+PAPER_STEPS = 150
 
 
-def parse_args() -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class FamilyPlan:
+    """What the check measures for one family, and the targets it holds the figures to."""
+    family: str
+    resolution: int
+    train_steps: int
+    sample_steps: int
+    sample_repeats: int
+    sampler: str
+    scheduler: str
+    peak_target_gib: float
+    lag_lora_target: float
+    plain_150_target_s: Optional[float]  # the paper-scale speed target (SD1.5 on an H100 only)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--resolution", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--sample-steps", type=int, default=50)
-    p.add_argument("--sample-repeats", type=int, default=2)
-    p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")
     p.add_argument("--families", default="sd15", help="comma-separated: sd15, sdxl (default sd15)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=512, help="SD1.5 side in px")
+    p.add_argument("--train-steps", type=int, default=PAPER_STEPS, help="SD1.5 training steps")
+    p.add_argument("--sample-steps", type=int, default=50, help="SD1.5 DDIM steps")
+    p.add_argument("--sample-repeats", type=int, default=2)
     p.add_argument("--sdxl-resolution", type=int, default=1024)
+    p.add_argument("--sdxl-train-steps", type=int, default=PAPER_STEPS)
     p.add_argument("--sdxl-sample-steps", type=int, default=30)
+    p.add_argument("--sdxl-sample-repeats", type=int, default=None, help="default: --sample-repeats")
+    p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")
+    p.add_argument("--skip-stock-families", default="",
+                   help="comma-separated families to run without TrainLoraNode (the CPU rehearsal: sdxl)")
+    p.add_argument("--dynamic-vram", default="on", choices=["on", "off"],
+                   help="ComfyUI's dynamic VRAM (comfy-aimdo) on NVIDIA, as 0.33.0's main.py enables it (default on)")
+    p.add_argument("--deadline", type=float, default=0.0, metavar="SECONDS",
+                   help="skip phases that would start more than SECONDS after launch (0: no deadline)")
     p.add_argument("--smoke", action="store_true",
-                   help="64 px, 2 training and 2 sampling steps: checks every code path in a minute on a CPU")
+                   help="64 px, 2 training and 2 sampling steps: checks every code path in minutes on a CPU")
     p.add_argument("--json", metavar="FILE", default="gpu_check.json", help="where to write the figures")
-    opts = p.parse_args()
+    opts = p.parse_args(argv)
     if opts.smoke:
-        opts.resolution, opts.train_steps, opts.sample_steps, opts.sample_repeats = 64, 2, 2, 1
-        opts.sdxl_resolution, opts.sdxl_sample_steps = 64, 2
+        opts.resolution = opts.sdxl_resolution = 64
+        opts.train_steps = opts.sdxl_train_steps = 2
+        opts.sample_steps = opts.sdxl_sample_steps = 2
+        opts.sample_repeats = 1
+    if opts.sdxl_sample_repeats is None:
+        opts.sdxl_sample_repeats = opts.sample_repeats
     opts.families = [name.strip() for name in opts.families.split(",") if name.strip()]
+    opts.skip_stock_families = [name.strip() for name in opts.skip_stock_families.split(",") if name.strip()]
     unknown = set(opts.families) - {"sd15", "sdxl"}
     if unknown or not opts.families:
         p.error(f"--families takes sd15 and/or sdxl, got {opts.families}")
     return opts
+
+
+def plans(opts: argparse.Namespace) -> list[FamilyPlan]:
+    every = {
+        "sd15": FamilyPlan("sd15", opts.resolution, opts.train_steps, opts.sample_steps, opts.sample_repeats,
+                           "ddim", "ddim_uniform", peak_target_gib=6.0, lag_lora_target=1.25,
+                           plain_150_target_s=30.0),
+        "sdxl": FamilyPlan("sdxl", opts.sdxl_resolution, opts.sdxl_train_steps, opts.sdxl_sample_steps,
+                           opts.sdxl_sample_repeats, "dpmpp_2m", "karras", peak_target_gib=10.0,
+                           lag_lora_target=1.10, plain_150_target_s=None),
+    }
+    return [every[name] for name in opts.families]
 
 
 class CudaPeak:
@@ -91,38 +137,73 @@ class CudaPeak:
             self.peak = torch.cuda.max_memory_allocated()
 
 
-def free_memory() -> None:
+def free_memory(unload: bool = False) -> None:
     import gc
     import comfy.model_management as mm
+    if unload:
+        mm.unload_all_models()
     gc.collect()
     mm.soft_empty_cache()
 
 
-def train_perres(model, clip, vae, images, opts, checkpointing: bool, resolution: int | None = None) -> dict:
+class Report:
+    """The figures so far, rewritten to --json after every phase (a run cut short keeps what it measured)."""
+
+    def __init__(self, path: str, header: dict, deadline: float) -> None:
+        self.path, self.data = path, header
+        self.deadline = time.monotonic() + deadline if deadline > 0 else None
+
+    def save(self) -> None:
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.data, handle, indent=2, default=str)
+        os.replace(tmp, self.path)
+
+    def phase(self, section: dict, name: str, measure: Callable[[], dict]) -> Optional[dict]:
+        """Run one measurement into section[name]: its figures, {"error": ...} or {"skipped": ...}."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            section[name] = {"skipped": "the --deadline had passed"}
+            bc.say(f"[gpu_check] {name}: skipped, past the deadline")
+        else:
+            bc.say(f"[gpu_check] {name} ...")
+            try:
+                section[name] = measure()
+            except Exception as error:  # one broken phase must not cost the figures of the others
+                logging.exception("gpu_check phase %s failed", name)
+                section[name] = {"error": f"{type(error).__name__}: {error}"}
+        self.save()
+        entry = section[name]
+        return None if "error" in entry or "skipped" in entry else entry
+
+
+def train_perres(model, clip, vae, images, plan: FamilyPlan, batch: int, checkpointing: bool,
+                 held: Optional[dict] = None) -> dict:
+    """One PerRes Train Residuals call; the trained residuals go to held["residuals"] (not into the JSON)."""
     free_memory()
     with CudaPeak() as phase:
         _, residuals, loss = bc.run_node(
             "PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
-            class_word="dog", steps=opts.train_steps, batch_size=opts.batch, learning_rate=1e-3, rank_ratio=0.05,
-            resolution=resolution or opts.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
-    return {"seconds": phase.seconds, "peak_allocated": phase.peak, "final_loss": loss["loss"][-1],
-            "residuals": residuals}
+            class_word="dog", steps=plan.train_steps, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
+            resolution=plan.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
+    if held is not None:
+        held["residuals"] = residuals
+    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.peak,
+            "gradient_checkpointing": checkpointing, "final_loss": loss["loss"][-1]}
 
 
-def train_stock(model, vae, clip, images, opts) -> dict:
+def train_stock(model, vae, clip, images, plan: FamilyPlan, batch: int) -> dict:
     latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
     values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": positive,
-                                      "steps": opts.train_steps, "batch_size": opts.batch, "seed": 0})
+                                      "steps": plan.train_steps, "batch_size": batch, "seed": 0})
     free_memory()
     with CudaPeak() as phase:
         bc.run_stock_trainer(values)
     settings = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
-    return {"seconds": phase.seconds, "peak_allocated": phase.peak, "settings": settings}
+    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.peak, "settings": settings}
 
 
-def sample_all(model, clip, residuals, opts, family: str, size: int, steps: int, sampler: str,
-               scheduler: str) -> dict:
+def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
     """Seconds per sampling run of the base model, PerRes Apply, PerRes LAG, and a rank-32 LoRA merged by
     LoraLoaderModelOnly and through PerRes LAG LoRA; the same seed, latent and CFG for all."""
     applied = bc.run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=1.0)[0]
@@ -132,143 +213,161 @@ def sample_all(model, clip, residuals, opts, family: str, size: int, steps: int,
                                           outside_window="full residual")[:2]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
     negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
-    latent = bc.run_node("EmptyLatentImage", width=size, height=size, batch_size=1)[0]
-    lora = attention_ff_lora(model, family_of(family))
+    latent = bc.run_node("EmptyLatentImage", width=plan.resolution, height=plan.resolution, batch_size=1)[0]
+    lora = attention_ff_lora(model, family_of(plan.family))
     configs = {"base": (model, positive), "apply": (applied, positive), "lag": (lag_model, lag_positive),
                "lora_merged": (merged_lora_model(model, lora), positive),
                "lora_lag": lag_lora_model(model, clip, lora)}
-    times = {name: [] for name in configs}
-    for repeat in range(opts.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for repeat in range(plan.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
         for name, (patcher, pos) in configs.items():
             with CudaPeak() as phase:
-                bc.run_node("KSampler", model=patcher, seed=0, steps=steps, cfg=6.0, sampler_name=sampler,
-                            scheduler=scheduler, positive=pos, negative=negative, latent_image=latent, denoise=1.0)
+                bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=6.0,
+                            sampler_name=plan.sampler, scheduler=plan.scheduler, positive=pos, negative=negative,
+                            latent_image=latent, denoise=1.0)
             if repeat:
                 times[name].append(phase.seconds)
     return {name: {"seconds": bc.median(values), "runs": values} for name, values in times.items()}
 
 
-def sampling_targets(sampling: dict, lag_lora_target: float) -> dict:
-    return {
-        "lag_over_apply": {"value": sampling["lag"]["seconds"] / sampling["apply"]["seconds"], "target": 1.05},
-        "lag_lora_over_merged_lora": {"value": sampling["lora_lag"]["seconds"] / sampling["lora_merged"]["seconds"],
-                                      "target": lag_lora_target},
-    }
-
-
-def sdxl_check(opts) -> dict:
-    """PerRes on SDXL: training with and without checkpointing, TrainLoraNode, and sampling base vs Apply."""
-    model, clip, vae = bc.load_model("sdxl", opts.device, threads=0, precision="fp16")
-    size = opts.sdxl_resolution
-    images = make_images(opts.batch, size)
-    result = {"resolution": size, "unet_dtype": str(model.model.get_dtype())}
-    result["perres_plain"] = train_perres(model, clip, vae, images, opts, checkpointing=False, resolution=size)
-    result["perres_ckpt"] = train_perres(model, clip, vae, images, opts, checkpointing=True, resolution=size)
-    residuals = result["perres_ckpt"].pop("residuals")
-    result["perres_plain"].pop("residuals")
-    if not opts.skip_stock:
-        result["stock_lora"] = train_stock(model, vae, clip, images, opts)
-    result["sampling"] = sample_all(model, clip, residuals, opts, "sdxl", size, opts.sdxl_sample_steps, "dpmpp_2m",
-                                    "karras")
-    peak = result["perres_ckpt"]["peak_allocated"]
-    result["targets"] = {"sdxl_perres_ckpt_peak_gib": {"value": None if peak is None else peak / GIB, "target": 10.0},
-                         **sampling_targets(result["sampling"], 1.10)}
-    return result
-
-
-def main() -> None:
-    opts = parse_args()
-    if "sd15" not in opts.families:
-        sdxl_only(opts)
+def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> None:
+    """Every phase of one family into report.data["families"][plan.family], then its targets."""
+    section: dict = {"plan": dataclasses.asdict(plan), "batch": opts.batch}
+    report.data["families"][plan.family] = section
+    held: dict = {}  # the loaded (model, clip, vae), kept out of the JSON
+    if report.phase(section, "load", lambda: load(plan, opts, held)) is None:
         return
-    model, clip, vae = bc.load_sd15(opts.device, threads=0, precision="fp16")
-    import torch
-    import comfy.model_management as mm
-    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu"
-    images = make_images(opts.batch, opts.resolution)
-    bc.say(f"device {device_name}; UNet weights {model.model.get_dtype()}, compute "
-           f"{model.model.manual_cast_dtype or model.model.get_dtype()}; {opts.resolution} px, batch {opts.batch}, "
-           f"{opts.train_steps} training steps, {opts.sample_steps} DDIM steps")
-
-    results: dict = {"device": device_name, "comfyui": bc.comfy_version(mm.__file__.rsplit("/comfy/", 1)[0]),
-                     "torch": torch.__version__, "settings": {k: v for k, v in vars(opts).items() if k != "json"}}
-    plain = train_perres(model, clip, vae, images, opts, checkpointing=False)
-    ckpt = train_perres(model, clip, vae, images, opts, checkpointing=True)
-    residuals = ckpt.pop("residuals")
-    plain.pop("residuals")
-    results["perres_plain"], results["perres_ckpt"] = plain, ckpt
-    if not opts.skip_stock:
-        results["stock_lora"] = train_stock(model, vae, clip, images, opts)
-    results["sampling"] = sample_all(model, clip, residuals, opts, "sd15", opts.resolution, opts.sample_steps, "ddim",
-                                     "ddim_uniform")
-
-    sampling = results["sampling"]
-    results["targets"] = {
-        "perres_plain_150_steps_s": {"value": plain["seconds"] * 150 / opts.train_steps, "target": 30.0},
-        "perres_ckpt_peak_gib": {"value": None if ckpt["peak_allocated"] is None else ckpt["peak_allocated"] / GIB,
-                                 "target": 6.0},
-        **sampling_targets(sampling, 1.25),
-    }
-
-    bc.say("")
-    bc.say("=" * 78)
-    bc.say(f"GPU CHECK  {device_name}  ComfyUI {results['comfyui']}  torch {torch.__version__}")
-    bc.say(f"  {'phase':34s} {'wall':>11s}  {'peak alloc':>10s}")
-    bc.say(phase_row("PerRes train, no checkpointing", plain))
-    bc.say(phase_row("PerRes train, checkpointing", ckpt))
-    if "stock_lora" in results:
-        bc.say(phase_row("ComfyUI TrainLoraNode (its defaults)", results["stock_lora"]))
-    for name in ("base", "apply", "lag", "lora_merged", "lora_lag"):
-        bc.say(phase_row(f"DDIM {opts.sample_steps} steps, {name}", sampling[name]))
-    report_targets(results["targets"])
-    if "sdxl" in opts.families:
-        del model, clip, vae, residuals, plain, ckpt
+    model, clip, vae = held.pop("objects")
+    images = make_images(opts.batch, plan.resolution)
+    # Two untimed steps first, so that moving the weights to the device and the first kernels' start-up
+    # are not charged to whichever training phase happens to run first.
+    warmup = dataclasses.replace(plan, train_steps=2)
+    report.phase(section, "warmup", lambda: train_perres(model, clip, vae, images, warmup, opts.batch, False))
+    report.phase(section, "perres_plain",
+                 lambda: train_perres(model, clip, vae, images, plan, opts.batch, False, held))
+    report.phase(section, "perres_ckpt",  # the default's residuals, when it succeeds, are the ones sampled
+                 lambda: train_perres(model, clip, vae, images, plan, opts.batch, True, held))
+    residuals = held.pop("residuals", None)
+    if residuals is None:
+        section["sampling"] = {"skipped": "no PerRes training phase succeeded"}
+    else:
+        report.phase(section, "sampling", lambda: sample_all(model, clip, residuals, plan))
+    del residuals
+    # The stock trainer last: it needs the most memory, and a host process it takes down (the CPU's OOM
+    # killer, which no except clause sees) then costs none of PerRes's figures.
+    if opts.skip_stock or plan.family in opts.skip_stock_families:
+        section["stock_lora"] = {"skipped": "--skip-stock" if opts.skip_stock else "--skip-stock-families"}
+    else:
         free_memory()
-        results["sdxl"] = sdxl_check(opts)
-        report_sdxl(results["sdxl"], opts)
-    bc.say("=" * 78)
-    with open(opts.json, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, default=str)
-    bc.say(f"wrote {opts.json}")
+        report.phase(section, "stock_lora", lambda: train_stock(model, vae, clip, images, plan, opts.batch))
+    section["targets"] = targets(plan, section)
+    report.save()
+    del model, clip, vae
+    free_memory(unload=True)  # the next family starts with the device and RAM this one used
 
 
-def phase_row(name: str, entry: dict) -> str:
+def load(plan: FamilyPlan, opts: argparse.Namespace, held: dict) -> dict:
+    """Start the host (first family only), build or reuse the cached checkpoint, and load it."""
+    with CudaPeak() as phase:
+        held["objects"] = bc.load_model(plan.family, opts.device, threads=0, precision="fp16",
+                                        dynamic_vram=opts.dynamic_vram)
+    model = held["objects"][0]
+    return {"seconds": phase.seconds, "unet_dtype": str(model.model.get_dtype()),
+            "compute_dtype": str(model.model.manual_cast_dtype or model.model.get_dtype()),
+            "patcher": type(model).__name__}
+
+
+def per_150_steps(entry: Optional[dict]) -> Optional[float]:
+    if not entry or "seconds" not in entry:
+        return None
+    return entry["seconds"] * PAPER_STEPS / entry["steps"]
+
+
+def targets(plan: FamilyPlan, section: dict) -> dict:
+    def figure(name: str, key: str) -> Optional[dict]:
+        entry = section.get(name) or {}
+        return entry.get(key) if isinstance(entry, dict) else None
+
+    peak = figure("perres_ckpt", "peak_allocated")
+    sampling = section.get("sampling") or {}
+
+    def ratio(a: str, b: str) -> Optional[float]:
+        if a in sampling and b in sampling:
+            return sampling[a]["seconds"] / sampling[b]["seconds"]
+        return None
+
+    found = {"perres_ckpt_peak_gib": {"value": None if peak is None else peak / GIB, "target": plan.peak_target_gib},
+             "lag_over_apply": {"value": ratio("lag", "apply"), "target": 1.05},
+             "lag_lora_over_merged_lora": {"value": ratio("lora_lag", "lora_merged"), "target": plan.lag_lora_target}}
+    if plan.plain_150_target_s is not None:
+        found["perres_plain_150_steps_s"] = {"value": per_150_steps(section.get("perres_plain")),
+                                             "target": plan.plain_150_target_s}
+    return found
+
+
+def phase_row(name: str, entry: Optional[dict]) -> str:
+    if not isinstance(entry, dict) or "seconds" not in entry:
+        why = (entry or {}).get("error") or (entry or {}).get("skipped") or "not run"
+        return f"  {name:40s} {'—':>11s}  {why}"
     peak = "n/a" if entry.get("peak_allocated") is None else f"{entry['peak_allocated'] / GIB:.2f} GiB"
-    return f"  {name:34s} {entry['seconds']:9.2f} s  {peak:>10s}"
+    extra = ""
+    if "steps" in entry and entry["steps"] != PAPER_STEPS:
+        extra = f"  ({entry['steps']} steps; {per_150_steps(entry):.1f} s per {PAPER_STEPS})"
+    return f"  {name:40s} {entry['seconds']:9.2f} s  {peak:>10s}{extra}"
 
 
-def report_sdxl(sdxl: dict, opts) -> None:
-    bc.say(f"  SDXL at {sdxl['resolution']} px, batch {opts.batch}, UNet {sdxl['unet_dtype']}:")
-    bc.say(phase_row("PerRes SDXL train, no checkpointing", sdxl["perres_plain"]))
-    bc.say(phase_row("PerRes SDXL train, checkpointing", sdxl["perres_ckpt"]))
-    if "stock_lora" in sdxl:
-        bc.say(phase_row("TrainLoraNode on SDXL (its defaults)", sdxl["stock_lora"]))
+def report_family(plan: FamilyPlan, section: dict, batch: int) -> None:
+    loaded = section.get("load") or {}
+    bc.say(f"  {plan.family.upper()} at {plan.resolution} px, batch {batch}, {plan.train_steps} training steps, "
+           f"UNet {loaded.get('unet_dtype', '?')} (compute {loaded.get('compute_dtype', '?')}), "
+           f"patcher {loaded.get('patcher', '?')}")
+    bc.say(phase_row("load checkpoint", section.get("load")))
+    bc.say(phase_row("PerRes train, checkpointing off", section.get("perres_plain")))
+    bc.say(phase_row("PerRes train, checkpointing on", section.get("perres_ckpt")))
+    sampling = section.get("sampling") or {}
+    label = f"{plan.sampler} {plan.sample_steps} steps"
+    if "base" not in sampling:
+        bc.say(phase_row(f"{label}, sampling", sampling))
     for name in ("base", "apply", "lag", "lora_merged", "lora_lag"):
-        bc.say(phase_row(f"dpmpp_2m {opts.sdxl_sample_steps} steps, {name}", sdxl["sampling"][name]))
-    report_targets(sdxl["targets"])
-
-
-def report_targets(targets: dict) -> None:
-    for name, entry in targets.items():
+        if name in sampling:
+            bc.say(phase_row(f"{label}, {name}", sampling[name]))
+    bc.say(phase_row("ComfyUI TrainLoraNode (its defaults)", section.get("stock_lora")))
+    for name, entry in section.get("targets", {}).items():
         if entry["value"] is None:
-            bc.say(f"  {name:34s}       n/a    (target <= {entry['target']}: not measured on this device)")
+            bc.say(f"  {name:40s}       n/a    (target <= {entry['target']}: not measured here)")
             continue
         verdict = "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
-        bc.say(f"  {name:34s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
+        bc.say(f"  {name:40s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
 
 
-def sdxl_only(opts) -> None:
+def device_name(device: str) -> str:
     import torch
-    device_name = torch.cuda.get_device_name() if opts.device == "cuda" else platform.processor() or "cpu"
-    sdxl = sdxl_check(opts)
-    bc.say("=" * 78)
-    bc.say(f"GPU CHECK (SDXL)  {device_name}  torch {torch.__version__}")
-    report_sdxl(sdxl, opts)
-    bc.say("=" * 78)
-    with open(opts.json, "w", encoding="utf-8") as handle:
-        json.dump({"device": device_name, "torch": torch.__version__, "sdxl": sdxl,
-                   "settings": {k: v for k, v in vars(opts).items() if k != "json"}}, handle, indent=2, default=str)
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    opts = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = {k: v for k, v in vars(opts).items() if k != "json"}
+    bc.say(f"[gpu_check] settings: {json.dumps(settings)}")
+    report = Report(opts.json, {"settings": settings, "families": {}}, opts.deadline)
+    family_plans = plans(opts)
+    for plan in family_plans:
+        check_family(plan, opts, report)
+    import torch
+    header = {"device": device_name(opts.device), "comfyui": bc.comfy_version(""), "torch": torch.__version__,
+              "dynamic_vram": bc.dynamic_vram_state()}
+    report.data = {**header, **report.data}
+    report.save()
+    bc.say("")
+    bc.say("=" * 100)
+    bc.say(f"GPU CHECK  {header['device']}  ComfyUI {header['comfyui']}  torch {header['torch']}  "
+           f"dynamic VRAM {header['dynamic_vram']}")
+    for plan in family_plans:
+        report_family(plan, report.data["families"][plan.family], opts.batch)
+    bc.say("=" * 100)
     bc.say(f"wrote {opts.json}")
+    return report.data
 
 
 if __name__ == "__main__":
