@@ -181,7 +181,7 @@ def train_perres(model, clip, vae, images, plan: FamilyPlan, batch: int, checkpo
     """One PerRes Train Residuals call; the trained residuals go to held["residuals"] (not into the JSON)."""
     free_memory()
     with CudaPeak() as phase:
-        _, residuals, loss = bc.run_node(
+        _, residuals, loss, _ = bc.run_node(
             "PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
             class_word="dog", steps=plan.train_steps, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
             resolution=plan.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark on every tested host (.ci/comfyui-hosts), one after the other, at settings small enough
-# for the 2-core development VM (about 15 minutes a host); logs in bench_out/<version>/<script>.log and
+# for the 2-core development VM (about 27 minutes a host); logs in bench_out/<version>/<script>.log and
 # each script's summary block in bench_out/summary.txt. Run it on an otherwise idle machine: the ratios
 # are measured within one run, but two benchmarks at once would share the cores.
 #
@@ -16,9 +16,10 @@ declare -A ARGS=(
   [bench_lag_lora]="--part speed --resolution 256"
   [bench_paper_scale]="--resolution 256 --steps 2"
   [bench_suggest]=""
+  [bench_preview]=""
   [gpu_check]="--device cpu --smoke --families sd15"
 )
-ORDER=(bench_training bench_lag bench_lag_lora bench_paper_scale bench_suggest gpu_check)
+ORDER=(bench_training bench_lag bench_lag_lora bench_paper_scale bench_suggest bench_preview gpu_check)
 [ "$#" -gt 0 ] && ORDER=("$@")
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"

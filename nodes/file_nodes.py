@@ -25,17 +25,18 @@ def loras_root() -> str:
     return folder_paths.get_folder_paths("loras")[0]
 
 
-def checked_prefix(prefix: str) -> list[str]:
-    """Split 'sub/dir/name' into safe parts; refuse absolute paths, drive letters and '..'."""
+def checked_prefix(prefix: str, input_name: str = "filename_prefix") -> list[str]:
+    """Split 'sub/dir/name' into safe parts; refuse absolute paths, drive letters and '..'. `input_name` names
+    the node's input in the errors."""
     text = prefix.strip().replace("\\", "/")
     if not text:
-        raise PerResError("filename_prefix is empty; give a name such as 'perres/my_dog'.")
+        raise PerResError(f"{input_name} is empty; give a name such as 'perres/my_dog'.")
     if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
-        raise PerResError(f"filename_prefix '{prefix}' is an absolute path; give a path relative to models/loras.")
+        raise PerResError(f"{input_name} '{prefix}' is an absolute path; give a path relative to models/loras.")
     parts = [part for part in text.split("/") if part not in ("", ".")]
     for part in parts:
         if part == ".." or not SAFE_PART.match(part):
-            raise PerResError(f"filename_prefix '{prefix}' contains '{part}'; use letters, digits, '-', '_', '.', "
+            raise PerResError(f"{input_name} '{prefix}' contains '{part}'; use letters, digits, '-', '_', '.', "
                               "and '/' for subfolders of models/loras (no '..').")
     return parts
 

@@ -1,4 +1,5 @@
-"""PerRes Load Concept Images: a folder of reference images → one centre-cropped batch and its subject masks."""
+"""PerRes Load Concept Images: a folder of reference images → a training batch (centre-cropped, or one batch per
+aspect-ratio bucket) and its subject masks."""
 from __future__ import annotations
 
 import os
@@ -11,9 +12,11 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
-from ..perres_core.images import prepare_batch, prepare_masks
+from ..perres_core.buckets import CROPS, bucket_images, describe_buckets
+from ..perres_core.images import alpha_mask
 from .errors import reported_as
 from .node_warnings import NodeWarnings, node_id_of
+from .image_lists import CROP_TOOLTIP
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 NAME = "PerRes Load Concept Images"
@@ -64,25 +67,32 @@ class LoadConceptImages(io.ComfyNode):
             display_name=NAME,
             category="PerRes",
             description="Loads every image in a folder under ComfyUI's input directory (any sizes, grayscale, RGB "
-                        "or RGBA) and centre-crops and resizes them into one batch for training. Transparent "
-                        "pixels are shown over white, and the alpha channels become subject masks.",
+                        "or RGBA) and centre-crops and resizes them into one batch for training, or with crop "
+                        "'buckets' fits each into the aspect-ratio bucket closest to its own (one batch per "
+                        "bucket, as a list). Transparent pixels are shown over white, and the alpha channels "
+                        "become subject masks.",
             inputs=[
                 io.String.Input("folder", default="perres_example",
                                 tooltip="Folder inside ComfyUI/input holding 3–20 photos of the concept."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=8,
-                             tooltip="Side of the square training images; 512 for SD1.x."),
+                             tooltip="Side of the square training images (crop center), or of the square whose "
+                                     "area the buckets keep (crop buckets); 512 for SD1.x, 1024 for SDXL."),
+                io.Combo.Input("crop", options=list(CROPS), default="center", optional=True, tooltip=CROP_TOOLTIP),
             ],
-            outputs=[io.Image.Output(display_name="images", tooltip="The reference images, one batch."),
-                     io.Mask.Output(display_name="masks",
+            outputs=[io.Image.Output(display_name="images", is_output_list=True,
+                                     tooltip="The reference images: one batch (crop center), or one batch per "
+                                             "bucket (crop buckets). A list, so PerRes Train Residuals gets every "
+                                             "bucket at once; other nodes run once per batch."),
+                     io.Mask.Output(display_name="masks", is_output_list=True,
                                     tooltip="Each image's alpha, cropped like the image: 1 = opaque (the subject of "
                                             "a cut-out), 0 = transparent; all 1 for images without alpha. The "
                                             "inverse of the stock Load Image's mask. For PerRes Train Residuals' "
-                                            "masks.")],
+                                            "masks. Batched like the images.")],
             hidden=[io.Hidden.unique_id],  # to show warnings on the node
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder: str, resolution: int):
+    def fingerprint_inputs(cls, folder: str, resolution: int, crop: str = "center"):
         # Re-run when files in the folder change.
         try:
             path = resolve_input_folder(folder)
@@ -91,7 +101,7 @@ class LoadConceptImages(io.ComfyNode):
         return tuple(sorted((n, os.path.getmtime(os.path.join(path, n))) for n in os.listdir(path)))
 
     @classmethod
-    def execute(cls, folder: str, resolution: int) -> io.NodeOutput:
+    def execute(cls, folder: str, resolution: int, crop: str = "center") -> io.NodeOutput:
         with reported_as(NAME):
             path = resolve_input_folder(folder)
             names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -108,11 +118,12 @@ class LoadConceptImages(io.ComfyNode):
                                       "remove or replace it.") from exc
             labels = [f"'{name}'" for name in names]
             try:
-                batch = prepare_batch(images, resolution, labels=labels)
-                masks = prepare_masks(images, resolution, labels=labels)
+                buckets = bucket_images(images, resolution, crop, [alpha_mask(image) for image in images], labels)
             except PerResError as exc:
                 raise PerResError(f"{exc} (folder '{folder}')") from exc
+            warnings = NodeWarnings(NAME, node_id_of(cls))
             if len(names) == 1:
-                NodeWarnings(NAME, node_id_of(cls)).warn(
-                    f"only one reference image in '{folder}'; 3 or more generalise much better.")
-            return io.NodeOutput(batch, masks)
+                warnings.warn(f"only one reference image in '{folder}'; 3 or more generalise much better.")
+            if crop == "buckets":
+                warnings.show_result(f"{len(names)} images in buckets (width×height): {describe_buckets(buckets)}")
+            return io.NodeOutput([bucket.pixels for bucket in buckets], [bucket.masks for bucket in buckets])

@@ -15,6 +15,7 @@ from ..perres_core.diffusion import Conditioning
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from .errors import reported_as
+from .image_lists import images_of, single_values
 from .host.model import diffusion_schedule, require_trainable, resident_clone, unet_of
 from .host.training import caption_conditioning, training_dtype, unet_prediction
 from .node_warnings import NodeWarnings, node_id_of
@@ -85,19 +86,27 @@ class SuggestClassWord(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],  # to show the ranking on the node
             is_output_node=True,  # runs on its own too, to just look at the ranking
+            # images may be a list of batches of different sizes (Load Concept Images with crop 'buckets'):
+            # the node ranks once for all of them
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, candidates: str, budget: int, seed: int,
+    def execute(cls, **inputs) -> io.NodeOutput:
+        images = images_of(inputs.pop("images"))
+        return cls.suggest(images, **single_values(inputs))
+
+    @classmethod
+    def suggest(cls, images: list[torch.Tensor], model, clip, vae, candidates: str, budget: int, seed: int,
                 resolution: int) -> io.NodeOutput:
         with reported_as(NAME):
             words = parse_candidates(candidates)
             check_budget(budget)
             require_trainable(model)
-            if images is None or images.shape[0] == 0:
+            if not images:
                 raise PerResError("no reference images were given; connect the images you will train on "
                                   "(e.g. from 'PerRes Load Concept Images').")
-            pixels = prepare_batch(list(images), resolution)
+            pixels = prepare_batch(images, resolution)
             latents = vae.encode(pixels)
             conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution,
                                                                   resolution) for word in words])

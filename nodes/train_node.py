@@ -1,9 +1,10 @@
 """PerRes Train Residuals: learn ΔW_i = A_i·B_i for the proj_out layers of a frozen SD1.x or SDXL UNet."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -13,15 +14,19 @@ from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
 from ..perres_core.families import ModelFamily
-from ..perres_core.images import prepare_batch, subject_masks
+from ..perres_core.buckets import CROPS, ImageBucket, bucket_images, check_crop, describe_buckets
+from ..perres_core.images import matched_masks
+from ..perres_core.preview import DEFAULT_PREVIEW_EVERY
 from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, check_continuable, rank_for,
                                     steps_trained, training_date)
-from ..perres_core.training import TrainSettings, loss_weights
+from ..perres_core.training import LatentBucket, TrainSettings, loss_weights
 from .errors import reported_as
 from .host.model import require_trainable, with_residual_weights
 from .host.text_tokens import check_concept_word, word_token_ids
 from .host.training import caption_conditioning, train_on_model
+from .image_lists import CROP_TOOLTIP, images_of, single_values
 from .node_warnings import NodeWarnings, node_id_of
+from .train_monitor import TrainingMonitor
 from .types import Residuals
 
 log = logging.getLogger("perres")
@@ -41,8 +46,12 @@ BACKGROUND_WEIGHT_DEFAULT = 0.1
 AUTO_RESOLUTION = 0
 
 
-def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio: float, resolution: int) -> None:
+def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio: float, resolution: int,
+                  preview_every: int = 0, snapshot_every: int = 0) -> None:
     TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate).validate()
+    for name, value in (("preview_every", preview_every), ("snapshot_every", snapshot_every)):
+        if not isinstance(value, int) or value < 0:
+            raise PerResError(f"{name} must be 0 (off) or a number of steps, got {value}.")
     rank_for(320, rank_ratio)  # raises for ratios outside (0, 1]
     if resolution != AUTO_RESOLUTION and (resolution % 8 or resolution < 64):
         raise PerResError(f"resolution must be a multiple of 8 and at least 64 (or 0 for the model's own: 512 for "
@@ -76,7 +85,8 @@ class TrainResiduals(io.ComfyNode):
                                                 "modified."),
                 io.Clip.Input("clip", tooltip="Encodes the training caption."),
                 io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
-                io.Image.Input("images", tooltip="Reference images of the concept (3–20 work best)."),
+                io.Image.Input("images", tooltip="Reference images of the concept (3–20 work best): one batch, "
+                                                  "or a list of images of any sizes."),
                 io.String.Input("identifier", default="sks",
                                 tooltip="A rare single-token word that will name the concept (V* in the paper)."),
                 io.String.Input("class_word", default="dog",
@@ -90,8 +100,9 @@ class TrainResiduals(io.ComfyNode):
                                tooltip="Rank r_i = ratio × channels of each layer (paper: 0.05 → 1.24M parameters on "
                                        "SD1.5, 1.19M on SDXL)."),
                 io.Int.Input("resolution", default=AUTO_RESOLUTION, min=0, max=2048, step=8,
-                             tooltip="Training resolution; images are centre-cropped and resized to it. 0: the "
-                                     "model's own (512 for SD1.x, 1024 for SDXL)."),
+                             tooltip="Training resolution: the side of the square (crop center) or of the square "
+                                     "whose area the buckets keep (crop buckets). 0: the model's own (512 for "
+                                     "SD1.x, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds initialisation, batches, timesteps and noise; same seed, same result."),
                 io.Combo.Input("init", options=["random", "zero"], default="random",
@@ -112,23 +123,55 @@ class TrainResiduals(io.ComfyNode):
                 Residuals.Input("initial_residuals", optional=True,
                                 tooltip="Optional: continue training these residuals (PerRes Load Residuals) instead "
                                         "of starting afresh. Their ranks must match rank_ratio; init is unused."),
+                io.Combo.Input("crop", options=list(CROPS), default="center", optional=True, tooltip=CROP_TOOLTIP),
+                io.Int.Input("preview_every", default=DEFAULT_PREVIEW_EVERY, min=0, max=100000, optional=True,
+                             tooltip="Show a preview on the node every this many steps (and at the first and last): "
+                                     "the model's reconstruction of the first reference image from fixed noise, "
+                                     "which turns into the concept as it is learned. 0 turns it off; ComfyUI's "
+                                     "preview setting (none / latent2rgb / taesd) applies."),
+                io.Int.Input("snapshot_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Also save the residual every this many steps, as "
+                                     "models/loras/<snapshot_prefix>_step00050_00001.safetensors etc., to keep a "
+                                     "good step when a later one over-fits. 0: no snapshots. The snapshots "
+                                     "output lists them (and the final residual) for sampling side by side."),
+                io.String.Input("snapshot_prefix", default="perres/snapshots/concept", optional=True,
+                                tooltip="Path under models/loras for the snapshots; the step and a counter are "
+                                        "appended, existing files are never overwritten."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained residual applied."),
                 Residuals.Output(display_name="residuals", tooltip="The trained residuals, for Save or LAG."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for the stock Plot Loss Graph node."),
+                Residuals.Output(display_name="snapshots", is_output_list=True,
+                                 tooltip="Every snapshot (snapshot_every), then the final residual: a list, so a node "
+                                         "connected to it runs once per snapshot (e.g. Apply + KSampler with one "
+                                         "seed, to compare the steps side by side). Just the final residual "
+                                         "without snapshots."),
             ],
-            hidden=[io.Hidden.unique_id],  # to show warnings on the node
+            hidden=[io.Hidden.unique_id],  # to show warnings and progress on the node
+            # Every input arrives as a list, so `images` may be a list of batches of different sizes (Load
+            # Concept Images with crop 'buckets', the stock Load Image Dataset from Folder); the node runs once.
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, images, identifier: str, class_word: str, steps: int, batch_size: int,
-                learning_rate: float, rank_ratio: float, resolution: int, seed: int, init: str,
-                gradient_checkpointing: bool = CHECKPOINTING_DEFAULT, masks: Optional[torch.Tensor] = None,
-                background_weight: float = BACKGROUND_WEIGHT_DEFAULT, invert_masks: bool = False,
-                initial_residuals: Optional[ResidualSet] = None) -> io.NodeOutput:
+    def execute(cls, **inputs) -> io.NodeOutput:
+        # is_input_list: every input is a list; images and masks may hold several batches, the rest one value
+        images, masks = images_of(inputs.pop("images")), inputs.pop("masks", None)
+        return cls.train(images, masks, **single_values(inputs))
+
+    @classmethod
+    def train(cls, images: list[torch.Tensor], masks: Optional[list[torch.Tensor]], model, clip, vae,
+              identifier: str, class_word: str, steps: int, batch_size: int, learning_rate: float,
+              rank_ratio: float, resolution: int, seed: int, init: str,
+              gradient_checkpointing: bool = CHECKPOINTING_DEFAULT,
+              background_weight: float = BACKGROUND_WEIGHT_DEFAULT, invert_masks: bool = False,
+              initial_residuals: Optional[ResidualSet] = None, crop: str = "center",
+              preview_every: int = DEFAULT_PREVIEW_EVERY, snapshot_every: int = 0,
+              snapshot_prefix: str = "perres/snapshots/concept") -> io.NodeOutput:
         with reported_as(NAME):
-            check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution)
+            check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution, preview_every, snapshot_every)
+            check_crop(crop)
             family, schedule = require_trainable(model)
             identifier = check_concept_word("identifier", identifier, single_word=True)
             class_word = check_concept_word("class_word", class_word, single_word=False)
@@ -137,35 +180,38 @@ class TrainResiduals(io.ComfyNode):
             if len(word_token_ids(clip, identifier)) > 1:
                 warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
                               "'sks' binds the concept more cleanly.")
-            if images is None or images.shape[0] == 0:
+            if not images:
                 raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
                                   "with a folder of 3–20 photos of the concept.")
-            if images.shape[0] < batch_size:
-                warnings.warn(f"{images.shape[0]} image(s) for batch size {batch_size}; batches are drawn with "
+            if len(images) < batch_size:
+                warnings.warn(f"{len(images)} image(s) for batch size {batch_size}; batches are drawn with "
                               "replacement.")
-            cropped_masks = None
-            if masks is not None:
-                cropped_masks = subject_masks(masks, images.shape[0], tuple(images.shape[1:3]), resolution,
-                                              invert=invert_masks)
-                if (masks.dim() == 2 or masks.shape[0] == 1) and images.shape[0] > 1:
-                    warnings.warn(f"one mask for {images.shape[0]} images; it weights every image the same way.")
+            per_image_masks = None
+            if masks:
+                per_image_masks = matched_masks(masks, [tuple(image.shape[:2]) for image in images],
+                                                invert=invert_masks)
+                if sum(1 if mask.dim() == 2 else mask.shape[0] for mask in masks) == 1 and len(images) > 1:
+                    warnings.warn(f"one mask for {len(images)} images; it weights every image the same way.")
+            image_buckets = bucket_images(images, resolution, crop, per_image_masks)
+            if crop == "buckets":
+                warnings.show_result(f"buckets (width×height): {describe_buckets(image_buckets)}")
             concept = ConceptInfo(identifier, class_word)
             previous_steps = 0
             if initial_residuals is not None:
                 check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio))
                 previous_steps = continued_steps(initial_residuals, concept, warnings)
                 concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
-            pixels = prepare_batch(list(images), resolution)
-            latents = vae.encode(pixels)
-            weights = None if cropped_masks is None else \
-                loss_weights(cropped_masks, tuple(latents.shape[-2:]), background_weight)
-            conditioning = caption_conditioning(model, clip, concept.caption(), resolution, resolution)
+            latent_buckets = [latent_bucket(bucket, model, clip, vae, concept.caption(), background_weight)
+                              for bucket in image_buckets]
             record = {"steps": previous_steps + steps, "batch_size": batch_size, "learning_rate": learning_rate,
                       "seed": seed, "init": init if initial_residuals is None else "continued",
-                      "resolution": resolution, "num_images": images.shape[0], "prediction": schedule.prediction}
+                      "resolution": resolution, "num_images": len(images), "prediction": schedule.prediction}
+            if crop == "buckets":
+                record["crop"] = "buckets"
+                record["buckets"] = describe_buckets(image_buckets)
             if initial_residuals is not None:
                 record["continued_from_steps"] = previous_steps
-            if masks is not None:
+            if masks:
                 record["background_weight"] = background_weight
 
             with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
@@ -175,22 +221,47 @@ class TrainResiduals(io.ComfyNode):
                 else:  # a copy: the input residuals (and their file) are never changed
                     residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
                                         rank_ratio=rank_ratio, date=training_date())
-            progress = comfy.utils.ProgressBar(steps)
-
-            def on_step(step: int, loss: float) -> None:
-                progress.update(1)
-                comfy.model_management.throw_exception_if_processing_interrupted()
-
+            monitor = TrainingMonitor(model, residuals, steps, previous_steps, preview_every, snapshot_every,
+                                      snapshot_prefix, warnings)
             comfy.model_management.throw_exception_if_processing_interrupted()
             settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                      start_step=previous_steps)
-            losses = train_on_model(model, latents, conditioning, residuals, settings, on_step,
-                                    gradient_checkpointing=gradient_checkpointing, weights=weights)
+            with snapshots_kept_on_failure(monitor, warnings):
+                losses = train_on_model(model, latent_buckets, residuals, settings, monitor,
+                                        gradient_checkpointing=gradient_checkpointing)
             trained = residuals.detached_copy()
             log.info("%s: %d steps%s, final loss %.4f, %d parameters.", NAME, steps,
                      f" (continued from {previous_steps})" if initial_residuals is not None else "", losses[-1],
                      trained.parameter_count())
-            return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses})
+            return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses},
+                                 monitor.output_list(trained))
+
+
+def latent_bucket(bucket: ImageBucket, model, clip, vae, caption: str, background_weight: float) -> LatentBucket:
+    """One bucket's VAE latents, the caption conditioned on its size (SDXL's size embedding) and its loss weights."""
+    latents = vae.encode(bucket.pixels)
+    weights = None if bucket.masks is None else \
+        loss_weights(bucket.masks, tuple(latents.shape[-2:]), background_weight)
+    height, width = bucket.size
+    return LatentBucket(latents, caption_conditioning(model, clip, caption, width, height), weights)
+
+
+@contextlib.contextmanager
+def snapshots_kept_on_failure(monitor: TrainingMonitor, warnings: NodeWarnings) -> Iterator[None]:
+    """A cancelled or failed run says which snapshots it wrote; they are never removed."""
+    try:
+        yield
+    except comfy.model_management.InterruptProcessingException:
+        kept = monitor.kept_snapshots()
+        if kept:
+            log.warning("%s: cancelled; %s.", NAME, kept)
+            warnings.show_result(f"Cancelled: {kept}.")
+        raise
+    except Exception as exc:
+        kept = monitor.kept_snapshots()
+        if kept is None:
+            raise
+        raise PerResError(f"{exc} Only the snapshots survive the failure: {kept}.") from exc
 
 
 def continued_steps(initial: ResidualSet, concept: ConceptInfo, warnings: NodeWarnings) -> int:

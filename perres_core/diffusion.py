@@ -103,3 +103,9 @@ class Schedule:
             return output
         abar = self._abar(t, output)
         return abar.sqrt() * output + (1 - abar).sqrt() * x_t.to(output.device, output.dtype)
+
+    def denoised(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x̂₀ = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t: the clean latent the UNet's output at x_t points to."""
+        noise = self.noise_from(output, x_t, t)
+        abar = self._abar(t, noise)
+        return (x_t.to(noise.device, noise.dtype) - (1 - abar).sqrt() * noise) / abar.sqrt().clamp_min(1e-4)

@@ -1,8 +1,14 @@
-"""Reference images and their subject masks: normalising channels and centre-cropping to the training resolution.
+"""Reference images and their subject masks: normalising channels, and fitting them to the training geometry.
+
+Two geometries (the `crop` choice): the paper's centre crop to a resolution × resolution square, and
+aspect-ratio buckets (perres_core.buckets), where each image keeps its whole picture at about resolution²
+pixels. A mask always goes through the same geometry as its image.
 
 A subject mask is 1 where a pixel shows the concept and 0 on the background (an image's alpha: opaque = 1).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,22 +46,43 @@ def center_crop_resize(image: torch.Tensor, size: int, label: str = "an image") 
 
     `label` names the image in the error for one that is too small (e.g. its file name).
     """
+    check_side(image, label)
+    return fit(image, (size, size))
+
+
+def fit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, C) → (height, width, C) of `size` without size checks: the largest centred region with the
+    target's aspect ratio, resized. The one geometry that images and their masks share; for a square target
+    it is the paper's centre crop."""
+    height, width = image.shape[0], image.shape[1]
+    target_height, target_width = size
+    if target_height == target_width:
+        crop_height = crop_width = min(height, width)
+    else:  # keep the whole side that limits, cut the other to the target's aspect ratio
+        crop_height = min(height, round(width * target_height / target_width))
+        crop_width = min(width, round(height * target_width / target_height))
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return resize(image[top:top + crop_height, left:left + crop_width], size)
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, C) → (height, width, C) of `size`, bicubic with antialiasing, clamped to [0, 1]."""
+    chw = image.movedim(-1, 0).unsqueeze(0).float()
+    resized = F.interpolate(chw, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.squeeze(0).movedim(0, -1).clamp(0.0, 1.0)
+
+
+def check_resolution(size: int) -> None:
+    if size < MIN_SIDE or size % 8:
+        raise PerResError(f"resolution must be a multiple of 8 and at least {MIN_SIDE}, got {size}; "
+                          "512 suits SD1.x, 1024 SDXL.")
+
+
+def check_side(image: torch.Tensor, label: str) -> None:
     height, width = image.shape[0], image.shape[1]
     if min(height, width) < MIN_SIDE:
         raise PerResError(f"{label} is only {width}×{height} px; reference images must be at least "
                           f"{MIN_SIDE} px on each side. Replace it with a larger photo or remove it.")
-    return _square_resize(image, size)
-
-
-def _square_resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(H, W, C) → (size, size, C) without size checks: the one crop that images and their masks share."""
-    height, width = image.shape[0], image.shape[1]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = image[top:top + side, left:left + side]
-    chw = square.movedim(-1, 0).unsqueeze(0).float()
-    resized = F.interpolate(chw, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return resized.squeeze(0).movedim(0, -1).clamp(0.0, 1.0)
 
 
 def prepare_batch(images: list[torch.Tensor], size: int, labels: list[str] | None = None) -> torch.Tensor:
@@ -65,52 +92,52 @@ def prepare_batch(images: list[torch.Tensor], size: int, labels: list[str] | Non
     """
     if not images:
         raise PerResError("no reference images were given.")
-    if size < MIN_SIDE or size % 8:
-        raise PerResError(f"resolution must be a multiple of 8 and at least {MIN_SIDE}, got {size}; "
-                          "512 suits SD1.x.")
+    check_resolution(size)
     labels = labels or ["an image"] * len(images)
     return torch.stack([center_crop_resize(to_rgb(image), size, label) for image, label in zip(images, labels)])
 
 
-def prepare_masks(images: list[torch.Tensor], size: int, labels: list[str] | None = None) -> torch.Tensor:
-    """The alpha of each image (1 where it has none), cropped exactly as prepare_batch crops the images:
-    (N, size, size), 1 = opaque = the subject."""
-    labels = labels or ["an image"] * len(images)
-    return torch.stack([center_crop_resize(alpha_mask(image)[..., None], size, label)[..., 0]
-                        for image, label in zip(images, labels)])
+def matched_masks(masks: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]],
+                  invert: bool = False) -> list[torch.Tensor]:
+    """MASK inputs, each (N, H, W) or (H, W), 1 = subject (0 with `invert`) → one (H_m, W_m) mask per image,
+    checked against that image's height × width, not yet cropped (fit() crops a mask like its image).
+
+    One mask serves every image. A mask of another size than its image must have the image's aspect ratio
+    (the stock Load Image gives 64×64 for files without alpha); the shared geometry then scales it.
+    """
+    fix = ("Connect one mask per image, in the images' order (PerRes Load Concept Images' `masks`, or a "
+           "masking node fed with the same images).")
+    rows: list[torch.Tensor] = []
+    for batch in masks:
+        batch = batch.unsqueeze(0) if batch.dim() == 2 else batch
+        if batch.dim() != 3:
+            raise PerResError(f"masks have shape {tuple(batch.shape)}; expected a MASK batch (N, height, width). "
+                              f"{fix}")
+        rows.extend(batch.float().cpu())
+    if len(rows) not in (1, len(image_sizes)):
+        raise PerResError(f"{len(rows)} masks for {len(image_sizes)} images; give one mask per image, or one "
+                          f"for all. {fix}")
+    checked = []
+    for number, (mask, (height, width)) in enumerate(zip(rows * len(image_sizes) if len(rows) == 1 else rows,
+                                                          image_sizes), start=1):
+        if not torch.isfinite(mask).all() or mask.min() < -1e-3 or mask.max() > 1 + 1e-3:
+            raise PerResError("masks must hold values between 0 and 1 (1 = the subject); these contain "
+                              f"{'NaN or Inf' if not torch.isfinite(mask).all() else 'values outside [0, 1]'}. "
+                              "Connect a MASK from a masking node, not an image or a latent.")
+        mask_height, mask_width = mask.shape
+        # the same aspect ratio up to one pixel of rounding on the longer side
+        if abs(mask_height * width - mask_width * height) > max(height, width, mask_height, mask_width):
+            raise PerResError(f"mask {number} is {mask_width}×{mask_height} px but its image {width}×{height} px; "
+                              "a mask must cover the same picture as its image. Make the masks from the same "
+                              "images, or resize them together.")
+        mask = mask.clamp(0.0, 1.0)
+        checked.append(1.0 - mask if invert else mask)
+    return checked
 
 
 def subject_masks(masks: torch.Tensor, num_images: int, image_size: tuple[int, int], size: int,
                   invert: bool = False) -> torch.Tensor:
-    """MASK input (N, H, W) or (H, W), 1 = subject (0 with `invert`) → (num_images, size, size), cropped
-    and resized like the images of height × width `image_size`.
-
-    One mask serves every image. A mask of another size than the images must have their aspect ratio (the
-    stock Load Image gives 64×64 for files without alpha); it is then scaled to the images' crop.
-    """
-    fix = ("Connect one mask per image, in the images' order (PerRes Load Concept Images' `masks`, or a "
-           "masking node fed with the same images).")
-    if masks.dim() == 2:
-        masks = masks.unsqueeze(0)
-    if masks.dim() != 3:
-        raise PerResError(f"masks have shape {tuple(masks.shape)}; expected a MASK batch (N, height, width). {fix}")
-    if masks.shape[0] not in (1, num_images):
-        raise PerResError(f"{masks.shape[0]} masks for {num_images} images; give one mask per image, or one "
-                          f"for all. {fix}")
-    masks = masks.float().cpu()
-    if not torch.isfinite(masks).all() or masks.min() < -1e-3 or masks.max() > 1 + 1e-3:
-        raise PerResError("masks must hold values between 0 and 1 (1 = the subject); these contain "
-                          f"{'NaN or Inf' if not torch.isfinite(masks).all() else 'values outside [0, 1]'}. "
-                          "Connect a MASK from a masking node, not an image or a latent.")
-    height, width = image_size
-    mask_height, mask_width = masks.shape[1], masks.shape[2]
-    # the same aspect ratio up to one pixel of rounding on the longer side
-    if abs(mask_height * width - mask_width * height) > max(height, width, mask_height, mask_width):
-        raise PerResError(f"the masks are {mask_width}×{mask_height} px but the images {width}×{height} px; "
-                          "a mask must cover the same picture as its image. Make the masks from the same "
-                          "images, or resize them together.")
-    masks = masks.clamp(0.0, 1.0)
-    if invert:
-        masks = 1.0 - masks
-    cropped = _square_resize(masks.movedim(0, -1), size).movedim(-1, 0)  # masks as channels: one crop for all
-    return cropped.expand(num_images, size, size).contiguous()
+    """MASK input (N, H, W) or (H, W) for num_images images of height × width `image_size` → (num_images,
+    size, size), centre-cropped and resized like those images (see matched_masks)."""
+    per_image = matched_masks([masks], [tuple(image_size)] * num_images, invert)
+    return torch.stack([fit(mask[..., None], (size, size))[..., 0] for mask in per_image])

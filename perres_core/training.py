@@ -9,12 +9,16 @@ and inputs give the same residuals on the CPU, whatever device runs the model.
 
 Optional per-location loss weights (from subject masks) turn the loss into a weighted mean; weights of 1
 everywhere are exactly the paper's loss.
+
+The training latents come in buckets (perres_core.buckets): one tensor per training size. Each step draws
+its batch from one bucket, chosen in proportion to the bucket's images; with a single bucket no bucket is
+drawn, so the draws are those of one plain tensor of latents.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,35 @@ class TrainingDiverged(PerResError):
     """The loss became NaN or Inf; nothing from the run may be kept."""
 
 
+@dataclass(frozen=True)
+class LatentBucket:
+    """The training latents of one size with what they are conditioned on.
+
+    latents: clean latents, already scaled as the UNet expects (n, C, h, w), on the CPU.
+    conditioning: one row per latent or a single row for all (SDXL's vector carries the bucket's size).
+    weights: optional loss weights (n, 1, h, w) from loss_weights(), one per latent.
+    """
+
+    latents: torch.Tensor
+    conditioning: Conditioning
+    weights: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conditioning", Conditioning.of(self.conditioning))
+        latents, weights = self.latents, self.weights
+        if latents.shape[0] < 1:
+            raise PerResError("No training latents were given.")
+        if len(self.conditioning) not in (1, latents.shape[0]):
+            raise PerResError(f"{len(self.conditioning)} captions for {latents.shape[0]} images; give one caption "
+                              "or one per image.")
+        if weights is not None and (weights.shape[0] != latents.shape[0] or weights.shape[2:] != latents.shape[2:]):
+            raise PerResError(f"loss weights of shape {tuple(weights.shape)} do not fit latents of shape "
+                              f"{tuple(latents.shape)}; give one mask per image.")
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
 def draw_batch(num_items: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Indices of one batch: without replacement when there are enough images, else with."""
     if batch_size <= num_items:
@@ -73,6 +106,14 @@ def draw_step(num_items: int, batch_size: int, latent_shape: tuple[int, ...], nu
     t = torch.randint(0, num_timesteps, (len(index),), generator=generator)
     noise = torch.randn((len(index), *latent_shape), generator=generator)
     return index, t, noise
+
+
+def draw_bucket(buckets: Sequence[LatentBucket], generator: torch.Generator) -> int:
+    """The bucket of one step, in proportion to its images (no draw at all for a single bucket)."""
+    if len(buckets) == 1:
+        return 0
+    sizes = torch.tensor([float(len(bucket)) for bucket in buckets])
+    return int(torch.multinomial(sizes, 1, generator=generator).item())
 
 
 def loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], background_weight: float) -> Optional[torch.Tensor]:
@@ -126,42 +167,41 @@ def predicted_noise(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t
     return schedule.noise_from(output, x_t, t)
 
 
-def train_residuals(predict: PredictFn, latents: torch.Tensor, conditioning: ConditioningLike,
-                    schedule: ScheduleLike, parameters: Iterable[torch.nn.Parameter],
-                    settings: TrainSettings, on_step: Optional[StepCallback] = None,
-                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    grad_scaler: Optional["torch.amp.GradScaler"] = None,
+def train_residuals(predict: PredictFn, buckets: Union[torch.Tensor, Sequence[LatentBucket]],
+                    conditioning: Optional[ConditioningLike], schedule: ScheduleLike,
+                    parameters: Iterable[torch.nn.Parameter], settings: TrainSettings,
+                    on_step: Optional[StepCallback] = None, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, grad_scaler: Optional["torch.amp.GradScaler"] = None,
                     weights: Optional[torch.Tensor] = None) -> list[float]:
     """Minimise E‖target − f_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
 
-    latents: clean latents, already scaled as the UNet expects (N, 4, h, w), on the CPU.
-    conditioning: one row per latent or a single row for all; schedule: the model's ᾱ_t and prediction type.
-    weights: optional loss weights (N, 1, h, w) from loss_weights(), one per latent.
+    buckets: LatentBuckets (conditioning and weights None), or one tensor of clean latents (N, C, h, w) with
+    its `conditioning` (one row per latent or one for all) and optional `weights` (see LatentBucket).
+    schedule: the model's ᾱ_t and prediction type.
     on_step(step, loss) runs after every optimiser step; it may raise to cancel.
     """
     settings.validate()
-    conditioning, schedule = Conditioning.of(conditioning), Schedule.of(schedule)
-    if latents.shape[0] < 1:
-        raise PerResError("No training latents were given.")
-    if len(conditioning) not in (1, latents.shape[0]):
-        raise PerResError(f"{len(conditioning)} captions for {latents.shape[0]} images; give one caption or one per "
-                          "image.")
-    if weights is not None and (weights.shape[0] != latents.shape[0] or weights.shape[2:] != latents.shape[2:]):
-        raise PerResError(f"loss weights of shape {tuple(weights.shape)} do not fit latents of shape "
-                          f"{tuple(latents.shape)}; give one mask per image.")
+    buckets = as_buckets(buckets, conditioning, weights)
+    schedule = Schedule.of(schedule)
     params = list(parameters)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    draw = (latents.shape[0], settings.batch_size, tuple(latents.shape[1:]), schedule.num_timesteps, generator)
+
+    def draw() -> tuple[LatentBucket, torch.Tensor, torch.Tensor, torch.Tensor]:
+        bucket = buckets[draw_bucket(buckets, generator)]
+        index, t, noise = draw_step(len(bucket), settings.batch_size, tuple(bucket.latents.shape[1:]),
+                                    schedule.num_timesteps, generator)
+        return bucket, index, t, noise
+
     for _ in range(settings.start_step):
-        draw_step(*draw)
+        draw()
     losses: list[float] = []
     for step in range(settings.steps):
-        index, t, noise = draw_step(*draw)
-        x0 = latents[index].float()
-        output, _ = model_output(predict, x0, noise, t, conditioning.select(index), schedule, device, dtype)
+        bucket, index, t, noise = draw()
+        x0 = bucket.latents[index].float()
+        output, _ = model_output(predict, x0, noise, t, bucket.conditioning.select(index), schedule, device, dtype)
         target = schedule.target(x0, noise, t).to(device)
-        loss = prediction_loss(output.float(), target, None if weights is None else weights[index])
+        loss = prediction_loss(output.float(), target, None if bucket.weights is None else bucket.weights[index])
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(f"The loss became {value} at step {step + 1}; training stopped and nothing "
@@ -182,6 +222,21 @@ def train_residuals(predict: PredictFn, latents: torch.Tensor, conditioning: Con
             raise TrainingDiverged("The residuals contain NaN or Inf after training; nothing was saved. "
                                    "Lower the learning rate.")
     return losses
+
+
+def as_buckets(latents: Union[torch.Tensor, Sequence[LatentBucket]], conditioning: Optional[ConditioningLike],
+               weights: Optional[torch.Tensor] = None) -> list[LatentBucket]:
+    """LatentBuckets as they are, or one bucket of a latent tensor with its conditioning and weights."""
+    if isinstance(latents, torch.Tensor):
+        if conditioning is None:
+            raise PerResError("latents given without their conditioning.")
+        return [LatentBucket(latents, Conditioning.of(conditioning), weights)]
+    buckets = list(latents)
+    if not buckets:
+        raise PerResError("No training latents were given.")
+    if conditioning is not None or weights is not None:
+        raise PerResError("LatentBuckets carry their own conditioning and weights.")
+    return buckets
 
 
 def epsilon_errors(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,

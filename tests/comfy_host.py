@@ -91,6 +91,13 @@ def pack(submodule: str):
     return importlib.import_module(PACK_DIR.replace(".", "_x_") + "." + submodule)
 
 
+def executor_inputs(cls, inputs: dict) -> dict:
+    """`inputs` as the executor passes them to a V3 node: each wrapped in a list for is_input_list nodes."""
+    if not cls.define_schema().is_input_list:
+        return inputs
+    return {name: value if isinstance(value, list) else [value] for name, value in inputs.items()}
+
+
 def _execute(node_id: str, inputs: dict):
     import nodes
     import torch
@@ -98,7 +105,7 @@ def _execute(node_id: str, inputs: dict):
     cls = nodes.NODE_CLASS_MAPPINGS[node_id]
     with torch.inference_mode():
         if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
-            return cls.execute(**inputs)
+            return cls.execute(**executor_inputs(cls, inputs))
         return getattr(cls(), cls.FUNCTION)(**inputs)
 
 

@@ -145,16 +145,16 @@ LOOPBACK_ENV = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localh
 
 
 def launch(host_root: str, root: str, config: str, pack_folder: str = PACK_FOLDER,
-           log_name: str = "server.log") -> Server:
-    """Start `main.py --cpu` on a free loopback port with the folders of `root` (prepared by prepare_root);
-    call wait_ready() next, and stop() when done."""
+           log_name: str = "server.log", extra_args: tuple[str, ...] = ()) -> Server:
+    """Start `main.py --cpu` (plus `extra_args`) on a free loopback port with the folders of `root` (prepared
+    by prepare_root); call wait_ready() next, and stop() when done."""
     port = free_port()
     log_path = os.path.join(root, log_name)
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch", "--extra-model-paths-config", config,
                "--input-directory", os.path.join(root, "input"), "--output-directory", os.path.join(root, "output"),
                "--temp-directory", os.path.join(root, "temp"), "--user-directory", os.path.join(root, "user"),
-               "--database-url", "sqlite:///:memory:"]
+               "--database-url", "sqlite:///:memory:", *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=host_root, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, **LOOPBACK_ENV})
@@ -163,9 +163,9 @@ def launch(host_root: str, root: str, config: str, pack_folder: str = PACK_FOLDE
 
 @contextlib.contextmanager
 def running_server(host_root: str, root: str, config: str, pack_folder: str,
-                   log_name: str = "server.log") -> Iterator[Server]:
+                   log_name: str = "server.log", extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
     """A started server whose pack answers, stopped on exit."""
-    instance = launch(host_root, root, config, pack_folder, log_name)
+    instance = launch(host_root, root, config, pack_folder, log_name, extra_args)
     try:
         instance.wait_ready()
         yield instance

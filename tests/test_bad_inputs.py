@@ -488,7 +488,7 @@ def rgb(width: int, height: int, value: int = 128) -> Image.Image:
 
 
 def load_images(folder: str, resolution: int = 64) -> torch.Tensor:
-    return run_node("PerResLoadConceptImages", folder=folder, resolution=resolution)[0]
+    return run_node("PerResLoadConceptImages", folder=folder, resolution=resolution)[0][0]  # the list's one batch
 
 
 def test_no_images_in_folder(workdir):
@@ -580,7 +580,7 @@ def one_image_run(sd15):
 
 
 def test_single_image_trains(one_image_run):
-    (_, trained, loss), _ = one_image_run
+    (_, trained, loss, _), _ = one_image_run
     assert len(loss["loss"]) == 1 and math.isfinite(loss["loss"][0])
     assert all(torch.isfinite(layer.up).all() for layer in trained.layers.values())
 

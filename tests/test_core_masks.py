@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from perres_core.errors import PerResError
-from perres_core.images import alpha_mask, prepare_batch, prepare_masks, subject_masks
+from perres_core.buckets import bucket_images
+from perres_core.images import alpha_mask, prepare_batch, subject_masks
 from perres_core.residual import ResidualSet, check_continuable, steps_trained
 from perres_core.families import SD1
 from perres_core.training import TrainSettings, prediction_loss, loss_weights, train_residuals
@@ -20,7 +21,8 @@ def test_masks_are_cropped_exactly_like_their_images():
     assert torch.equal(cropped_mask[0], cropped_image[0, ..., 0])
     # and the alpha of an RGBA file goes through the same crop as its colours
     rgba = torch.cat([image, image[..., :1]], dim=-1)
-    assert torch.equal(prepare_masks([rgba], 64)[0], cropped_image[0, ..., 0])
+    bucket = bucket_images([rgba], 64, "center", [alpha_mask(rgba)])[0]
+    assert torch.equal(bucket.masks[0], cropped_image[0, ..., 0])
 
 
 def test_alpha_mask_is_one_without_alpha():
@@ -48,7 +50,7 @@ def test_a_mask_of_another_size_with_the_images_aspect_ratio_is_scaled():
     (torch.ones(2, 1, 64, 64), "expected a MASK batch"),
     (torch.full((2, 64, 64), 2.0), "outside \\[0, 1\\]"),
     (torch.full((2, 64, 64), float("nan")), "NaN"),
-    (torch.ones(2, 64, 96), "96×64 px but the images 64×64"),  # width × height
+    (torch.ones(2, 64, 96), "mask 1 is 96×64 px but its image 64×64"),  # width × height
 ])
 def test_bad_masks_are_refused_with_what_to_do(masks, match):
     with pytest.raises(PerResError, match=match):

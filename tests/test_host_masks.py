@@ -42,7 +42,7 @@ def test_alpha_of_rgba_files_reaches_the_masks_output(workdir):
     Image.fromarray((gray_alpha * 255).round().byte().numpy(), "LA").save(os.path.join(folder, "b_gray.png"))
     Image.new("RGB", (96, 64), (10, 200, 30)).save(os.path.join(folder, "c_photo.jpg"))
 
-    images, masks = run_node("PerResLoadConceptImages", folder="perres_mask_tests", resolution=64)
+    (images,), (masks,) = run_node("PerResLoadConceptImages", folder="perres_mask_tests", resolution=64)
     assert masks.shape == (3, 64, 64) and masks.dtype == torch.float32
     quantised = (alpha * 255).round() / 255  # what an 8-bit PNG stores
     torch.testing.assert_close(masks[0], quantised, atol=1e-6, rtol=0)
@@ -157,7 +157,7 @@ def test_one_mask_for_all_images_is_used_for_each_and_warned_about(sd15, concept
 
 @pytest.mark.parametrize("masks, overrides, fragments", [
     (torch.ones(3, 64, 64), {}, ("3 masks for 4 images", "one mask per image")),
-    (torch.ones(4, 64, 96), {}, ("96×64 px but the images 64×64", "same picture")),
+    (torch.ones(4, 64, 96), {}, ("mask 1 is 96×64 px but its image 64×64", "same picture")),
     (torch.zeros(4, 64, 64), {}, ("mask 1 marks (almost) no pixel", "invert_masks")),
     (torch.ones(4, 64, 64), {"invert_masks": True}, ("mask 1 marks (almost) no pixel",)),
     (torch.full((4, 64, 64), 255.0), {}, ("between 0 and 1", "not an image")),

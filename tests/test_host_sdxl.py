@@ -238,3 +238,36 @@ def test_out_of_memory_on_sdxl_says_what_to_change_and_leaves_the_model_clean(sd
     assert "Nothing was saved" in message and "batch_size 4" in message
     assert all(not unet.get_submodule(s.proj_out)._forward_hooks for s in families().SDXL.slots)
     assert model.patches == patches_before
+
+
+def test_buckets_previews_and_snapshots_on_sdxl(sdxl, monkeypatch, workdir):
+    """SDXL's size embedding follows each bucket, the preview decodes SDXL latents with SDXL's own
+    latent-to-RGB factors, and the snapshots are SDXL residual files."""
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    train_node = pack("nodes.train_node")
+    sizes, previews = [], []
+    conditioning = train_node.caption_conditioning
+
+    def recorded(model, clip, caption, width, height):
+        sizes.append((width, height))
+        return conditioning(model, clip, caption, width, height)
+    monkeypatch.setattr(train_node, "caption_conditioning", recorded)
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        previews.append(preview))
+    generator = torch.Generator().manual_seed(3)
+    portrait, square = torch.rand(1, 192, 64, 3, generator=generator), torch.rand(1, 128, 128, 3, generator=generator)
+    _, final, loss, snapshots = train_sdxl(sdxl, [portrait, square], resolution=128, crop="buckets", steps=2,
+                                           batch_size=1, preview_every=1, snapshot_every=1,
+                                           snapshot_prefix="sdxl_watch/snap", gradient_checkpointing=False)
+    assert sizes == [(64, 192), (128, 128)]  # (width, height) of each bucket
+    assert final.training["buckets"] == "1 × 64×192, 1 × 128×128"
+    assert len(previews) == 2 and all(p is not None for p in previews)
+    assert previews[0][1].size == (8, 24)  # the first reference image, a 64×192 portrait, as latent cells
+    assert [s.training["steps"] for s in snapshots] == [1, 2]
+    folder = os.path.join(workdir, "models", "loras", "sdxl_watch")
+    residual_file = pack("perres_core.residual_file")
+    saved = residual_file.load_residual_file(os.path.join(folder, "snap_step00001_00001.safetensors"))
+    assert saved.base_model == "SDXL" and len(saved.layers) == 11

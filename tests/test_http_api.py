@@ -22,6 +22,7 @@ from PIL import Image
 from comfy_host import PACK_DIR
 from comfy_server import PROMPT_TIMEOUT_S, prepare_root, running_server, write_residual
 from conftest import pack
+from sd15_checkpoint import CHECKPOINT_NAME, link_sd15_checkpoint
 
 
 class _MakeDir:
@@ -51,6 +52,7 @@ def _prepare(root: str, comfy_root: str) -> tuple[str, str]:
         for index in range(2):
             Image.new("RGB", (size, size + 8 * index), (40 * index, 120, 200)).save(
                 os.path.join(root, "input", folder, f"{index}.png"))
+    link_sd15_checkpoint(root)
     return config, pack_folder
 
 
@@ -58,7 +60,9 @@ def _prepare(root: str, comfy_root: str) -> tuple[str, str]:
 def server(host_root):
     root = tempfile.mkdtemp(prefix="perres-http-")
     try:
-        with running_server(host_root, root, *_prepare(root, host_root)) as instance:
+        # previews as a user who turned them on sees them (ComfyUI's own default is none)
+        with running_server(host_root, root, *_prepare(root, host_root),
+                            extra_args=("--preview-method", "latent2rgb")) as instance:
             yield instance
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -224,44 +228,76 @@ def test_residual_list_shows_perres_files_also_those_saved_while_running(server)
     assert "perres/lora.safetensors" not in options and "perres/evil.pt" not in options, options
 
 
+def node_texts(messages: list[tuple[int, bytes]]) -> list[tuple[str, str]]:
+    """(node id, text) of each binary TEXT message (type 3: node id length, node id, text)."""
+    texts = []
+    for event, payload in messages:
+        if event == 3:
+            length, = struct.unpack(">I", payload[:4])
+            texts.append((payload[4:4 + length].decode(), payload[4 + length:].decode()))
+    return texts
+
+
 def test_warning_reaches_a_websocket_client_on_its_node(server):
-    """A single reference image: the warning arrives during the run as a binary TEXT message (type 3:
-    node id length, node id, text), which the frontend shows under that node."""
+    """A single reference image: the warning arrives during the run as a binary TEXT message, which the
+    frontend shows under that node."""
+    folder = server.path("input", "perres_single")
+    os.makedirs(folder, exist_ok=True)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(os.path.join(folder, "only.png"))
+    texts = node_texts(websocket_messages(server, images_preview("perres_single"), "perres-ws-test"))
+    assert any(node == "1" and "only one reference image in 'perres_single'" in text for node, text in texts), texts
+
+
+def websocket_messages(server, prompt: dict, client_id: str) -> list[tuple[int, bytes]]:
+    """Queue `prompt` as `client_id` and collect its websocket messages until it ends: (binary event type,
+    payload) for binary ones, (0, json text) for the others."""
     import asyncio
 
     import aiohttp
 
-    folder = server.path("input", "perres_single")
-    os.makedirs(folder, exist_ok=True)
-    Image.new("RGB", (64, 64), (200, 40, 40)).save(os.path.join(folder, "only.png"))
-    client_id = "perres-ws-test"
-
-    async def run() -> list[tuple[str, str]]:
-        texts = []
+    async def run() -> list[tuple[int, bytes]]:
+        received = []
         async with aiohttp.ClientSession() as session:  # no proxy: aiohttp ignores the environment's
-            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as ws:
-                response = await session.post(f"{server.url}/prompt", json={
-                    "prompt": images_preview("perres_single"), "client_id": client_id})
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}", max_msg_size=0) as ws:
+                response = await session.post(f"{server.url}/prompt", json={"prompt": prompt, "client_id": client_id})
                 prompt_id = (await response.json())["prompt_id"]
                 while True:
                     message = await asyncio.wait_for(ws.receive(), PROMPT_TIMEOUT_S)
                     if message.type == aiohttp.WSMsgType.BINARY:
                         event, = struct.unpack(">I", message.data[:4])
-                        if event == 3:
-                            length, = struct.unpack(">I", message.data[4:8])
-                            texts.append((message.data[8:8 + length].decode(),
-                                          message.data[8 + length:].decode()))
+                        received.append((event, message.data[4:]))
                     elif message.type == aiohttp.WSMsgType.TEXT:
+                        received.append((0, message.data.encode()))
                         data = json.loads(message.data)
                         if data["type"] in ("execution_success", "execution_error") \
                                 and data["data"].get("prompt_id") == prompt_id:
                             assert data["type"] == "execution_success", data
-                            return texts
+                            return received
                     else:
                         raise AssertionError(f"websocket closed: {message}")
 
-    texts = asyncio.run(run())
-    assert any(node == "1" and "only one reference image in 'perres_single'" in text for node, text in texts), texts
+    return asyncio.run(run())
+
+
+def test_training_previews_and_progress_text_reach_a_websocket_client(server):
+    """What an API client (and the frontend) receives while PerRes Train Residuals runs: 'progress' messages
+    for node 3, JPEG previews (binary type 1, or 4 with metadata on hosts whose clients ask for it) and the
+    node's text line (type 3) with step and loss; the snapshot is written under models/loras."""
+    prompt = train_prompt(steps=4, batch_size=1, gradient_checkpointing=False, preview_every=2, snapshot_every=2,
+                          snapshot_prefix="perres/ws_snapshot")
+    prompt["1"]["inputs"]["ckpt_name"] = CHECKPOINT_NAME
+    messages = websocket_messages(server, prompt, "perres-watch")
+    progress = [json.loads(payload)["data"] for event, payload in messages
+                if event == 0 and json.loads(payload)["type"] == "progress"]
+    assert [(p["value"], p["max"]) for p in progress if p.get("node") == "3"][-1] == (4, 4), progress
+    jpegs = [payload for event, payload in messages if event in (1, 4) and b"\xff\xd8\xff" in payload[:400]]
+    assert len(jpegs) == 3, [event for event, _ in messages]  # steps 1, 2 and 4
+    texts = node_texts(messages)
+    train_texts = [text for node, text in texts if node == "3"]
+    assert any(text.startswith("step 2/4 · loss ") for text in train_texts), texts
+    assert train_texts[-1].startswith("step 4/4 · loss ") and "done in" in train_texts[-1], texts
+    assert "last snapshot: perres/ws_snapshot_step00004_00001.safetensors" in train_texts[-1]
+    assert os.path.exists(server.path("models", "loras", "perres", "ws_snapshot_step00002_00001.safetensors"))
 
 
 def test_server_survived_everything(server):

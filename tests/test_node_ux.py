@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from comfy_host import executor_inputs
 from conftest import pack, run_node
 
 
@@ -44,7 +45,7 @@ def run_in_prompt(class_type: str, unique_id: str, **inputs):
     clone = shallow_clone_class(nodes.NODE_CLASS_MAPPINGS[class_type])
     clone.hidden = HiddenHolder.from_dict({io.Hidden.unique_id: unique_id})
     with torch.inference_mode():
-        return clone.execute(**inputs).result
+        return clone.execute(**executor_inputs(clone, inputs)).result
 
 
 def untrained_residuals(identifier: str = "sks", class_word: str = "dog"):
@@ -62,11 +63,12 @@ def test_training_warnings_appear_on_the_train_node(sd15, frontend):
     run_in_prompt("PerResTrainResiduals", "7", model=model, clip=clip, vae=vae, images=images,
                   identifier="qzxvkwy", class_word="dog", steps=1, batch_size=2, learning_rate=1e-3,
                   rank_ratio=0.05, resolution=64, seed=0, init="random")
-    assert [node for node, _, _ in frontend.sent] == ["7", "7"]
-    node, text, sid = frontend.sent[-1]
+    assert {node for node, _, _ in frontend.sent} == {"7"}
+    node, text, sid = frontend.sent[-1]  # the node keeps the last text: the warnings, then the progress line
     assert sid == FrontendText.client_id
     assert "identifier 'qzxvkwy' is split into several tokens" in text
     assert "1 image(s) for batch size 2; batches are drawn with replacement" in text
+    assert "step 1/1 · loss" in text
 
 
 def test_missing_concept_words_appear_on_the_lag_node(sd15, frontend):

@@ -27,7 +27,7 @@ API_DIR = os.path.join(UI_DIR, "api")
 EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_sampling", "perres_normal_vs_lag",
             "perres_two_concepts_lag", "perres_lag_lora", "perres_train_with_masks",
             "perres_continue_training", "perres_suggest_class_word", "perres_sdxl_train_and_sample",
-            "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
+            "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora", "perres_compare_snapshots"}
 # Workflows for SDXL-family checkpoints: they run on the random SDXL checkpoint (UNet in bf16).
 SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample", "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
 # At the tests' 64 px the trainer rightly warns that SDXL is trained at 1024 px.
@@ -47,6 +47,8 @@ RESIDUALS = {
 SDXL_RESIDUALS = {"perres/robot_sdxl_00001.safetensors": ("sks", "toy")}
 TEST_RESOLUTION = 64
 TEST_STEPS = 2
+# Workflows that train with snapshot_every > 0 snapshot every step in the tests: TEST_STEPS snapshots.
+TEST_SNAPSHOT_EVERY = 1
 
 
 def names_in(folder: str) -> set[str]:
@@ -300,9 +302,9 @@ def residual_files(sd15, concept_images) -> dict[str, str]:
     """Stand-ins for the residual files the workflows load: trained once (1 step at 64 px), then saved
     under each concept's identifier and class word, so LAG finds the concept words of every prompt."""
     model, clip, vae = sd15
-    _, residuals, _ = run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=concept_images,
-                               identifier="sks", class_word="toy", steps=1, batch_size=4, learning_rate=1e-3,
-                               rank_ratio=0.05, resolution=TEST_RESOLUTION, seed=0, init="random")
+    residuals = run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=concept_images,
+                         identifier="sks", class_word="toy", steps=1, batch_size=4, learning_rate=1e-3,
+                         rank_ratio=0.05, resolution=TEST_RESOLUTION, seed=0, init="random")[1]
     concept_info = type(residuals.concept)
     saved = {}
     for name, (identifier, class_word) in sorted(RESIDUALS.items()):
@@ -361,7 +363,10 @@ def for_tests(name: str, prompt: dict, checkpoint: str, residuals: dict[str, str
             elif key == "residual_name":
                 assert value in residuals, f"{name}: node {node_id} loads '{value}'; add it to RESIDUALS"
                 inputs[key] = residuals[value]
-            elif key == "filename_prefix" and node["class_type"] in ("SaveImage", "PerResSaveResiduals"):
+            elif key == "snapshot_every" and value:
+                inputs[key] = TEST_SNAPSHOT_EVERY
+            elif (key == "filename_prefix" and node["class_type"] in ("SaveImage", "PerResSaveResiduals")
+                  or key == "snapshot_prefix"):
                 # (LossGraphNode writes into the temp folder itself and cannot create subfolders)
                 inputs[key] = f"workflow_tests/{name}/{value.replace('/', '_')}"
     return prompt
@@ -433,3 +438,39 @@ def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora
         assert len(saved) == 1
         with Image.open(os.path.join(output_dir, saved[0]["subfolder"], saved[0]["filename"])) as image:
             assert image.size == (2 * TEST_RESOLUTION + stitch["spacing_width"], TEST_RESOLUTION)
+    if name == "perres_compare_snapshots":
+        check_snapshot_fan_out(name, prompt, results, workdir)
+
+
+def check_snapshot_fan_out(name: str, prompt: dict, results: dict, workdir: str) -> None:
+    """The trainer wrote a snapshot every step, and its `snapshots` list ran Apply → KSampler → VAE Decode →
+    Save Image once per snapshot, with the one seed of the single KSampler: one image per snapshot."""
+    from PIL import Image
+
+    residual_file = pack("perres_core.residual_file")
+    (train,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "PerResTrainResiduals"]
+    assert train["steps"] == TEST_STEPS and train["snapshot_every"] == TEST_SNAPSHOT_EVERY
+    snapshots = TEST_STEPS // TEST_SNAPSHOT_EVERY
+    # the snapshot files, under the test's models/loras, one per step, each recording its step
+    folder, base = os.path.split(os.path.join(workdir, "models", "loras", *train["snapshot_prefix"].split("/")))
+    written = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.startswith(base + "_step"))
+    assert written == [f"{base}_step{step:05d}_00001.safetensors" for step in range(1, snapshots + 1)], \
+        f"{name}: snapshot files {written} in {folder}"
+    for step, filename in enumerate(written, start=1):
+        metadata = residual_file.read_header(os.path.join(folder, filename))["__metadata__"]
+        assert metadata[residual_file.META_PREFIX + "steps"] == str(step), f"{name}: {filename}: {metadata}"
+    # the list fans out: Apply takes the `snapshots` output (slot 3), and one sampler with a literal seed
+    (apply,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "PerResApplyResiduals"]
+    train_id = next(i for i, n in prompt.items() if n["class_type"] == "PerResTrainResiduals")
+    assert apply["residuals"] == [train_id, 3], f"{name}: Apply is not fed by the snapshots output"
+    (sampler,) = [n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler"]
+    assert isinstance(sampler["seed"], int), f"{name}: the sampler's seed must be one fixed value"
+    ui_sampler = next(n for n in load(UI_DIR, name)["nodes"] if n["type"] == "KSampler")
+    assert ui_sampler["widgets_values"][1] == "fixed", f"{name}: control after generate must be fixed"
+    (save,) = [i for i, n in prompt.items() if n["class_type"] == "SaveImage"]
+    images = results[save]["images"]
+    assert len(images) == snapshots, f"{name}: {len(images)} images for {snapshots} snapshots: {images}"
+    assert len({image["filename"] for image in images}) == snapshots, f"{name}: images overwrote each other"
+    for image in images:
+        with Image.open(os.path.join(workdir, "output", image["subfolder"], image["filename"])) as picture:
+            assert picture.size == (TEST_RESOLUTION, TEST_RESOLUTION)

@@ -135,6 +135,9 @@ TRAIN_VALUES = {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_s
                 "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True}
 
 
+TRAIN_HEIGHT = 594  # PerRes Train Residuals, as node_size() makes it
+
+
 def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int = 420, **values) -> list[Node]:
     """PerRes Train Residuals at (x, 0), PerRes Save Residuals and Plot Loss Graph to its right."""
     train_id, save_id, loss_id = ids
@@ -149,18 +152,21 @@ def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int 
 def trained_and_sampled(name: str, checkpoint: str, size: int, prefix: str, image_prefix: str, prompt: str, notes: str,
                         train_values: dict, sampler_values: dict, note_height: int = 300) -> Workflow:
     """Load Checkpoint → Load Concept Images → Train (→ Save, Plot Loss) → sample with the trained model."""
+    y = TRAIN_HEIGHT + 130  # the sampling row, its group clear of the training group
     return Workflow(name, [
         Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": checkpoint}),
         Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": size}),
         *train_save_plot((3, 4, 5), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)},
                          f"perres/{prefix}", **train_values),
-        Node(6, "PreviewImage", (0, 180), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
-        Node(7, "CLIPTextEncode", (420, 620), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
-        Node(8, "CLIPTextEncode", (420, 884), {"text": NEGATIVE}, {"clip": (1, 1)}, title="Negative prompt"),
-        Node(9, "EmptyLatentImage", (420, 1148), {"width": size, "height": size, "batch_size": 1}),
-        sampler(10, (840, 620), (3, 0), (7, 0), (8, 0), (9, 0), **sampler_values),
-        Node(11, "VAEDecode", (1220, 620), {}, {"samples": (10, 0), "vae": (1, 2)}),
-        Node(12, "SaveImage", (1600, 620), {"filename_prefix": image_prefix}, {"images": (11, 0)},
+        Node(6, "PreviewImage", (0, 228), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
+        Node(7, "CLIPTextEncode", (420, y), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        Node(8, "CLIPTextEncode", (420, y + PROMPT_HEIGHT + ROW_GAP), {"text": NEGATIVE}, {"clip": (1, 1)},
+             title="Negative prompt"),
+        Node(9, "EmptyLatentImage", (420, y + 2 * (PROMPT_HEIGHT + ROW_GAP)),
+             {"width": size, "height": size, "batch_size": 1}),
+        sampler(10, (840, y), (3, 0), (7, 0), (8, 0), (9, 0), **sampler_values),
+        Node(11, "VAEDecode", (1220, y), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SaveImage", (1600, y), {"filename_prefix": image_prefix}, {"images": (11, 0)},
              size=(400, 450)),
         note(13, (1320, 0), notes, size=(420, note_height)),
     ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
@@ -264,6 +270,44 @@ def continue_training() -> Workflow:
             "AdamW's moments are not saved in the file, so 150 + 150 steps come close to one 300-step run but "
             "are not identical to it."), size=(420, 360)),
     ], [Group("Continuing", [2, 3, 4, 5, 6])])
+
+
+SNAPSHOT_EVERY = 50  # of TRAIN_VALUES' 150 steps: the residuals of steps 50, 100 and 150
+
+
+def compare_snapshots() -> Workflow:
+    """Train with snapshots; the `snapshots` output list fans Apply → KSampler (one fixed seed) → decode out."""
+    prompt = "a photo of a sks toy on a wooden desk next to a cup of coffee"
+    x = COLUMNS[2] - 60  # the sampling column, right of PerRes Train Residuals
+    return Workflow("perres_compare_snapshots", [
+        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": CHECKPOINT}),
+        Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
+        Node(3, "PerResTrainResiduals", (420, 0),
+             {**TRAIN_VALUES, "snapshot_every": SNAPSHOT_EVERY, "snapshot_prefix": "perres/snapshots/robot"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
+        Node(4, "PerResApplyResiduals", (x, 0), {"strength": 1.0}, {"model": (1, 0), "residuals": (3, 3)},
+             title="Apply each snapshot"),
+        Node(5, "CLIPTextEncode", (x, 176), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
+        Node(6, "CLIPTextEncode", (x, 176 + PROMPT_HEIGHT + ROW_GAP), {"text": NEGATIVE}, {"clip": (1, 1)},
+             title="Negative prompt"),
+        Node(7, "EmptyLatentImage", (x, 176 + 2 * (PROMPT_HEIGHT + ROW_GAP)),
+             {"width": 512, "height": 512, "batch_size": 1}),
+        sampler(8, (x + 420, 0), (4, 0), (5, 0), (6, 0), (7, 0), title="KSampler (one seed)"),
+        Node(9, "VAEDecode", (x + 420, 376), {}, {"samples": (8, 0), "vae": (1, 2)}),
+        Node(10, "SaveImage", (x + 800, 0), {"filename_prefix": "perres/compare_snapshots"}, {"images": (9, 0)},
+             size=(400, 450), title="Save Image (steps 50, 100, 150)"),
+        note(11, (-420, 200), (
+            "## Compare training steps\n\n"
+            "**PerRes Train Residuals** saves a snapshot every `snapshot_every` steps (here 50 of 150): "
+            "`models/loras/perres/snapshots/robot_step00050_00001.safetensors`, then steps 100 and 150. Its "
+            "`snapshots` output is a list, so Apply Residuals, the KSampler and VAE Decode run once per "
+            "snapshot, all with the same seed: Save Image shows steps 50, 100 and 150 side by side.\n\n"
+            "Keep the step that shows the concept best before it over-fits (every prompt gives the training "
+            "photos back). The snapshots appear in **PerRes Load Residuals**. Cancel keeps the snapshots "
+            "already written.\n\n"
+            "The prompt must contain the identifier and class word (`sks toy`)."), size=(380, 340)),
+    ], [Group("Training with snapshots", [2, 3]),
+        Group("Sampling every snapshot with one seed", [4, 5, 6, 7, 8, 9, 10], color="#8A8")])
 
 
 def load_and_apply() -> Workflow:
@@ -411,8 +455,8 @@ def sdxl_lag_lora() -> Workflow:
 
 
 WORKFLOWS = [train_and_sample, sdxl_train_and_sample, suggest_class_word, train_with_masks, continue_training,
-             load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora, sdxl_lag_sampling,
-             sdxl_lag_lora]
+             compare_snapshots, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora,
+             sdxl_lag_sampling, sdxl_lag_lora]
 
 
 # --------------------------------------------------------------------------------------------------

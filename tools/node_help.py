@@ -22,14 +22,20 @@ HELP: dict[str, NodeHelp] = {
         when="Use it first when training: its batch goes to PerRes Train Residuals. It reads `.png .jpg .jpeg "
              ".webp .bmp` files. If ComfyUI's input directory has no folder of that name, the pack's bundled "
              "`example_images/` is searched (that is how `perres_example` is found). Paths that leave these "
-             "directories are refused. `masks` holds each image's alpha channel after the same crop, for "
-             "training with subject masks: 1 where the image is opaque (the subject of a cut-out), 0 where it is "
-             "transparent, and 1 everywhere for images without alpha. That is the polarity PerRes Train "
-             "Residuals' `masks` expects, and the inverse of the stock Load Image's mask (1 = transparent).",
-        paper="512 px for SD1.x. The paper trains on the 3–15 photos per concept of CustomConcept101.",
+             "directories are refused. With `crop` `buckets` each photo keeps its aspect ratio at about "
+             "resolution² pixels (sides multiples of 64), and the node shows the buckets, e.g. `3 × 448×576, "
+             "2 × 512×512`. Set PerRes Train Residuals' `crop` to `buckets` too, or it centre-crops them again "
+             "(README, 'Photos that are not square'). `masks` holds each image's "
+             "alpha channel after the same crop, for training with subject masks: 1 where the image is opaque "
+             "(the subject of a cut-out), 0 where it is transparent, and 1 everywhere for images without alpha. "
+             "That is the polarity PerRes Train Residuals' `masks` expects, and the inverse of the stock Load "
+             "Image's mask (1 = transparent).",
+        paper="512 px for SD1.x, centre-cropped (`crop` `center`). The paper trains on the 3–15 photos per "
+              "concept of CustomConcept101.",
         example="Put 3–20 photos of your dog in `ComfyUI/input/my_dog/`, set `folder` to `my_dog`, and connect "
                 "`images` to PerRes Train Residuals. For cut-outs (PNGs with a transparent background) also "
-                "connect `masks`; see `perres_train_with_masks`.",
+                "connect `masks`; see `perres_train_with_masks`. For portrait or landscape photos set `crop` to "
+                "`buckets` here and in PerRes Train Residuals.",
         errors=[
             ("folder '…' does not exist in ComfyUI's input directory", "Put the photos in a folder under "
              "`ComfyUI/input` and give its relative name, e.g. `perres/dog`."),
@@ -67,9 +73,10 @@ HELP: dict[str, NodeHelp] = {
              "SD1.x (16 proj_out 1×1 convs, 1.24 M residual parameters) or SDXL and its descendants — Pony, "
              "Illustrious, NoobAI — (11 Linear proj_out layers, 1.19 M). On SDXL the UNet is also conditioned on "
              "the pooled text embedding and the image size; the node builds that vector with the host model's "
-             "own `encode_adm`, for an uncropped image of the training resolution. `resolution` 0 (the default) "
-             "trains at the family's own size, 512 px for SD1.x and 1024 px for SDXL; a much lower one gets a "
-             "warning on the node. The loss is taken in what the model predicts, read from its sampling "
+             "own `encode_adm`, for an uncropped image of the training size (each bucket's with `crop` "
+             "`buckets`). `resolution` 0 (the default) trains at the family's own size, 512 px for SD1.x and "
+             "1024 px for SDXL; a much lower one gets a warning on the node. The loss is taken in what the "
+             "model predicts, read from its sampling "
              "(model_sampling): ε for most checkpoints (paper Eq. 1), v for v-prediction ones such as NoobAI "
              "v-pred, zero-terminal SNR included when the checkpoint (or a ModelSamplingDiscrete node with "
              "`zsnr`) says so. EDM, x0 and flow models are refused.\n\n"
@@ -77,7 +84,7 @@ HELP: dict[str, NodeHelp] = {
              "(1 on the concept, 0 on the background, one per image in the images' order, or one for all) and "
              "each latent location's loss is weighted by the share of its 8×8 pixels the mask covers: the subject "
              "counts 1, the background `background_weight`. The masks are cropped and resized exactly like the "
-             "images; a mask of another size than the images must have their aspect ratio. Masks come from "
+             "images; a mask of another size than its image must have the image's aspect ratio. Masks come from "
              "PerRes Load Concept Images (the alpha of cut-outs) or any masking node; the stock Load Image's "
              "mask is 1 where a file is transparent, so turn on `invert_masks` for it (or use Invert Mask). "
              "Without masks, or with `background_weight` 1, the loss is the paper's, bit for bit.\n\n"
@@ -90,7 +97,29 @@ HELP: dict[str, NodeHelp] = {
              "steps already done, so it sees the batches, timesteps and noise that one long run would see next "
              "(with the same images and batch size), not the first run's again. AdamW's moment estimates are "
              "not saved in the file, so the continuation restarts them: 150 + 150 steps come close to one "
-             "300-step run but are not identical to it.",
+             "300-step run but are not identical to it.\n\n"
+             "**Watching a run.** Every `preview_every` steps (and at the first and the last) the node shows the "
+             "model's reconstruction of the first reference image from one fixed noisy version of it (60 % "
+             "through the schedule, the same noise every time), so successive previews differ only by what the "
+             "residual has learned: a blur of the layout at first, then the concept. It is decoded by ComfyUI's "
+             "own previewer with its preview method (none, latent2rgb or taesd). ComfyUI's default is none: start "
+             "it with `--preview-method auto`, or on ComfyUI 0.33.0 pick Settings → Comfy → Execution → Live "
+             "preview method. `preview_every` 0 turns the preview off for this node. The text line under it "
+             "gives the step, the loss smoothed over about 10 steps, the time left "
+             "and the last snapshot.\n\n"
+             "**Snapshots.** `snapshot_every` N also saves the residual every N steps, as "
+             "`models/loras/<snapshot_prefix>_step00050_00001.safetensors` and so on (new files, never "
+             "overwriting; PerRes Load Residuals lists them). The `snapshots` output lists every snapshot, then "
+             "the final residual, so an Apply Residuals → KSampler with one seed connected to it renders every "
+             "step (`perres_compare_snapshots`). A cancelled or failed run keeps the snapshots it wrote and "
+             "names them.\n\n"
+             "**Photos that are not square.** `crop` `buckets` trains each photo at its own aspect ratio (about "
+             "resolution² pixels, sides multiples of 64, at most 4:1) instead of the centre-cropped square. "
+             "Each step's batch comes from one bucket, masks follow their images, and SDXL's size conditioning "
+             "takes each bucket's size. `images` may be a list of batches or of images of any sizes (PerRes Load "
+             "Concept Images with `crop` `buckets`, ComfyUI 0.33.0's Load Image (from Folder)). With only "
+             "square photos the result is the centre crop's. README, 'Watching a run and keeping a good step' "
+             "and 'Photos that are not square', has the details.",
         paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
               "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100). The paper "
               "covers SD1.x only; on SDXL PerRes keeps these settings at 1024 px.",
@@ -98,8 +127,9 @@ HELP: dict[str, NodeHelp] = {
                 "`sks`, `class_word` `dog`) → PerRes Save Residuals. Then prompt 'a sks dog in the snow'. "
                 "For SDXL, Pony, Illustrious or NoobAI the chain is the same: see `perres_sdxl_train_and_sample`. "
                 "See the example workflows `perres_train_and_sample`, `perres_train_with_masks` (RGBA cut-outs "
-                "with subject masks) and `perres_continue_training` (PerRes Load Residuals → "
-                "`initial_residuals`).",
+                "with subject masks), `perres_continue_training` (PerRes Load Residuals → "
+                "`initial_residuals`) and `perres_compare_snapshots` (`snapshot_every` 50: steps 50, 100 and "
+                "150 sampled with one seed).",
         errors=[
             ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…)", "Load an SD1.x or SDXL-family checkpoint "
              "with Load Checkpoint."),
@@ -119,7 +149,7 @@ HELP: dict[str, NodeHelp] = {
              "Training works. Lower batch_size or add photos if you like."),
             ("3 masks for 5 images; give one mask per image, or one for all", "Connect masks made from the same "
              "images, in the same order (PerRes Load Concept Images' `masks`)."),
-            ("the masks are 64×64 px but the images 768×512 px", "Make the masks from the images that go into "
+            ("mask 2 is 64×64 px but its image 768×512 px", "Make the masks from the images that go into "
              "`images`, or resize both together."),
             ("mask 2 marks (almost) no pixel as the subject … turn on invert_masks",
              "The mask is empty, or marks the background. Fix the mask, or turn on `invert_masks` for masks that "
@@ -134,6 +164,14 @@ HELP: dict[str, NodeHelp] = {
              "Nothing was saved and the model is unchanged. Turn on `gradient_checkpointing` (the default), lower "
              "`batch_size` or `resolution`, or close other programs that use the GPU. The README's Hardware "
              "section says what fits on which card."),
+            ("snapshot_prefix '…' contains '..' (before training starts)",
+             "Give `snapshot_prefix` as a path under models/loras, e.g. `perres/snapshots/my_dog`."),
+            ("… Only the snapshots survive the failure: the 2 snapshot(s) written before it are kept: "
+             "models/loras/…", "Fix what the first part of the message says. The snapshots are complete "
+             "residuals: sample them with PerRes Load Residuals, or continue from the last one."),
+            ("*on the node after Cancel* Cancelled: the 2 snapshot(s) written before it are kept: …",
+             "Nothing else was saved. To go on, connect the last snapshot to `initial_residuals` with the same "
+             "seed and the missing steps."),
         ],
     ),
     "PerResSaveResiduals": NodeHelp(

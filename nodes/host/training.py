@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from typing import Callable, Iterator, Optional
+from dataclasses import replace
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -15,7 +16,8 @@ from ...perres_core.errors import PerResError
 from ...perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
 from ...perres_core.memory import is_out_of_memory
 from ...perres_core.residual import ResidualSet, family_of
-from ...perres_core.training import PredictFn, TrainSettings, train_residuals
+from ...perres_core.preview import PreviewSample
+from ...perres_core.training import LatentBucket, PredictFn, TrainSettings, train_residuals
 from .model import diffusion_schedule, resident_clone, unet_of
 from .residual_hooks import full_residual, proj_out_hooks
 
@@ -97,11 +99,15 @@ def unet_prediction(unet: torch.nn.Module) -> PredictFn:
     return predict
 
 
-def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, residuals: ResidualSet,
-                   settings: TrainSettings, on_step: Callable[[int, float], None],
-                   gradient_checkpointing: bool = False, weights: Optional[torch.Tensor] = None) -> list[float]:
-    """Train `residuals` in place on a frozen copy of `model`; latents are VAE latents (unscaled), weights
-    optional per-location loss weights (perres_core.training.loss_weights).
+# on_step(step, loss, denoise): denoise() is the model's x̂₀ of the run's preview sample (perres_core.preview),
+# computed only when called, and only valid during that call.
+TrainingStepCallback = Callable[[int, float, Callable[[], torch.Tensor]], None]
+
+
+def train_on_model(model, buckets: Sequence[LatentBucket], residuals: ResidualSet, settings: TrainSettings,
+                   on_step: TrainingStepCallback, gradient_checkpointing: bool = False) -> list[float]:
+    """Train `residuals` in place on a frozen copy of `model`; the buckets hold VAE latents (unscaled) with
+    their conditioning and optional loss weights (perres_core.training.loss_weights).
 
     Runs outside inference mode; only the residual parameters get gradients and optimizer state.
     Running out of memory raises OutOfMemoryDuringTraining after everything the run allocated (hooks,
@@ -115,7 +121,15 @@ def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, res
             device = patcher.load_device
             dtype = training_dtype(base)
             unet = unet_of(patcher)
-            x0 = base.process_latent_in(latents.clone().float()).cpu()
+            schedule = diffusion_schedule(patcher)
+            scaled = [replace(bucket, latents=base.process_latent_in(bucket.latents.clone().float()).cpu(),
+                              conditioning=bucket.conditioning.cpu_float()) for bucket in buckets]
+            predict = unet_prediction(unet)
+            preview = PreviewSample.of(scaled, schedule, settings.seed)
+
+            def step_done(step: int, loss: float) -> None:
+                on_step(step, loss, lambda: preview.denoise(predict, schedule, device, dtype))
+
             for layer in residuals.layers.values():
                 layer.to(device)
                 layer.requires_grad_(True)
@@ -123,10 +137,9 @@ def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, res
             try:
                 hooks = proj_out_hooks(unet, family_of(residuals), full_residual(residuals.layers))
                 with frozen_for_backward(unet), hooks, recompute_in_backward(units):
-                    return train_residuals(unet_prediction(unet), x0, conditioning.cpu_float(),
-                                           diffusion_schedule(patcher),
-                                           residuals.parameters(), settings, on_step, device=device, dtype=dtype,
-                                           grad_scaler=loss_scaler(dtype, device), weights=weights)
+                    return train_residuals(predict, scaled, None, schedule, residuals.parameters(), settings,
+                                           step_done, device=device, dtype=dtype,
+                                           grad_scaler=loss_scaler(dtype, device))
             finally:
                 for layer in residuals.layers.values():
                     layer.requires_grad_(False)
@@ -141,7 +154,8 @@ def train_on_model(model, latents: torch.Tensor, conditioning: Conditioning, res
     del patcher
     gc.collect()
     comfy.model_management.soft_empty_cache()
-    raise OutOfMemoryDuringTraining(latents, settings.batch_size, gradient_checkpointing, device_name, failure,
+    largest = max((bucket.latents for bucket in buckets), key=lambda latents: latents.shape[-2] * latents.shape[-1])
+    raise OutOfMemoryDuringTraining(largest, settings.batch_size, gradient_checkpointing, device_name, failure,
                                     family_of(residuals).smaller_resolutions)
 
 
@@ -150,7 +164,8 @@ class OutOfMemoryDuringTraining(PerResError):
 
     def __init__(self, latents: torch.Tensor, batch_size: int, gradient_checkpointing: bool, device: str,
                  failure: str, smaller_resolutions: str = "384 or 256") -> None:
-        resolution = latents.shape[-1] * 8
+        height, width = latents.shape[-2] * 8, latents.shape[-1] * 8
+        resolution = f"{width}" if width == height else f"{width}×{height}"
         advice = ["lower batch_size (1 or 2 still trains; the paper uses 4)",
                   f"lower the resolution (e.g. {smaller_resolutions})"]
         if not gradient_checkpointing:
