@@ -135,14 +135,16 @@ TRAIN_VALUES = {"identifier": "sks", "class_word": "toy", "steps": 150, "batch_s
                 "rank_ratio": 0.05, "resolution": 512, "seed": 0, "init": "random", "gradient_checkpointing": True}
 
 
-TRAIN_HEIGHT = 594  # PerRes Train Residuals, as node_size() makes it
+# PerRes Train Residuals: its widgets take 320×594 (node_size()); the 300 px below them hold the preview and the
+# progress text it shows while training, which the frontend would otherwise draw over the nodes below.
+TRAIN_SIZE = (320, 594 + 300)
 
 
 def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int = 420, **values) -> list[Node]:
     """PerRes Train Residuals at (x, 0), PerRes Save Residuals and Plot Loss Graph to its right."""
     train_id, save_id, loss_id = ids
     return [
-        Node(train_id, "PerResTrainResiduals", (x, 0), {**TRAIN_VALUES, **values}, links),
+        Node(train_id, "PerResTrainResiduals", (x, 0), {**TRAIN_VALUES, **values}, links, size=TRAIN_SIZE),
         Node(save_id, "PerResSaveResiduals", (x + 420, 0), {"filename_prefix": prefix}, {"residuals": (train_id, 1)}),
         Node(loss_id, "LossGraphNode", (x + 420, 160), {"filename_prefix": "perres_loss_graph"},
              {"loss": (train_id, 2)}, size=(400, 300)),
@@ -152,7 +154,7 @@ def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int 
 def trained_and_sampled(name: str, checkpoint: str, size: int, prefix: str, image_prefix: str, prompt: str, notes: str,
                         train_values: dict, sampler_values: dict, note_height: int = 300) -> Workflow:
     """Load Checkpoint → Load Concept Images → Train (→ Save, Plot Loss) → sample with the trained model."""
-    y = TRAIN_HEIGHT + 130  # the sampling row, its group clear of the training group
+    y = TRAIN_SIZE[1] + 130  # the sampling row, its group clear of the training group
     return Workflow(name, [
         Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": checkpoint}),
         Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": size}),
@@ -284,7 +286,7 @@ def compare_snapshots() -> Workflow:
         Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": 512}),
         Node(3, "PerResTrainResiduals", (420, 0),
              {**TRAIN_VALUES, "snapshot_every": SNAPSHOT_EVERY, "snapshot_prefix": "perres/snapshots/robot"},
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}),
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)}, size=TRAIN_SIZE),
         Node(4, "PerResApplyResiduals", (x, 0), {"strength": 1.0}, {"model": (1, 0), "residuals": (3, 3)},
              title="Apply each snapshot"),
         Node(5, "CLIPTextEncode", (x, 176), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
