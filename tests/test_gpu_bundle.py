@@ -101,3 +101,18 @@ def test_targets_of_a_partial_run_say_what_was_not_measured(gpu_check):
     assert found["lag_over_apply"]["value"] == pytest.approx(1.1)
     assert found["lag_lora_over_merged_lora"]["value"] is None
     assert gpu_check.per_150_steps(section["perres_plain"]) == pytest.approx(75.0)
+
+
+def test_the_perres_training_phase_runs_the_node_as_it_is(gpu_check, sd15, concept_images):
+    """The check's PerRes phase calls PerRes Train Residuals with the node's current inputs and outputs (one
+    step at 64 px), so a lent machine's run does not stop at a changed node."""
+    import math
+
+    plan = gpu_check.FamilyPlan(family="sd15", resolution=64, train_steps=1, sample_steps=1, sample_repeats=1,
+                                sampler="ddim", scheduler="ddim_uniform", peak_target_gib=6.0, lag_lora_target=1.25,
+                                plain_150_target_s=None)
+    model, clip, vae = sd15
+    held: dict = {}
+    result = gpu_check.train_perres(model, clip, vae, concept_images, plan, 2, False, held)
+    assert result["steps"] == 1 and math.isfinite(result["final_loss"]), result
+    assert held["residuals"].parameter_count() > 0
