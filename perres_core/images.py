@@ -134,10 +134,3 @@ def matched_masks(masks: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int
         checked.append(1.0 - mask if invert else mask)
     return checked
 
-
-def subject_masks(masks: torch.Tensor, num_images: int, image_size: tuple[int, int], size: int,
-                  invert: bool = False) -> torch.Tensor:
-    """MASK input (N, H, W) or (H, W) for num_images images of height × width `image_size` → (num_images,
-    size, size), centre-cropped and resized like those images (see matched_masks)."""
-    per_image = matched_masks([masks], [tuple(image_size)] * num_images, invert)
-    return torch.stack([fit(mask[..., None], (size, size))[..., 0] for mask in per_image])

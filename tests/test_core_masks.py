@@ -6,10 +6,18 @@ import torch
 
 from perres_core.errors import PerResError
 from perres_core.buckets import bucket_images
-from perres_core.images import alpha_mask, prepare_batch, subject_masks
+from perres_core.images import alpha_mask, matched_masks, prepare_batch
 from perres_core.residual import ResidualSet, check_continuable, steps_trained
 from perres_core.families import SD1
 from perres_core.training import TrainSettings, prediction_loss, loss_weights, train_residuals
+
+
+def trained_masks(masks: torch.Tensor, image_sizes: list[tuple[int, int]], resolution: int,
+                  invert: bool = False) -> torch.Tensor:
+    """`masks` as PerRes Train Residuals prepares them for images of these (height, width) sizes: checked
+    against their images (matched_masks), then fitted through each image's centre crop (bucket_images)."""
+    images = [torch.zeros(height, width, 3) for height, width in image_sizes]
+    return bucket_images(images, resolution, "center", matched_masks([masks], image_sizes, invert))[0].masks
 
 
 def test_masks_are_cropped_exactly_like_their_images():
@@ -17,7 +25,7 @@ def test_masks_are_cropped_exactly_like_their_images():
     cropped image: same crop, same resize."""
     image = torch.rand(96, 80, 3, generator=torch.Generator().manual_seed(0))
     cropped_image = prepare_batch([image], 64)
-    cropped_mask = subject_masks(image[None, ..., 0], 1, (96, 80), 64)
+    cropped_mask = trained_masks(image[None, ..., 0], [(96, 80)], 64)
     assert torch.equal(cropped_mask[0], cropped_image[0, ..., 0])
     # and the alpha of an RGBA file goes through the same crop as its colours
     rgba = torch.cat([image, image[..., :1]], dim=-1)
@@ -34,14 +42,14 @@ def test_alpha_mask_is_one_without_alpha():
 def test_one_mask_serves_all_images_and_invert_flips_it():
     mask = torch.zeros(64, 64)
     mask[16:48, 16:48] = 1.0
-    out = subject_masks(mask, 3, (64, 64), 64)
+    out = trained_masks(mask, [(64, 64)] * 3, 64)
     assert out.shape == (3, 64, 64) and torch.equal(out[2], mask)
-    assert torch.equal(subject_masks(mask[None], 1, (64, 64), 64, invert=True)[0], 1.0 - mask)
+    assert torch.equal(trained_masks(mask[None], [(64, 64)], 64, invert=True)[0], 1.0 - mask)
 
 
 def test_a_mask_of_another_size_with_the_images_aspect_ratio_is_scaled():
     """The stock Load Image's mask of a file without alpha is 64×64 whatever the image size."""
-    out = subject_masks(torch.ones(1, 64, 64), 1, (512, 512), 128)
+    out = trained_masks(torch.ones(1, 64, 64), [(512, 512)], 128)
     assert out.shape == (1, 128, 128) and torch.allclose(out, torch.ones_like(out))
 
 
@@ -54,7 +62,7 @@ def test_a_mask_of_another_size_with_the_images_aspect_ratio_is_scaled():
 ])
 def test_bad_masks_are_refused_with_what_to_do(masks, match):
     with pytest.raises(PerResError, match=match):
-        subject_masks(masks, 2, (64, 64), 64)
+        matched_masks([masks], [(64, 64)] * 2)
 
 
 def test_loss_weights_average_the_mask_over_each_latent_cell():
