@@ -142,7 +142,7 @@ def pinned_host(name: str = "newest") -> tuple[str, str, str]:
     with open(HOSTS_FILE, encoding="utf-8") as handle:
         for line in handle:
             fields = line.split("#", 1)[0].split()
-            if len(fields) == 4 and fields[0] == name:
+            if len(fields) >= 4 and fields[0] == name:
                 return fields[1], fields[2], os.path.expanduser(fields[3])
     raise SystemExit(f"{HOSTS_FILE} has no '{name}' host row")
 

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
-from .errors import reported_as
+from .node_guard import guarded
 from .host.model import require_fits, with_residual_weights
 from .types import Residuals
 
@@ -40,8 +40,8 @@ class ApplyResiduals(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, model, residuals: ResidualSet, strength: float) -> io.NodeOutput:
-        with reported_as(NAME):
-            check_strength(strength)
-            require_fits(model, residuals)
-            return io.NodeOutput(with_residual_weights(model, residuals, strength))
+        check_strength(strength)
+        require_fits(model, residuals)
+        return io.NodeOutput(with_residual_weights(model, residuals, strength))

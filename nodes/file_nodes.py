@@ -5,14 +5,14 @@ import logging
 import os
 import re
 
-import folder_paths
 from comfy_api.latest import io
 
+from .host.entry_points import folder_paths
 from ..perres_core import __version__
 from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
 from ..perres_core.residual_file import is_residual_file, load_residual_file, save_residual_file
-from .errors import reported_as
+from .node_guard import guarded
 from .types import Residuals
 
 log = logging.getLogger("perres")
@@ -90,11 +90,21 @@ class SaveResiduals(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, residuals: ResidualSet, filename_prefix: str) -> io.NodeOutput:
-        with reported_as(SAVE_NAME):
-            relative = save_to_loras(residuals, filename_prefix)
-            log.info("%s: saved %s", SAVE_NAME, relative)
-            return io.NodeOutput(relative, ui={"text": [f"saved models/loras/{relative}"]})
+        relative = save_to_loras(residuals, filename_prefix)
+        log.info("%s: saved %s", SAVE_NAME, relative)
+        return io.NodeOutput(relative, ui={"text": [f"saved models/loras/{relative}"]})
+
+
+def lora_file_list() -> list[str]:
+    """Every file under models/loras, for a combo. Empty when the host's folder_paths moved: the schema must
+    still build so the node registers (the host self-check names what is missing, and the node refuses to run)."""
+    try:
+        return folder_paths.get_filename_list("loras")
+    except Exception as exc:  # whatever a moved host API raises; reported by the self-check
+        log.debug("no LoRA list for the node schemas: %s", exc)
+        return []
 
 
 def residual_file_list() -> list[str]:
@@ -103,8 +113,7 @@ def residual_file_list() -> list[str]:
     folder_paths rescans when a folder changes and the header check is cached per file version, so
     files saved while the server runs appear at the next refresh at the cost of one header read each.
     """
-    return [name for name in folder_paths.get_filename_list("loras")
-            if is_residual_file(folder_paths.get_full_path("loras", name) or "")]
+    return [name for name in lora_file_list() if is_residual_file(folder_paths.get_full_path("loras", name) or "")]
 
 
 class LoadResiduals(io.ComfyNode):
@@ -129,13 +138,13 @@ class LoadResiduals(io.ComfyNode):
         return os.path.getmtime(path) if path else residual_name
 
     @classmethod
+    @guarded
     def execute(cls, residual_name: str) -> io.NodeOutput:
-        with reported_as(LOAD_NAME):
-            path = folder_paths.get_full_path("loras", residual_name)
-            if path is None:
-                raise PerResError(f"'{residual_name}' is not in models/loras; refresh the node list or re-save it.")
-            residuals = load_residual_file(path)
-            return io.NodeOutput(residuals, ui={"text": [describe(residuals)]})
+        path = folder_paths.get_full_path("loras", residual_name)
+        if path is None:
+            raise PerResError(f"'{residual_name}' is not in models/loras; refresh the node list or re-save it.")
+        residuals = load_residual_file(path)
+        return io.NodeOutput(residuals, ui={"text": [describe(residuals)]})
 
 
 def describe(residuals: ResidualSet) -> str:

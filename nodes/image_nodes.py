@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-import folder_paths
 from comfy_api.latest import io
 
+from .host.entry_points import folder_paths
 from ..perres_core.errors import PerResError
 from ..perres_core.buckets import CROPS, bucket_images, describe_buckets
 from ..perres_core.images import alpha_mask
-from .errors import reported_as
+from .node_guard import guarded
 from .node_warnings import NodeWarnings, node_id_of
 from .image_lists import CROP_TOOLTIP
 
@@ -101,29 +101,29 @@ class LoadConceptImages(io.ComfyNode):
         return tuple(sorted((n, os.path.getmtime(os.path.join(path, n))) for n in os.listdir(path)))
 
     @classmethod
+    @guarded
     def execute(cls, folder: str, resolution: int, crop: str = "center") -> io.NodeOutput:
-        with reported_as(NAME):
-            path = resolve_input_folder(folder)
-            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            if not names:
-                raise PerResError(f"folder '{folder}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
-            images = []
-            for name in names:
-                try:
-                    images.append(read_image(os.path.join(path, name)))
-                except PerResError:
-                    raise
-                except Exception as exc:
-                    raise PerResError(f"'{name}' in folder '{folder}' cannot be read as an image ({exc}); "
-                                      "remove or replace it.") from exc
-            labels = [f"'{name}'" for name in names]
+        path = resolve_input_folder(folder)
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise PerResError(f"folder '{folder}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        images = []
+        for name in names:
             try:
-                buckets = bucket_images(images, resolution, crop, [alpha_mask(image) for image in images], labels)
-            except PerResError as exc:
-                raise PerResError(f"{exc} (folder '{folder}')") from exc
-            warnings = NodeWarnings(NAME, node_id_of(cls))
-            if len(names) == 1:
-                warnings.warn(f"only one reference image in '{folder}'; 3 or more generalise much better.")
-            if crop == "buckets":
-                warnings.show_result(f"{len(names)} images in buckets (width×height): {describe_buckets(buckets)}")
-            return io.NodeOutput([bucket.pixels for bucket in buckets], [bucket.masks for bucket in buckets])
+                images.append(read_image(os.path.join(path, name)))
+            except PerResError:
+                raise
+            except Exception as exc:
+                raise PerResError(f"'{name}' in folder '{folder}' cannot be read as an image ({exc}); "
+                                  "remove or replace it.") from exc
+        labels = [f"'{name}'" for name in names]
+        try:
+            buckets = bucket_images(images, resolution, crop, [alpha_mask(image) for image in images], labels)
+        except PerResError as exc:
+            raise PerResError(f"{exc} (folder '{folder}')") from exc
+        warnings = NodeWarnings(NAME, node_id_of(cls))
+        if len(names) == 1:
+            warnings.warn(f"only one reference image in '{folder}'; 3 or more generalise much better.")
+        if crop == "buckets":
+            warnings.show_result(f"{len(names)} images in buckets (width×height): {describe_buckets(buckets)}")
+        return io.NodeOutput([bucket.pixels for bucket in buckets], [bucket.masks for bucket in buckets])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..perres_core.errors import PerResError
@@ -11,7 +10,8 @@ from ..perres_core.lag import THRESHOLD_MODES, MaskSettings
 from ..perres_core.residual import ResidualSet
 from ..perres_core.tokens import concept_positions
 from .apply_node import check_strength
-from .errors import reported_as
+from .file_nodes import lora_file_list
+from .node_guard import guarded
 from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .host.lag_patch import LagConcept, LagPatch
 from .host.model import family_of_model, require_fits
@@ -64,11 +64,11 @@ class LagConceptNode(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, residuals: ResidualSet, concept_words: str, strength: float, concepts=None) -> io.NodeOutput:
-        with reported_as(CONCEPT_NAME):
-            check_strength(strength)
-            words = parse_concept_words(concept_words, residuals)
-            return io.NodeOutput(list(concepts or []) + [ConceptSpec(words, strength, residuals=residuals)])
+        check_strength(strength)
+        words = parse_concept_words(concept_words, residuals)
+        return io.NodeOutput(list(concepts or []) + [ConceptSpec(words, strength, residuals=residuals)])
 
 
 def parse_trigger_words(text: str, lora_name: str) -> list[str]:
@@ -90,7 +90,7 @@ class LagLoraNode(io.ComfyNode):
                         "two character LoRAs in one prompt stay apart and the background stays the base model's. "
                         "UNet only (like LoraLoaderModelOnly); chain into PerRes LAG Sampling's extra_concepts.",
             inputs=[
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                io.Combo.Input("lora_name", options=lora_file_list(),
                                tooltip="An SD1.x or SDXL LoRA (.safetensors, for the family of the model) from models/loras: kohya, diffusers/PEFT, LoCon, "
                                        "LoHa, LoKr or DoRA, read by ComfyUI's own LoRA loader."),
                 io.String.Input("trigger_words", default="",
@@ -104,12 +104,12 @@ class LagLoraNode(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, lora_name: str, trigger_words: str, strength: float, concepts=None) -> io.NodeOutput:
-        with reported_as(LORA_NAME):
-            check_strength(strength)
-            words = parse_trigger_words(trigger_words, lora_name)
-            spec = ConceptSpec(words, strength, lora=load_lora_file(lora_name), lora_name=lora_name)
-            return io.NodeOutput(list(concepts or []) + [spec])
+        check_strength(strength)
+        words = parse_trigger_words(trigger_words, lora_name)
+        spec = ConceptSpec(words, strength, lora=load_lora_file(lora_name), lora_name=lora_name)
+        return io.NodeOutput(list(concepts or []) + [spec])
 
 
 class LagSampling(io.ComfyNode):
@@ -157,30 +157,30 @@ class LagSampling(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, model, clip, prompt: str, concept_words: str, strength: float, threshold: str, quantile: float,
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
-        with reported_as(LAG_NAME):
-            family_of_model(model)
-            check_strength(strength)
-            if not prompt.strip():
-                raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
-            if start_percent > end_percent:
-                raise PerResError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); set "
-                                  "start_percent ≤ end_percent (0 and 1 apply LAG at every step).")
-            if outside_window not in OUTSIDE:
-                raise PerResError(f"outside_window must be one of {list(OUTSIDE)}.")
-            settings = MaskSettings(mode=threshold, quantile=quantile)
-            settings.validate()
-            specs = list(extra_concepts or [])
-            if residuals is not None:
-                specs.insert(0, ConceptSpec(parse_concept_words(concept_words, residuals), strength, residuals=residuals))
-            if not specs:
-                raise PerResError("no concept is connected: connect residuals (PerRes Load Residuals) or "
-                                  "extra_concepts (PerRes LAG LoRA / PerRes LAG Concept).")
-            patched, positive = build_lag_model(model, clip, prompt, specs, settings, start_percent, end_percent,
-                                                OUTSIDE[outside_window], node_id=node_id_of(cls))
-            return io.NodeOutput(patched, positive)
+        family_of_model(model)
+        check_strength(strength)
+        if not prompt.strip():
+            raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
+        if start_percent > end_percent:
+            raise PerResError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); set "
+                              "start_percent ≤ end_percent (0 and 1 apply LAG at every step).")
+        if outside_window not in OUTSIDE:
+            raise PerResError(f"outside_window must be one of {list(OUTSIDE)}.")
+        settings = MaskSettings(mode=threshold, quantile=quantile)
+        settings.validate()
+        specs = list(extra_concepts or [])
+        if residuals is not None:
+            specs.insert(0, ConceptSpec(parse_concept_words(concept_words, residuals), strength, residuals=residuals))
+        if not specs:
+            raise PerResError("no concept is connected: connect residuals (PerRes Load Residuals) or "
+                              "extra_concepts (PerRes LAG LoRA / PerRes LAG Concept).")
+        patched, positive = build_lag_model(model, clip, prompt, specs, settings, start_percent, end_percent,
+                                            OUTSIDE[outside_window], node_id=node_id_of(cls))
+        return io.NodeOutput(patched, positive)
 
 
 def concept_of(model, clip, chunks: list[list[int]], spec: ConceptSpec, warnings: NodeWarnings) -> LagConcept:
@@ -252,14 +252,14 @@ class LagMaskPreview(io.ComfyNode):
         return float("nan")  # the masks change with every sampling run
 
     @classmethod
+    @guarded
     def execute(cls, model, samples) -> io.NodeOutput:
-        with reported_as(PREVIEW_NAME):
-            patch = LagPatch.of(model)
-            if patch is None:
-                raise PerResError("the model does not come from PerRes LAG Sampling; connect that node's model output.")
-            averages = patch.recorder.averages()
-            if not averages:
-                raise PerResError("no masks were recorded; connect this node after a sampler that used the LAG model.")
-            latent = samples["samples"]
-            images = preview_images(averages, (latent.shape[-2] * 8, latent.shape[-1] * 8))
-            return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))
+        patch = LagPatch.of(model)
+        if patch is None:
+            raise PerResError("the model does not come from PerRes LAG Sampling; connect that node's model output.")
+        averages = patch.recorder.averages()
+        if not averages:
+            raise PerResError("no masks were recorded; connect this node after a sampler that used the LAG model.")
+        latent = samples["samples"]
+        images = preview_images(averages, (latent.shape[-2] * 8, latent.shape[-1] * 8))
+        return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))

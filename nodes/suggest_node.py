@@ -5,16 +5,15 @@ import logging
 
 import torch
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io, ui
 
+from .host.entry_points import comfy  # the host's modules, imported and checked in one place
 from ..perres_core.class_words import (DEFAULT_BUDGET, DEFAULT_CANDIDATE_TEXT, Ranking, TrialSchedule, caption_for,
                                        check_budget, parse_candidates, rank_candidates)
 from ..perres_core.diffusion import Conditioning
 from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
-from .errors import reported_as
+from .node_guard import guarded
 from .image_lists import images_of, single_values
 from .host.model import diffusion_schedule, require_trainable, resident_clone, unet_of
 from .host.training import caption_conditioning, training_dtype, unet_prediction
@@ -92,6 +91,7 @@ class SuggestClassWord(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, **inputs) -> io.NodeOutput:
         images = images_of(inputs.pop("images"))
         return cls.suggest(images, **single_values(inputs))
@@ -99,31 +99,30 @@ class SuggestClassWord(io.ComfyNode):
     @classmethod
     def suggest(cls, images: list[torch.Tensor], model, clip, vae, candidates: str, budget: int, seed: int,
                 resolution: int) -> io.NodeOutput:
-        with reported_as(NAME):
-            words = parse_candidates(candidates)
-            check_budget(budget)
-            require_trainable(model)
-            if not images:
-                raise PerResError("no reference images were given; connect the images you will train on "
-                                  "(e.g. from 'PerRes Load Concept Images').")
-            pixels = prepare_batch(images, resolution)
-            latents = vae.encode(pixels)
-            conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution,
-                                                                  resolution) for word in words])
-            progress = comfy.utils.ProgressBar(1)
+        words = parse_candidates(candidates)
+        check_budget(budget)
+        require_trainable(model)
+        if not images:
+            raise PerResError("no reference images were given; connect the images you will train on "
+                              "(e.g. from 'PerRes Load Concept Images').")
+        pixels = prepare_batch(images, resolution)
+        latents = vae.encode(pixels)
+        conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution,
+                                                              resolution) for word in words])
+        progress = comfy.utils.ProgressBar(1)
 
-            def on_progress(done: int, total: int) -> None:
-                progress.update_absolute(done, total)
-                comfy.model_management.throw_exception_if_processing_interrupted()
-
+        def on_progress(done: int, total: int) -> None:
+            progress.update_absolute(done, total)
             comfy.model_management.throw_exception_if_processing_interrupted()
-            ranking = rank_on_model(model, latents, conditioning, words, budget, seed, on_progress)
-            notes = NodeWarnings(NAME, node_id_of(cls))
-            if ranking.is_close_call():
-                runner_up = ranking.entries[1].word
-                notes.warn(f"'{ranking.best}' and '{runner_up}' are within two standard errors of each other; "
-                           f"raise the budget to tell them apart, or choose the one that describes the concept.")
-            text = ranking.as_text()
-            notes.show_result(text)
-            log.info("%s: %s", NAME, text.replace("\n", "; "))
-            return io.NodeOutput(ranking.best, text, ui=ui.PreviewText(text))
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        ranking = rank_on_model(model, latents, conditioning, words, budget, seed, on_progress)
+        notes = NodeWarnings(NAME, node_id_of(cls))
+        if ranking.is_close_call():
+            runner_up = ranking.entries[1].word
+            notes.warn(f"'{ranking.best}' and '{runner_up}' are within two standard errors of each other; "
+                       f"raise the budget to tell them apart, or choose the one that describes the concept.")
+        text = ranking.as_text()
+        notes.show_result(text)
+        log.info("%s: %s", NAME, text.replace("\n", "; "))
+        return io.NodeOutput(ranking.best, text, ui=ui.PreviewText(text))

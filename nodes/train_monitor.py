@@ -16,10 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-import comfy.model_management
-import comfy.utils
-import latent_preview
 
+from .host.entry_points import comfy, latent_preview  # the host's modules, imported and checked in one place
 from ..perres_core.preview import SmoothedLoss, progress_line
 from ..perres_core.residual import ResidualSet
 from .file_nodes import checked_prefix, save_to_loras

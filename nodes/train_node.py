@@ -8,10 +8,9 @@ from typing import Iterator, Optional
 
 import torch
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
+from .host.entry_points import comfy  # the host's modules, imported and checked in one place
 from ..perres_core.errors import PerResError
 from ..perres_core.families import ModelFamily
 from ..perres_core.buckets import CROPS, ImageBucket, bucket_images, check_crop, describe_buckets
@@ -20,14 +19,14 @@ from ..perres_core.preview import DEFAULT_PREVIEW_EVERY
 from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet, check_continuable, rank_for,
                                     steps_trained, training_date)
 from ..perres_core.training import LatentBucket, TrainSettings, loss_weights
-from .errors import reported_as
+from .node_guard import guarded
 from .host.model import require_trainable, with_residual_weights
 from .host.text_tokens import check_concept_word, word_token_ids
 from .host.training import caption_conditioning, train_on_model
 from .image_lists import CROP_TOOLTIP, images_of, single_values
 from .node_warnings import NodeWarnings, node_id_of
 from .train_monitor import TrainingMonitor
-from .types import Residuals
+from .types import LossMap, Residuals
 
 log = logging.getLogger("perres")
 NAME = "PerRes Train Residuals"
@@ -141,7 +140,7 @@ class TrainResiduals(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained residual applied."),
                 Residuals.Output(display_name="residuals", tooltip="The trained residuals, for Save or LAG."),
-                io.LossMap.Output(display_name="loss", tooltip="Loss per step, for the stock Plot Loss Graph node."),
+                LossMap.Output(display_name="loss", tooltip="Loss per step, for the stock Plot Loss Graph node."),
                 Residuals.Output(display_name="snapshots", is_output_list=True,
                                  tooltip="Every snapshot (snapshot_every), then the final residual: a list, so a node "
                                          "connected to it runs once per snapshot (e.g. Apply + KSampler with one "
@@ -155,6 +154,7 @@ class TrainResiduals(io.ComfyNode):
         )
 
     @classmethod
+    @guarded
     def execute(cls, **inputs) -> io.NodeOutput:
         # is_input_list: every input is a list; images and masks may hold several batches, the rest one value
         images, masks = images_of(inputs.pop("images")), inputs.pop("masks", None)
@@ -169,72 +169,71 @@ class TrainResiduals(io.ComfyNode):
               initial_residuals: Optional[ResidualSet] = None, crop: str = "center",
               preview_every: int = DEFAULT_PREVIEW_EVERY, snapshot_every: int = 0,
               snapshot_prefix: str = "perres/snapshots/concept") -> io.NodeOutput:
-        with reported_as(NAME):
-            check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution, preview_every, snapshot_every)
-            check_crop(crop)
-            family, schedule = require_trainable(model)
-            identifier = check_concept_word("identifier", identifier, single_word=True)
-            class_word = check_concept_word("class_word", class_word, single_word=False)
-            warnings = NodeWarnings(NAME, node_id_of(cls))
-            resolution = training_resolution(resolution, family, warnings)
-            if len(word_token_ids(clip, identifier)) > 1:
-                warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
-                              "'sks' binds the concept more cleanly.")
-            if not images:
-                raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
-                                  "with a folder of 3–20 photos of the concept.")
-            if len(images) < batch_size:
-                warnings.warn(f"{len(images)} image(s) for batch size {batch_size}; batches are drawn with "
-                              "replacement.")
-            per_image_masks = None
-            if masks:
-                per_image_masks = matched_masks(masks, [tuple(image.shape[:2]) for image in images],
-                                                invert=invert_masks)
-                if sum(1 if mask.dim() == 2 else mask.shape[0] for mask in masks) == 1 and len(images) > 1:
-                    warnings.warn(f"one mask for {len(images)} images; it weights every image the same way.")
-            image_buckets = bucket_images(images, resolution, crop, per_image_masks)
-            if crop == "buckets":
-                warnings.show_result(f"buckets (width×height): {describe_buckets(image_buckets)}")
-            concept = ConceptInfo(identifier, class_word)
-            previous_steps = 0
-            if initial_residuals is not None:
-                check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio))
-                previous_steps = continued_steps(initial_residuals, concept, warnings)
-                concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
-            latent_buckets = [latent_bucket(bucket, model, clip, vae, concept.caption(), background_weight)
-                              for bucket in image_buckets]
-            record = {"steps": previous_steps + steps, "batch_size": batch_size, "learning_rate": learning_rate,
-                      "seed": seed, "init": init if initial_residuals is None else "continued",
-                      "resolution": resolution, "num_images": len(images), "prediction": schedule.prediction}
-            if crop == "buckets":
-                record["crop"] = "buckets"
-                record["buckets"] = describe_buckets(image_buckets)
-            if initial_residuals is not None:
-                record["continued_from_steps"] = previous_steps
-            if masks:
-                record["background_weight"] = background_weight
+        check_numbers(steps, batch_size, learning_rate, rank_ratio, resolution, preview_every, snapshot_every)
+        check_crop(crop)
+        family, schedule = require_trainable(model)
+        identifier = check_concept_word("identifier", identifier, single_word=True)
+        class_word = check_concept_word("class_word", class_word, single_word=False)
+        warnings = NodeWarnings(NAME, node_id_of(cls))
+        resolution = training_resolution(resolution, family, warnings)
+        if len(word_token_ids(clip, identifier)) > 1:
+            warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
+                          "'sks' binds the concept more cleanly.")
+        if not images:
+            raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
+                              "with a folder of 3–20 photos of the concept.")
+        if len(images) < batch_size:
+            warnings.warn(f"{len(images)} image(s) for batch size {batch_size}; batches are drawn with "
+                          "replacement.")
+        per_image_masks = None
+        if masks:
+            per_image_masks = matched_masks(masks, [tuple(image.shape[:2]) for image in images],
+                                            invert=invert_masks)
+            if sum(1 if mask.dim() == 2 else mask.shape[0] for mask in masks) == 1 and len(images) > 1:
+                warnings.warn(f"one mask for {len(images)} images; it weights every image the same way.")
+        image_buckets = bucket_images(images, resolution, crop, per_image_masks)
+        if crop == "buckets":
+            warnings.show_result(f"buckets (width×height): {describe_buckets(image_buckets)}")
+        concept = ConceptInfo(identifier, class_word)
+        previous_steps = 0
+        if initial_residuals is not None:
+            check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio))
+            previous_steps = continued_steps(initial_residuals, concept, warnings)
+            concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
+        latent_buckets = [latent_bucket(bucket, model, clip, vae, concept.caption(), background_weight)
+                          for bucket in image_buckets]
+        record = {"steps": previous_steps + steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                  "seed": seed, "init": init if initial_residuals is None else "continued",
+                  "resolution": resolution, "num_images": len(images), "prediction": schedule.prediction}
+        if crop == "buckets":
+            record["crop"] = "buckets"
+            record["buckets"] = describe_buckets(image_buckets)
+        if initial_residuals is not None:
+            record["continued_from_steps"] = previous_steps
+        if masks:
+            record["background_weight"] = background_weight
 
-            with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
-                if initial_residuals is None:
-                    residuals = ResidualSet.for_family(family, rank_ratio, concept=concept, training=record)
-                    residuals.initialize(init, seed)
-                else:  # a copy: the input residuals (and their file) are never changed
-                    residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
-                                        rank_ratio=rank_ratio, date=training_date())
-            monitor = TrainingMonitor(model, residuals, steps, previous_steps, preview_every, snapshot_every,
-                                      snapshot_prefix, warnings)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                     start_step=previous_steps)
-            with snapshots_kept_on_failure(monitor, warnings):
-                losses = train_on_model(model, latent_buckets, residuals, settings, monitor,
-                                        gradient_checkpointing=gradient_checkpointing)
-            trained = residuals.detached_copy()
-            log.info("%s: %d steps%s, final loss %.4f, %d parameters.", NAME, steps,
-                     f" (continued from {previous_steps})" if initial_residuals is not None else "", losses[-1],
-                     trained.parameter_count())
-            return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses},
-                                 monitor.output_list(trained))
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
+            if initial_residuals is None:
+                residuals = ResidualSet.for_family(family, rank_ratio, concept=concept, training=record)
+                residuals.initialize(init, seed)
+            else:  # a copy: the input residuals (and their file) are never changed
+                residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
+                                    rank_ratio=rank_ratio, date=training_date())
+        monitor = TrainingMonitor(model, residuals, steps, previous_steps, preview_every, snapshot_every,
+                                  snapshot_prefix, warnings)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        settings = TrainSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                 start_step=previous_steps)
+        with snapshots_kept_on_failure(monitor, warnings):
+            losses = train_on_model(model, latent_buckets, residuals, settings, monitor,
+                                    gradient_checkpointing=gradient_checkpointing)
+        trained = residuals.detached_copy()
+        log.info("%s: %d steps%s, final loss %.4f, %d parameters.", NAME, steps,
+                 f" (continued from {previous_steps})" if initial_residuals is not None else "", losses[-1],
+                 trained.parameter_count())
+        return io.NodeOutput(with_residual_weights(model, trained, 1.0), trained, {"loss": losses},
+                             monitor.output_list(trained))
 
 
 def latent_bucket(bucket: ImageBucket, model, clip, vae, caption: str, background_weight: float) -> LatentBucket:

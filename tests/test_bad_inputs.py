@@ -26,6 +26,8 @@ from PIL import Image
 from conftest import pack, prompt_executor, run_node
 from sd15_checkpoint import SD15_UNET_CONFIG
 
+pytestmark = pytest.mark.every_host  # each host's model detection, loaders and executor
+
 TRAIN = "PerRes Train Residuals"
 APPLY = "PerRes Apply Residuals"
 LAG = "PerRes LAG Sampling"
@@ -662,11 +664,12 @@ NUMBER_CASES = [
     ("zero_steps", dict(steps=0), ("steps must be at least 1", "150 steps")),
     ("zero_batch", dict(batch_size=0), ("batch_size must be at least 1", "paper uses 4")),
     ("negative_lr", dict(learning_rate=-1e-3), ("learning_rate must be a positive finite number", "0.001")),
-    ("nan_lr", dict(learning_rate=float("nan")), ("learning_rate must be a positive finite number", "0.001")),
-    ("inf_lr", dict(learning_rate=float("inf")), ("learning_rate must be a positive finite number", "0.001")),
+    # non-finite numbers: the one check of every FLOAT input (nodes/node_guard.py), which names the default
+    ("nan_lr", dict(learning_rate=float("nan")), ("learning_rate must be a finite number", "default 0.001")),
+    ("inf_lr", dict(learning_rate=float("inf")), ("learning_rate must be a finite number", "default 0.001")),
     ("rank_ratio_zero", dict(rank_ratio=0.0), ("rank_ratio must be in (0, 1]", "0.05")),
     ("rank_ratio_above_one", dict(rank_ratio=1.5), ("rank_ratio must be in (0, 1]", "0.05")),
-    ("rank_ratio_nan", dict(rank_ratio=float("nan")), ("rank_ratio must be in (0, 1]", "0.05")),
+    ("rank_ratio_nan", dict(rank_ratio=float("nan")), ("rank_ratio must be a finite number", "default 0.05")),
     ("resolution_not_multiple_of_8", dict(resolution=100), ("multiple of 8", "512")),
     ("resolution_too_small", dict(resolution=32), ("at least 64", "512")),
 ]
@@ -686,7 +689,7 @@ def test_image_resolution_not_multiple_of_8(workdir):
 @pytest.mark.parametrize("strength", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_apply_strength_not_finite(sd15, residuals, strength):
     model = sd15[0]
-    expect_error(APPLY, "strength must be a finite number", "1 applies",
+    expect_error(APPLY, "strength must be a finite number", "default 1)",
                  call=lambda: run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=strength))
 
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import pytest
+
 from comfy_host import PACK_DIR
+
+pytestmark = pytest.mark.every_host  # the schemas as each host registers them
 
 DOCS_DIR = os.path.join(PACK_DIR, "web", "docs")
 
@@ -67,3 +71,64 @@ def test_pyproject_is_valid_for_the_registry(host_root):
     assert config.tool_comfy.publisher_id and config.tool_comfy.display_name == "PerRes"
     for folder in config.tool_comfy.includes:
         assert os.path.isdir(os.path.join(PACK_DIR, folder)), f"[tool.comfy] includes a missing folder {folder}"
+
+
+def readme_families_table() -> dict[str, dict[str, str]]:
+    """README "Install"'s families table: {family: {column: cell}}."""
+    with open(os.path.join(PACK_DIR, "README.md"), encoding="utf-8") as handle:
+        lines = handle.read().split("## Install", 1)[1].split("\n## ", 1)[0].splitlines()
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
+    header, body = rows[0], [row for row in rows[2:]]
+    return {row[0]: dict(zip(header, row)) for row in body}
+
+
+# How tests/test_bad_inputs.meta_model names each family's ComfyUI config; a new family needs an entry.
+META_MODEL_OF = {"SD1.x": "SD15", "SDXL": "SDXL"}
+
+
+def lag_accepts(family_name: str, sd15) -> bool:
+    """Whether PerRes LAG Sampling takes a model of the family: its family check comes first, so a model it
+    accepts reaches the next check (no concept connected) instead of the family refusal."""
+    from conftest import pack, run_node
+    from test_bad_inputs import meta_model
+
+    model = meta_model(META_MODEL_OF[family_name])
+    try:
+        run_node("PerResLAGSampling", model=model, clip=sd15[1], prompt="a photo of a sks dog", concept_words="",
+                 strength=1.0, threshold="median", quantile=0.5, start_percent=0.0, end_percent=1.0,
+                 outside_window="full residual")
+    except pack("perres_core.errors").PerResError as exc:
+        if "no concept is connected" in str(exc):
+            return True
+        assert "PerRes supports" in str(exc), exc
+        return False
+    raise AssertionError("LAG Sampling ran without a concept")
+
+
+def test_readme_families_table_matches_the_families_and_the_lag_nodes(sd15):
+    from conftest import pack
+
+    families = pack("perres_core.families").FAMILIES
+    table = readme_families_table()
+    assert list(table) == [family.name for family in families], "README's families table and families.py differ"
+    for family in families:
+        row = table[family.name]
+        assert f"{len(family.slots)} ×" in row["residual layers"], row
+        assert f"{family.residual_parameters / 1e6:.2f} M parameters" in row["residual layers"], row
+        assert row["LAG"].startswith("yes" if lag_accepts(family.name, sd15) else "no"), (family.name, row["LAG"])
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    import re
+
+    pages = [os.path.join(PACK_DIR, "README.md")]
+    docs = os.path.join(PACK_DIR, "docs")
+    pages += [os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")]
+    for page in pages:
+        with open(page, encoding="utf-8") as handle:
+            text = handle.read()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), target))
+            assert os.path.exists(resolved), f"{os.path.relpath(page, PACK_DIR)} links to a missing {target}"

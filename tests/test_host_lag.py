@@ -9,6 +9,8 @@ import torch
 from conftest import pack, run_node
 from host_helpers import encode, sample, train
 
+pytestmark = pytest.mark.every_host  # LAG's wrappers, hooks and token positions on each host's patcher and tokenizer
+
 LONG_PREFIX = ", ".join(["a very detailed old oil painting of a quiet harbour town"] * 8)
 
 

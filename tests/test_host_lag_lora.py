@@ -17,6 +17,8 @@ from lag_lora_checks import (LAG_DEFAULTS, PROMPT, check_composes_with_a_stock_l
                              check_median_masks, check_ones_and_zeros)
 from lora_files import FORMATS, alias, build_lora, write_lora
 
+pytestmark = pytest.mark.every_host  # each host's LoRA key maps and weight adapters
+
 FP32_MERGE_PRECISION = 0.01   # fp32 weights: a weight merge and an activation delta agree to rounding
 
 

@@ -13,6 +13,8 @@ import pytest
 from conftest import pack
 from host_helpers import train
 
+pytestmark = pytest.mark.every_host  # dynamic VRAM exists on some hosts only
+
 
 def host_has_dynamic_vram() -> bool:
     try:

@@ -22,6 +22,7 @@ def trained(sd15, concept_images):
     return result
 
 
+@pytest.mark.every_host  # the smallest SD1.x training run, through each host's loaders and key map
 def test_train_node_outputs_residuals_loss_map_and_patched_model(trained):
     model, residuals, loss_map = trained
     assert residuals.parameter_count() == 1_239_040
@@ -31,6 +32,7 @@ def test_train_node_outputs_residuals_loss_map_and_patched_model(trained):
     assert not any(p.requires_grad for p in residuals.parameters())
 
 
+@pytest.mark.every_host  # the smallest SD1.x training run, through each host's loaders and key map
 def test_stock_loss_graph_plots_the_loss_map(trained):
     import folder_paths
 
@@ -42,6 +44,7 @@ def test_stock_loss_graph_plots_the_loss_map(trained):
         assert os.path.isfile(path) and os.path.getsize(path) > 0, path
 
 
+@pytest.mark.every_host  # the smallest SD1.x training run, through each host's loaders and key map
 def test_saved_file_is_listed_for_stock_loaders_and_never_overwritten(trained, workdir):
     import folder_paths
 
@@ -54,6 +57,7 @@ def test_saved_file_is_listed_for_stock_loaders_and_never_overwritten(trained, w
         torch.testing.assert_close(loaded.layers[key].delta_weight(), layer.delta_weight())
 
 
+@pytest.mark.every_host  # the smallest SD1.x training run, through each host's loaders and key map
 def test_stock_lora_loader_matches_apply_node(trained, sd15, caplog):
     """LoraLoaderModelOnly on the saved file and PerRes Apply give the same denoiser output.
 

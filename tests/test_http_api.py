@@ -24,6 +24,8 @@ from comfy_server import PROMPT_TIMEOUT_S, prepare_root, running_server, write_r
 from conftest import pack
 from sd15_checkpoint import CHECKPOINT_NAME, link_sd15_checkpoint
 
+pytestmark = pytest.mark.every_host  # the server and its websocket messages differ between hosts
+
 
 class _MakeDir:
     """Unpickling this creates a directory: proof that a pickle was (wrongly) executed."""

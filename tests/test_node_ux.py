@@ -13,6 +13,8 @@ import torch
 from comfy_host import executor_inputs
 from conftest import pack, run_node
 
+pytestmark = pytest.mark.every_host  # the text the host's server shows on nodes
+
 
 class FrontendText:
     """Records what PromptServer.send_progress_text would send to the frontend."""

@@ -25,6 +25,8 @@ import pytest
 from comfy_server import prepare_root, running_server
 from frontend import example_names, load_example, missing_browser, open_frontend, prepare_frontend_root
 
+pytestmark = pytest.mark.every_host  # the frontend package differs between hosts
+
 VIRTUAL_TYPES = {"Note", "MarkdownNote"}  # frontend-only nodes: in the UI file, never in the prompt
 WORKFLOWS = example_names()
 THUMBNAIL_SIZE = (1280, 720)

@@ -30,6 +30,8 @@ EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_samp
             "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora", "perres_compare_snapshots"}
 # Workflows for SDXL-family checkpoints: they run on the random SDXL checkpoint (UNet in bf16).
 SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample", "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
+# run through the executor on every host (the smallest SD1.x training, LAG and LAG LoRA); the rest on the newest
+EVERY_HOST_RUNS = {"perres_train_and_sample", "perres_lag_sampling", "perres_lag_lora"}
 # At the tests' 64 px the trainer rightly warns that SDXL is trained at 1024 px.
 SDXL_TEST_WARNING = "training SDXL at 64 px"
 # Frontend-only nodes (comments on the canvas): in UI files, never in API files.
@@ -165,12 +167,14 @@ def ui_to_api(workflow: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 # (i) the files agree with each other and with the node definitions
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.every_host  # the frontend's workflow format and the host's node inputs
 def test_every_workflow_has_both_formats():
     ui, api = names_in(UI_DIR), names_in(API_DIR)
     assert ui == api, f"UI without API twin: {sorted(ui - api)}; API without UI twin: {sorted(api - ui)}"
     assert EXPECTED <= ui, f"missing example workflows: {sorted(EXPECTED - ui)}"
 
 
+@pytest.mark.every_host  # the frontend's workflow format and the host's node inputs
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_workflow_is_well_formed(name, host_root):
     import nodes
@@ -228,6 +232,7 @@ def test_ui_workflow_is_well_formed(name, host_root):
         assert required <= connected, f"{name}: node {node_id} ({node['type']}) has unconnected {required - connected}"
 
 
+@pytest.mark.every_host  # the frontend's workflow format and the host's node inputs
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_widgets_equal_api_twin(name, host_root):
     converted = ui_to_api(load(UI_DIR, name))
@@ -383,8 +388,9 @@ def failure_report(executor) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.sdxl) if name in SDXL_WORKFLOWS else name
-                                  for name in WORKFLOWS])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.sdxl) if name in SDXL_WORKFLOWS
+                                  else pytest.param(name, marks=pytest.mark.every_host) if name in EVERY_HOST_RUNS
+                                  else name for name in WORKFLOWS])
 def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora_stand_ins, loaded_checkpoints,
                            workdir, caplog, request):
     import execution

@@ -16,12 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-import comfy.lora
-import comfy.lora_convert
-import comfy.utils
-import comfy.weight_adapter
-import folder_paths
 
+from .entry_points import comfy, folder_paths  # the host's modules, imported and checked in one place
 from ...perres_core.errors import PerResError
 from ...perres_core.families import ModelFamily, family_of_context_width
 from ...perres_core.lag_layers import Role, placement

@@ -31,8 +31,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-import comfy.patcher_extension
 
+from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
 from ...perres_core.lag_layers import Placement, Role, level_sizes, placement
 from ...perres_core.layer_delta import LayerDelta, LowRankDelta, attention

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-import comfy.lora
-import comfy.model_sampling
 
+from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.diffusion import Schedule
 from ...perres_core.errors import PerResError
 from ...perres_core.families import SUPPORTED, ModelFamily, TransformerSlot, family_of_config, \

@@ -9,8 +9,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-import comfy.model_management
 
+from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.diffusion import Conditioning
 from ...perres_core.errors import PerResError
 from ...perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
