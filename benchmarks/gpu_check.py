@@ -252,7 +252,7 @@ def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> 
         section["sampling"] = {"skipped": "no PerRes training phase succeeded"}
     else:
         report.phase(section, "sampling", lambda: sample_all(model, clip, residuals, plan))
-    del residuals
+    residuals = None  # (not `del`: the lambdas above close over these names; None releases them the same way)
     # The stock trainer last: it needs the most memory, and a host process it takes down (the CPU's OOM
     # killer, which no except clause sees) then costs none of PerRes's figures.
     if opts.skip_stock or plan.family in opts.skip_stock_families:
@@ -262,7 +262,7 @@ def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> 
         report.phase(section, "stock_lora", lambda: train_stock(model, vae, clip, images, plan, opts.batch))
     section["targets"] = targets(plan, section)
     report.save()
-    del model, clip, vae
+    model = clip = vae = None
     free_memory(unload=True)  # the next family starts with the device and RAM this one used
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from dataclasses import replace
@@ -125,10 +126,13 @@ def train_on_model(model, buckets: Sequence[LatentBucket], residuals: ResidualSe
             scaled = [replace(bucket, latents=base.process_latent_in(bucket.latents.clone().float()).cpu(),
                               conditioning=bucket.conditioning.cpu_float()) for bucket in buckets]
             predict = unet_prediction(unet)
-            preview = PreviewSample.of(scaled, schedule, settings.seed)
+
+            @functools.cache  # drawn at the first preview: a run without previews draws no noise for it
+            def preview_sample() -> PreviewSample:
+                return PreviewSample.of(scaled, schedule, settings.seed)
 
             def step_done(step: int, loss: float) -> None:
-                on_step(step, loss, lambda: preview.denoise(predict, schedule, device, dtype))
+                on_step(step, loss, lambda: preview_sample().denoise(predict, schedule, device, dtype))
 
             for layer in residuals.layers.values():
                 layer.to(device)
