@@ -136,7 +136,10 @@ def release_freed_memory() -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `sdxl` run after all others (in their own order): the SDXL model they share stays loaded
-    until the run ends, and next to it the SD1.5 model and the servers other tests start would not fit the
-    suite's 16 GiB."""
-    items.sort(key=lambda item: item.get_closest_marker("sdxl") is not None)
+    """Tests marked `first` run before all others: each loads a large model in a process of its own, best while
+    the suite's process is still small. Tests marked `sdxl` run after all others (in their own order): the SDXL
+    model they share stays loaded until the run ends, and next to it the SD1.5 model and the servers other
+    tests start would not fit the suite's 16 GiB."""
+    def place(item) -> int:
+        return -1 if item.get_closest_marker("first") else int(item.get_closest_marker("sdxl") is not None)
+    items.sort(key=place)
