@@ -15,11 +15,10 @@ minute, and cached beside the SD1.5 and SDXL files.
 """
 from __future__ import annotations
 
-import logging
-import os
 
 import torch
 
+from model_cache import cached_model, linked_model
 from sd15_checkpoint import _random_tensor
 from sdxl_checkpoint import _stream_safetensors
 
@@ -53,38 +52,22 @@ def anima_meta_tensors() -> dict[str, torch.Tensor]:
 
 
 def write_anima_model(path: str, seed: int = 0) -> str:
-    """Write the random Anima diffusion model (bf16) to `path` atomically and return it."""
+    """Write the random Anima diffusion model (bf16) to `path` and return it."""
     templates = anima_meta_tensors()
     order = sorted(templates)
     specs = {name: (templates[name].shape, torch.bfloat16) for name in order}
     generator = torch.Generator().manual_seed(seed)
     values = ((name, _random_tensor(name, templates[name].shape, generator).to(torch.bfloat16).contiguous())
               for name in order)
-    tmp = path + ".partial"
-    try:
-        _stream_safetensors(tmp, specs, values, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _stream_safetensors(path, specs, values, metadata={"format": "pt"})
     return path
 
 
 def cached_anima_model() -> str:
-    """The random Anima model in the test cache ($PERRES_TEST_CACHE or ~/.cache/perres-tests), built on first use."""
-    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
-    os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, ANIMA_NAME)
-    if not os.path.exists(cached):
-        logging.getLogger("perres.tests").info("building %s (once, about 4.2 GB) ...", cached)
-        write_anima_model(cached, seed=0)
-    return cached
+    """The random Anima model in the test cache (tests/model_cache.py), built on first use."""
+    return cached_model(ANIMA_NAME, write_anima_model, "about 4.2 GB, 20 s")
 
 
 def link_anima_model(root: str) -> str:
     """Make the cached random Anima model available as `root`/models/diffusion_models/ANIMA_NAME (a symlink)."""
-    target = os.path.join(root, "models", "diffusion_models", ANIMA_NAME)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(cached_anima_model(), target)
-    return target
+    return linked_model(root, "diffusion_models", ANIMA_NAME, cached_anima_model)

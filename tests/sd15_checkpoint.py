@@ -10,12 +10,12 @@ hard-codes the architecture.
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 
 import torch
 from safetensors.torch import save_file
+
+from model_cache import cached_model, linked_model
 
 CHECKPOINT_NAME = "sd15_random_arch.safetensors"
 
@@ -69,33 +69,21 @@ def _random_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> 
 
 
 def write_sd15_checkpoint(path: str, seed: int = 0) -> str:
-    """Write the random SD1.5-architecture checkpoint (fp16) to `path` atomically and return it."""
+    """Write the random SD1.5-architecture checkpoint (fp16) to `path` and return it."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, (shape, dtype) in _meta_shapes().items():
         tensor = _random_tensor(name, shape, generator)
         state[name] = tensor.to(torch.float16) if dtype.is_floating_point else tensor.to(dtype)
-    tmp = path + ".partial"
-    save_file(state, tmp)
-    os.replace(tmp, path)
+    save_file(state, path)
     return path
 
 
 def cached_sd15_checkpoint() -> str:
-    """The random checkpoint in the test cache ($PERRES_TEST_CACHE or ~/.cache/perres-tests), built on first use."""
-    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
-    os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, CHECKPOINT_NAME)
-    if not os.path.exists(cached):
-        logging.getLogger("perres.tests").info("building %s (once, about 30 s) ...", cached)
-        write_sd15_checkpoint(cached, seed=0)
-    return cached
+    """The random checkpoint in the test cache (tests/model_cache.py), built on first use."""
+    return cached_model(CHECKPOINT_NAME, write_sd15_checkpoint, "about 30 s")
 
 
 def link_sd15_checkpoint(root: str, name: str = CHECKPOINT_NAME) -> str:
     """Make the cached random checkpoint available as `root`/models/checkpoints/`name` (a symlink)."""
-    target = os.path.join(root, "models", "checkpoints", name)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(cached_sd15_checkpoint(), target)
-    return target
+    return linked_model(root, "checkpoints", name, cached_sd15_checkpoint)

@@ -21,12 +21,11 @@ that ComfyUI detects ModelType.V_PREDICTION with zero-terminal-SNR sampling. Tha
 from __future__ import annotations
 
 import json
-import logging
-import os
 from typing import Iterator
 
 import torch
 
+from model_cache import cached_model, linked_model
 from sd15_checkpoint import SD15_VAE_DDCONFIG, _random_tensor
 
 CHECKPOINT_NAME = "sdxl_random_arch.safetensors"
@@ -122,7 +121,7 @@ def _stream_safetensors(path: str, specs: dict[str, tuple[torch.Size, torch.dtyp
 
 
 def write_sdxl_checkpoint(path: str, seed: int = 0, v_prediction: bool = False) -> str:
-    """Write the random SDXL-base-architecture checkpoint (fp16) to `path` atomically and return it.
+    """Write the random SDXL-base-architecture checkpoint (fp16) to `path` and return it.
 
     v_prediction: add the `v_pred` and `ztsnr` marker keys (ComfyUI then detects a v-prediction,
     zero-terminal-SNR SDXL model, like NoobAI-XL v-pred).
@@ -137,34 +136,20 @@ def write_sdxl_checkpoint(path: str, seed: int = 0, v_prediction: bool = False) 
     specs = {name: (templates[name].shape, out_dtype[name]) for name in order}
     generator = torch.Generator().manual_seed(seed)
     values = ((name, _tensor_values(name, templates[name], generator)) for name in order)
-    tmp = path + ".partial"
-    try:
-        _stream_safetensors(tmp, specs, values, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _stream_safetensors(path, specs, values, metadata={"format": "pt"})
     return path
 
 
 def cached_sdxl_checkpoint(v_prediction: bool = False) -> str:
-    """The random SDXL checkpoint in the test cache ($PERRES_TEST_CACHE or ~/.cache/perres-tests), built on first use.
+    """The random SDXL checkpoint in the test cache (tests/model_cache.py), built on first use.
 
     v_prediction=True caches a second 7 GB file (VPRED_CHECKPOINT_NAME); the default builds only one.
     """
-    cache_dir = os.environ.get("PERRES_TEST_CACHE", os.path.expanduser("~/.cache/perres-tests"))
-    os.makedirs(cache_dir, exist_ok=True)
-    cached = os.path.join(cache_dir, VPRED_CHECKPOINT_NAME if v_prediction else CHECKPOINT_NAME)
-    if not os.path.exists(cached):
-        logging.getLogger("perres.tests").info("building %s (once, about 7 GB, a few minutes) ...", cached)
-        write_sdxl_checkpoint(cached, seed=0, v_prediction=v_prediction)
-    return cached
+    return cached_model(VPRED_CHECKPOINT_NAME if v_prediction else CHECKPOINT_NAME,
+                        lambda path: write_sdxl_checkpoint(path, v_prediction=v_prediction),
+                        "about 7 GB, a few minutes")
 
 
 def link_sdxl_checkpoint(root: str, name: str = CHECKPOINT_NAME, v_prediction: bool = False) -> str:
     """Make the cached random SDXL checkpoint available as `root`/models/checkpoints/`name` (a symlink)."""
-    target = os.path.join(root, "models", "checkpoints", name)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.symlink(cached_sdxl_checkpoint(v_prediction), target)
-    return target
+    return linked_model(root, "checkpoints", name, lambda: cached_sdxl_checkpoint(v_prediction))
