@@ -1,9 +1,10 @@
-"""Diffusion transformers in the real host, as users load them (issue 29's test models, first: Anima).
+"""Diffusion transformers in the real host, as users load them (issue 29's test models: Anima, Krea 2).
 
-The random Anima model (tests/anima_checkpoint.py: the host's own module, exact size) goes through the stock
-Load Diffusion Model in a process of its own, so its 4 GB never sit beside the suite's other models. Until
-PerRes supports DiTs, every PerRes node that takes a model must refuse it with the family message, never a
-traceback. On hosts without Anima (ComfyUI 0.3.64) the test skips and says so.
+Each random model (tests/dit_models.py: the host's own module; Anima at its exact size, Krea 2 at its exact
+width with 2 blocks) goes through the stock Load Diffusion Model in a process of its own, so its gigabytes never
+sit beside the suite's other models: Anima in bf16 as released, Krea 2 with `weight_dtype` fp8_e4m3fn, how users
+fit it on a 24 GB card. Until PerRes supports DiTs, every PerRes node that takes a model must refuse them with
+the family message, never a traceback. On hosts without these models (ComfyUI 0.3.64) the tests skip and say so.
 """
 from __future__ import annotations
 
@@ -16,19 +17,30 @@ import textwrap
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-pytestmark = [pytest.mark.slow, pytest.mark.first]  # 9 GB peak in its own process: before the suite grows
+pytestmark = [pytest.mark.slow, pytest.mark.first]  # 9 GB peaks in their own process: before the suite grows
+
+
+# per model: the host module it needs, the weight_dtype it is loaded with, what the host must make of it
+# (its model_sampling classes and shift, the stored dtype)
+CASES = {
+    "Anima": ("comfy.ldm.anima.model", "default", {"ModelSamplingDiscreteFlow", "CONST"}, 3.0, "torch.bfloat16"),
+    "Krea2": ("comfy.ldm.krea2.model", "fp8_e4m3fn", {"ModelSamplingFlux", "CONST"}, 1.15, "torch.float8_e4m3fn"),
+}
 
 
 def host_has(host_root: str, module: str) -> bool:
     return os.path.isfile(os.path.join(host_root, *module.split(".")) + ".py")
 
 
-def test_load_diffusion_model_detects_the_random_anima_and_perres_refuses_it_clearly(host_root, tmp_path):
-    if not host_has(host_root, "comfy.ldm.anima.model"):
-        pytest.skip("this ComfyUI has no Anima (added after 0.3.64)")
-    from anima_checkpoint import ANIMA_NAME, cached_anima_model
+@pytest.mark.parametrize("family", list(CASES))
+def test_load_diffusion_model_detects_the_random_dit_and_perres_refuses_it_clearly(family, host_root, tmp_path):
+    from dit_models import DIT_TEST_MODELS, cached_dit_model
 
-    cached_anima_model()  # built once, here, so the subprocess only loads
+    module, weight_dtype, sampling_classes, shift, stored = CASES[family]
+    if not host_has(host_root, module):
+        pytest.skip(f"this ComfyUI has no {family} (added after 0.3.64)")
+    (spec,) = [m for m in DIT_TEST_MODELS if m.config_name == family]
+    cached_dit_model(spec)  # built once, here, so the subprocess only loads
     script = textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {TESTS_DIR!r})
@@ -36,14 +48,15 @@ def test_load_diffusion_model_detects_the_random_anima_and_perres_refuses_it_cle
         comfy_host.start_host({host_root!r}, {str(tmp_path)!r})
         import folder_paths
         from comfy.cli_args import args
-        from anima_checkpoint import link_anima_model
+        from dit_models import DIT_TEST_MODELS, link_dit_model
         from host_helpers import untrained_residuals
-        link_anima_model({str(tmp_path)!r})
+        (spec,) = [m for m in DIT_TEST_MODELS if m.config_name == {family!r}]
+        link_dit_model(spec, {str(tmp_path)!r})
         _, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
         folder_paths.folder_names_and_paths["diffusion_models"] = ([{str(tmp_path / "models" / "diffusion_models")!r}],
                                                                    extensions)
-        args.bf16_unet = True  # the released dtype; fp32 on the CPU would take 8 GB
-        (model,) = comfy_host.run_node("UNETLoader", unet_name={ANIMA_NAME!r}, weight_dtype="default")
+        args.bf16_unet = True  # the released dtype; fp32 on the CPU would double the memory
+        (model,) = comfy_host.run_node("UNETLoader", unet_name=spec.file_name, weight_dtype={weight_dtype!r})
         sampling = model.get_model_object("model_sampling")
         unet = model.model.diffusion_model
         refusals = {{}}
@@ -68,13 +81,13 @@ def test_load_diffusion_model_detects_the_random_anima_and_perres_refuses_it_cle
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT "):])
-    assert result["config"] == "Anima"
-    # flow matching: the host's discrete-flow schedule with Anima's shift, rectified-flow (CONST) prediction
-    assert {"ModelSamplingDiscreteFlow", "CONST"} <= set(result["sampling"]) and result["shift"] == 3.0, result
-    assert result["parameters"] == 2_091_068_928 and result["dtype"] == "torch.bfloat16", result
+    assert result["config"] == family
+    # flow matching: the host's flow schedule with the family's shift, rectified-flow (CONST) prediction
+    assert sampling_classes <= set(result["sampling"]) and result["shift"] == pytest.approx(shift), result
+    assert result["parameters"] == spec.parameters and result["dtype"] == stored, result
     for node, display in (("PerResApplyResiduals", "PerRes Apply Residuals"),
                           ("PerResLAGSampling", "PerRes LAG Sampling")):
         message = result["refusals"][node]
-        assert message and message.startswith(f"PerResError: {display}: the model is Anima; PerRes supports SD1.x"), \
-            message
+        expected = f"PerResError: {display}: the model is {family}; PerRes supports SD1.x"
+        assert message and message.startswith(expected), message
         assert "SDXL" in message, message

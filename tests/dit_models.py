@@ -1,0 +1,99 @@
+"""Random-weight diffusion transformers, built from the host's own modules, as users load them.
+
+No real weights can be downloaded in CI, so the DiT tests use files whose tensor names and shapes are those of
+the host's own module for the released model, with random values:
+
+- the host's detection (comfy.model_detection) is given the few keys it reads to tell the family and its size,
+  with the released shapes, and returns the config it would for the released file;
+- the host builds that model on the meta device, and every tensor of its state dict is written, drawn like
+  sd15_checkpoint's, in bf16 (the released dtype), under the released file's key prefix.
+
+So nothing here hard-codes an architecture beyond those few shapes, and Load Diffusion Model detects each file
+as its family. Anima is built at its exact size (2.09 G parameters, 4.2 GB). Krea 2 (12 B) would not fit beside
+the suite in 24 GiB: it keeps its exact block architecture and width (6144 features, 48 heads, 12 KV heads, the
+text-fusion transformer over 12 Qwen3-VL layers of 2560) with 2 of its 28 blocks; the host reads the depth from
+the keys (1.53 G parameters, 3.1 GB). Files are written tensor by tensor (sdxl_checkpoint._stream_safetensors)
+and cached (tests/model_cache.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from model_cache import cached_model, linked_model
+from sd15_checkpoint import _random_tensor
+from sdxl_checkpoint import _stream_safetensors
+
+
+@dataclass(frozen=True)
+class DitTestModel:
+    """One random-weight DiT: what the host must detect it as, and the keys that tell it so."""
+
+    file_name: str
+    config_name: str   # the comfy.supported_models class the host detects
+    prefix: str        # the released file's key prefix
+    detection_keys: Mapping[str, tuple[int, ...]]  # keys (without prefix) the detection reads, released shapes
+    zero_centred_norms: bool  # norm scales stored as weight − 1 (Krea 2's RMSNorm adds the 1)
+    parameters: int    # of the built module (the tests check it)
+    about: str         # for the build's log line
+
+
+ANIMA_BLOCKS, KREA2_TEST_BLOCKS = 28, 2
+ANIMA = DitTestModel(
+    file_name="anima_random_arch.safetensors", config_name="Anima", prefix="net.",
+    # x_embedder: (16 latent channels + the padding mask) × 2×2 patches → 2048; the LLM adapter marks Anima
+    detection_keys={"x_embedder.proj.1.weight": (2048, 68), "llm_adapter.blocks.0.cross_attn.q_proj.weight": (1, 1),
+                    **{f"blocks.{i}.mlp.layer1.weight": (1, 1) for i in range(ANIMA_BLOCKS)}},
+    zero_centred_norms=False, parameters=2_091_068_928, about="about 4.2 GB, 20 s")
+KREA2 = DitTestModel(
+    file_name="krea2_random_arch_2blocks.safetensors", config_name="Krea2", prefix="",
+    # first: 16 channels × 2×2 patches → 6144 features; 48 query heads and 12 KV heads of 128; 12 text layers of 2560
+    detection_keys={"first.weight": (6144, 64), "txtfusion.projector.weight": (1, 12),
+                    "txtfusion.layerwise_blocks.0.prenorm.scale": (2560,), "blocks.0.attn.wk.weight": (1536, 6144),
+                    **{f"blocks.{i}.attn.wq.weight": (6144, 6144) for i in range(KREA2_TEST_BLOCKS)}},
+    zero_centred_norms=True, parameters=1_531_916_364, about="about 3.1 GB, 20 s")
+DIT_TEST_MODELS = (ANIMA, KREA2)
+
+
+def meta_tensors(spec: DitTestModel) -> dict[str, torch.Tensor]:
+    """Every tensor of the host's module for `spec`, by the released file's key, on the meta device."""
+    import comfy.model_detection
+
+    keys = {spec.prefix + name: torch.empty(shape, device="meta") for name, shape in spec.detection_keys.items()}
+    config = comfy.model_detection.model_config_from_unet(keys, spec.prefix)
+    if type(config).__name__ != spec.config_name:
+        raise RuntimeError(f"the host detects {type(config).__name__}, not {spec.config_name}, from its keys")
+    config.set_inference_dtype(torch.bfloat16, None)
+    with torch.device("meta"):
+        model = config.get_model({}, device="meta")
+    return {spec.prefix + name: tensor for name, tensor in model.diffusion_model.state_dict().items()}
+
+
+def _value(spec: DitTestModel, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    value = _random_tensor(name, shape, generator)
+    if spec.zero_centred_norms and len(shape) == 1 and name.endswith(".scale"):
+        value = torch.zeros(shape)  # stored zero-centred: 0 is a norm weight of 1
+    return value.to(torch.bfloat16).contiguous()
+
+
+def write_dit_model(spec: DitTestModel, path: str, seed: int = 0) -> str:
+    """Write the random model of `spec` (bf16) to `path` and return it."""
+    templates = meta_tensors(spec)
+    order = sorted(templates)
+    specs = {name: (templates[name].shape, torch.bfloat16) for name in order}
+    generator = torch.Generator().manual_seed(seed)
+    values = ((name, _value(spec, name, templates[name].shape, generator)) for name in order)
+    _stream_safetensors(path, specs, values, metadata={"format": "pt"})
+    return path
+
+
+def cached_dit_model(spec: DitTestModel) -> str:
+    """The random model of `spec` in the test cache (tests/model_cache.py), built on first use."""
+    return cached_model(spec.file_name, lambda path: write_dit_model(spec, path), spec.about)
+
+
+def link_dit_model(spec: DitTestModel, root: str) -> str:
+    """Make the cached model available as `root`/models/diffusion_models/<file name> (a symlink)."""
+    return linked_model(root, "diffusion_models", spec.file_name, lambda: cached_dit_model(spec))
