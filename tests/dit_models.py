@@ -9,8 +9,12 @@ the host's own module for the released model, with random values:
   sd15_checkpoint's, in bf16 (the released dtype), under the released file's key prefix.
 
 So nothing here hard-codes an architecture beyond those few shapes, and Load Diffusion Model detects each file
-as its family. Anima is built at its exact size (2.09 G parameters, 4.2 GB). Krea 2 (12 B) would not fit beside
-the suite in 24 GiB: it keeps its exact block architecture and width (6144 features, 48 heads, 12 KV heads, the
+as its family. The text encoders and the VAE users load beside them are built the same way from the host's own
+modules, under the key names Load CLIP and Load VAE detect: Anima's Qwen3-0.6B (bf16, 1.2 GB), Krea 2's
+Qwen3-VL-4B stored all-fp8_e4m3fn (4.4 GB, as users fit it), and the Wan 2.1 VAE both use (0.25 GB).
+
+Anima is built at its exact size (2.09 G parameters, 4.2 GB). Krea 2 (12 B) would not fit beside the suite in
+24 GiB: it keeps its exact block architecture and width (6144 features, 48 heads, 12 KV heads, the
 text-fusion transformer over 12 Qwen3-VL layers of 2560) with 2 of its 28 blocks; the host reads the depth from
 the keys (1.53 G parameters, 3.1 GB). Files are written tensor by tensor (sdxl_checkpoint._stream_safetensors)
 and cached (tests/model_cache.py).
@@ -18,7 +22,7 @@ and cached (tests/model_cache.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -71,22 +75,29 @@ def meta_tensors(spec: DitTestModel) -> dict[str, torch.Tensor]:
     return {spec.prefix + name: tensor for name, tensor in model.diffusion_model.state_dict().items()}
 
 
-def _value(spec: DitTestModel, name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    value = _random_tensor(name, shape, generator)
-    if spec.zero_centred_norms and len(shape) == 1 and name.endswith(".scale"):
-        value = torch.zeros(shape)  # stored zero-centred: 0 is a norm weight of 1
-    return value.to(torch.bfloat16).contiguous()
+def _value(name: str, shape: torch.Size, generator: torch.Generator, zero_centred_norms: bool = False) -> torch.Tensor:
+    if zero_centred_norms and len(shape) == 1 and name.endswith(".scale"):
+        return torch.zeros(shape)  # stored zero-centred: 0 is a norm weight of 1
+    if name.endswith(".gamma"):  # the Wan VAE's RMS-norm scales, shaped (C, 1, 1, 1)
+        return torch.ones(shape)
+    return _random_tensor(name, shape, generator)
+
+
+def write_random(path: str, templates: Mapping[str, torch.Tensor], dtype: torch.dtype, seed: int = 0,
+                 zero_centred_norms: bool = False) -> str:
+    """Write every template's shape, drawn at random, in `dtype` to `path` (one tensor in memory at a time)."""
+    order = sorted(templates)
+    specs = {name: (templates[name].shape, dtype) for name in order}
+    generator = torch.Generator().manual_seed(seed)
+    values = ((name, _value(name, templates[name].shape, generator, zero_centred_norms).to(dtype).contiguous())
+              for name in order)
+    _stream_safetensors(path, specs, values, metadata={"format": "pt"})
+    return path
 
 
 def write_dit_model(spec: DitTestModel, path: str, seed: int = 0) -> str:
     """Write the random model of `spec` (bf16) to `path` and return it."""
-    templates = meta_tensors(spec)
-    order = sorted(templates)
-    specs = {name: (templates[name].shape, torch.bfloat16) for name in order}
-    generator = torch.Generator().manual_seed(seed)
-    values = ((name, _value(spec, name, templates[name].shape, generator)) for name in order)
-    _stream_safetensors(path, specs, values, metadata={"format": "pt"})
-    return path
+    return write_random(path, meta_tensors(spec), torch.bfloat16, seed, spec.zero_centred_norms)
 
 
 def cached_dit_model(spec: DitTestModel) -> str:
@@ -97,3 +108,65 @@ def cached_dit_model(spec: DitTestModel) -> str:
 def link_dit_model(spec: DitTestModel, root: str) -> str:
     """Make the cached model available as `root`/models/diffusion_models/<file name> (a symlink)."""
     return linked_model(root, "diffusion_models", spec.file_name, lambda: cached_dit_model(spec))
+
+
+# --- the text encoders and the VAE loaded beside them -----------------------------------------------------------
+
+def _anima_text_encoder() -> dict[str, torch.Tensor]:
+    """Qwen3-0.6B as Load CLIP reads it (keys model.*): the transformer of the host's Anima text encoder."""
+    import comfy.text_encoders.anima
+
+    with torch.device("meta"):
+        encoder = comfy.text_encoders.anima.te()(device="meta", dtype=torch.bfloat16)
+    return encoder.qwen3_06b.transformer.state_dict()
+
+
+def _krea2_text_encoder() -> dict[str, torch.Tensor]:
+    """Qwen3-VL-4B under the released file's names (model.language_model.*, model.visual.*), which Load CLIP
+    (type krea2) maps onto the host's Krea 2 text encoder."""
+    import comfy.text_encoders.krea2
+
+    with torch.device("meta"):
+        encoder = comfy.text_encoders.krea2.te()(device="meta", dtype=torch.bfloat16)
+    renamed = {"model.": "model.language_model.", "visual.": "model.visual."}
+    return {next(new + name[len(old):] for old, new in renamed.items() if name.startswith(old)): tensor
+            for name, tensor in encoder.qwen3vl_4b.transformer.state_dict().items()}
+
+
+def _wan21_vae() -> dict[str, torch.Tensor]:
+    """The Wan 2.1 VAE (96 channels) as Load VAE reads it: the host's own WanVAE."""
+    import comfy.ldm.wan.vae
+
+    with torch.device("meta"):
+        vae = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                       temperal_downsample=[False, True, True], image_channels=3,
+                                       conv_out_channels=3, dropout=0.0)
+    return vae.state_dict()
+
+
+@dataclass(frozen=True)
+class TestFile:
+    """A random file users load beside a DiT: where it goes (models/<folder>) and what it holds."""
+
+    file_name: str
+    folder: str
+    tensors: Callable[[], dict[str, torch.Tensor]]
+    dtype: torch.dtype
+    about: str
+
+    def cached(self) -> str:
+        return cached_model(self.file_name, lambda path: write_random(path, self.tensors(), self.dtype), self.about)
+
+    def link(self, root: str) -> str:
+        return linked_model(root, self.folder, self.file_name, self.cached)
+
+
+ANIMA_TEXT_ENCODER = TestFile("qwen3_06b_random_arch.safetensors", "text_encoders", _anima_text_encoder,
+                              torch.bfloat16, "0.6 G parameters, about 1.2 GB")
+KREA2_TEXT_ENCODER = TestFile("qwen3vl_4b_random_arch_fp8.safetensors", "text_encoders", _krea2_text_encoder,
+                              torch.float8_e4m3fn, "4.4 G parameters, about 4.4 GB")
+WAN21_VAE = TestFile("wan21_vae_random_arch.safetensors", "vae", _wan21_vae, torch.bfloat16,
+                     "0.13 G parameters, about 0.25 GB")
+# family → (text encoder, the `type` Load CLIP needs for it, VAE)
+COMPANIONS = {"Anima": (ANIMA_TEXT_ENCODER, "stable_diffusion", WAN21_VAE),
+              "Krea2": (KREA2_TEXT_ENCODER, "krea2", WAN21_VAE)}

@@ -45,7 +45,8 @@ SDXL_UNET_CONFIG = {
 SDXL_VAE_DDCONFIG = SD15_VAE_DDCONFIG  # same KL autoencoder; only the latent format (scale) differs
 
 # safetensors dtype names of the dtypes written here
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64",
+              torch.float8_e4m3fn: "F8_E4M3"}
 _MARKER_KEYS = ("v_pred", "ztsnr")
 
 

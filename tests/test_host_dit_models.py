@@ -33,36 +33,51 @@ def host_has(host_root: str, module: str) -> bool:
 
 
 @pytest.mark.parametrize("family", list(CASES))
-def test_load_diffusion_model_detects_the_random_dit_and_perres_refuses_it_clearly(family, host_root, tmp_path):
-    from dit_models import DIT_TEST_MODELS, cached_dit_model
+def test_the_stock_loaders_detect_and_sample_the_random_dit_and_perres_refuses_it_clearly(family, host_root, tmp_path):
+    from dit_models import COMPANIONS, DIT_TEST_MODELS, cached_dit_model
 
     module, weight_dtype, sampling_classes, shift, stored = CASES[family]
     if not host_has(host_root, module):
         pytest.skip(f"this ComfyUI has no {family} (added after 0.3.64)")
     (spec,) = [m for m in DIT_TEST_MODELS if m.config_name == family]
-    cached_dit_model(spec)  # built once, here, so the subprocess only loads
+    text_encoder, clip_type, vae = COMPANIONS[family]
+    for build in (lambda: cached_dit_model(spec), text_encoder.cached, vae.cached):
+        build()  # built once, here, so the subprocess only loads
     script = textwrap.dedent(f"""
-        import json, os, sys
+        import json, os, sys, torch
         sys.path.insert(0, {TESTS_DIR!r})
         import comfy_host
         comfy_host.start_host({host_root!r}, {str(tmp_path)!r})
         import folder_paths
         from comfy.cli_args import args
-        from dit_models import DIT_TEST_MODELS, link_dit_model
+        from dit_models import COMPANIONS, DIT_TEST_MODELS, link_dit_model
         from host_helpers import untrained_residuals
         (spec,) = [m for m in DIT_TEST_MODELS if m.config_name == {family!r}]
-        link_dit_model(spec, {str(tmp_path)!r})
-        _, extensions = folder_paths.folder_names_and_paths["diffusion_models"]
-        folder_paths.folder_names_and_paths["diffusion_models"] = ([{str(tmp_path / "models" / "diffusion_models")!r}],
-                                                                   extensions)
+        text_encoder, clip_type, vae_file = COMPANIONS[{family!r}]
+        for folder, link in (("diffusion_models", lambda: link_dit_model(spec, {str(tmp_path)!r})),
+                             ("text_encoders", lambda: text_encoder.link({str(tmp_path)!r})),
+                             ("vae", lambda: vae_file.link({str(tmp_path)!r}))):
+            link()
+            _, extensions = folder_paths.folder_names_and_paths[folder]
+            folder_paths.folder_names_and_paths[folder] = ([os.path.join({str(tmp_path)!r}, "models", folder)],
+                                                           extensions)
         args.bf16_unet = True  # the released dtype; fp32 on the CPU would double the memory
         (model,) = comfy_host.run_node("UNETLoader", unet_name=spec.file_name, weight_dtype={weight_dtype!r})
+        (clip,) = comfy_host.run_node("CLIPLoader", clip_name=text_encoder.file_name, type=clip_type)
+        (vae,) = comfy_host.run_node("VAELoader", vae_name=vae_file.file_name)
+        (positive,) = comfy_host.run_node("CLIPTextEncode", clip=clip, text="a photo of a sks dog")
+        (negative,) = comfy_host.run_node("CLIPTextEncode", clip=clip, text="")
+        (latent,) = comfy_host.run_node("EmptySD3LatentImage", width=64, height=64, batch_size=1)
+        (sampled,) = comfy_host.run_node("KSampler", model=model, seed=0, steps=1, cfg=4.0, sampler_name="euler",
+                                         scheduler="simple", positive=positive, negative=negative,
+                                         latent_image=latent, denoise=1.0)
+        (image,) = comfy_host.run_node("VAEDecode", samples=sampled, vae=vae)
         sampling = model.get_model_object("model_sampling")
         unet = model.model.diffusion_model
         refusals = {{}}
         residuals = untrained_residuals(0)
         for node, inputs in (("PerResApplyResiduals", dict(model=model, residuals=residuals, strength=1.0)),
-                             ("PerResLAGSampling", dict(model=model, clip=None, prompt="a sks dog", concept_words="",
+                             ("PerResLAGSampling", dict(model=model, clip=clip, prompt="a sks dog", concept_words="",
                                                         strength=1.0, threshold="median", quantile=0.5,
                                                         start_percent=0.0, end_percent=1.0,
                                                         outside_window="full residual", residuals=residuals))):
@@ -74,7 +89,9 @@ def test_load_diffusion_model_detects_the_random_dit_and_perres_refuses_it_clear
         print("RESULT " + json.dumps(dict(
             config=type(model.model.model_config).__name__, sampling=[c.__name__ for c in type(sampling).__mro__],
             shift=float(sampling.shift), parameters=sum(p.numel() for p in unet.parameters()),
-            dtype=str(next(unet.parameters()).dtype), refusals=refusals)))
+            dtype=str(next(unet.parameters()).dtype), refusals=refusals,
+            latent=list(sampled["samples"].shape), latent_finite=bool(torch.isfinite(sampled["samples"]).all()),
+            image=list(image.shape), image_finite=bool(torch.isfinite(image).all()))))
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "COMFYUI_PATH": host_root})
@@ -85,6 +102,8 @@ def test_load_diffusion_model_detects_the_random_dit_and_perres_refuses_it_clear
     # flow matching: the host's flow schedule with the family's shift, rectified-flow (CONST) prediction
     assert sampling_classes <= set(result["sampling"]) and result["shift"] == pytest.approx(shift), result
     assert result["parameters"] == spec.parameters and result["dtype"] == stored, result
+    # the stock text encoder, sampler and VAE run on it: one euler step at 64 px, decoded to a finite picture
+    assert result["latent_finite"] and result["image_finite"] and result["image"][-3:] == [64, 64, 3], result
     for node, display in (("PerResApplyResiduals", "PerRes Apply Residuals"),
                           ("PerResLAGSampling", "PerRes LAG Sampling")):
         message = result["refusals"][node]
