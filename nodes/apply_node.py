@@ -1,23 +1,14 @@
 """PerRes Apply Residuals: W' = W + strength·ΔW everywhere (normal sampling in the paper)."""
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
-from ..perres_core.errors import PerResError
 from ..perres_core.residual import ResidualSet
 from .node_guard import guarded
 from .host.model import require_fits, with_residual_weights
 from .types import Residuals
 
 NAME = "PerRes Apply Residuals"
-
-
-def check_strength(strength: float) -> None:
-    if not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise PerResError(f"strength must be a finite number, got {strength}; 1 applies the learned residual, "
-                          "0 gives the base model.")
 
 
 class ApplyResiduals(io.ComfyNode):
@@ -42,6 +33,5 @@ class ApplyResiduals(io.ComfyNode):
     @classmethod
     @guarded
     def execute(cls, model, residuals: ResidualSet, strength: float) -> io.NodeOutput:
-        check_strength(strength)
         require_fits(model, residuals)
         return io.NodeOutput(with_residual_weights(model, residuals, strength))

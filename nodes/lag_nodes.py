@@ -9,7 +9,6 @@ from ..perres_core.errors import PerResError
 from ..perres_core.lag import THRESHOLD_MODES, MaskSettings
 from ..perres_core.residual import ResidualSet
 from ..perres_core.tokens import concept_positions
-from .apply_node import check_strength
 from .file_nodes import lora_file_list
 from .node_guard import guarded
 from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
@@ -66,7 +65,6 @@ class LagConceptNode(io.ComfyNode):
     @classmethod
     @guarded
     def execute(cls, residuals: ResidualSet, concept_words: str, strength: float, concepts=None) -> io.NodeOutput:
-        check_strength(strength)
         words = parse_concept_words(concept_words, residuals)
         return io.NodeOutput(list(concepts or []) + [ConceptSpec(words, strength, residuals=residuals)])
 
@@ -106,7 +104,6 @@ class LagLoraNode(io.ComfyNode):
     @classmethod
     @guarded
     def execute(cls, lora_name: str, trigger_words: str, strength: float, concepts=None) -> io.NodeOutput:
-        check_strength(strength)
         words = parse_trigger_words(trigger_words, lora_name)
         spec = ConceptSpec(words, strength, lora=load_lora_file(lora_name), lora_name=lora_name)
         return io.NodeOutput(list(concepts or []) + [spec])
@@ -162,7 +159,6 @@ class LagSampling(io.ComfyNode):
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
         family_of_model(model)
-        check_strength(strength)
         if not prompt.strip():
             raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
         if start_percent > end_percent:

@@ -4,7 +4,7 @@
    with the self-check's message, instead of failing somewhere inside.
 2. Finite numbers: ComfyUI's validation lets NaN through every FLOAT input (NaN is neither below a minimum nor
    above a maximum), and workflow JSON written by scripts or broken widgets carries NaN and ±inf. Every FLOAT
-   input of every node, found from the node's schema, is checked here.
+   input of every node, found from the node's schema, is checked here (the nodes keep no checks of their own).
 3. Errors name the node: any PerResError raised inside is prefixed with the node's display name.
 """
 from __future__ import annotations
@@ -68,11 +68,14 @@ def _number(value: float | None) -> str:
 
 
 def require_finite(facts: _NodeFacts, inputs: dict[str, Any]) -> None:
-    """Refuse NaN and ±inf in any FLOAT input (input-list nodes get a list of values per input)."""
+    """Refuse NaN, ±inf and non-numbers in any FLOAT input that is given (input-list nodes get a list of values
+    per input). A linked value is never checked by ComfyUI's validation, so another pack can hand over anything."""
     for spec in facts.floats:
-        given = inputs.get(spec.name)
+        if spec.name not in inputs:  # an optional input left unconnected
+            continue
+        given = inputs[spec.name]
         for value in given if isinstance(given, list) else [given]:
-            if isinstance(value, (int, float)) and not math.isfinite(value):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise PerResError(f"{spec.name} must be a finite number, got {value}: set it to a number from "
                                   f"{_number(spec.minimum)} to {_number(spec.maximum)} (default "
                                   f"{_number(spec.default)}). A script or a broken widget may have written {value} "

@@ -154,7 +154,7 @@ def test_infinite_widget_values_are_refused_by_comfyuis_validation(test_nodes):
             assert name in details and "inf" in details, details
 
 
-def test_finite_numbers_still_pass_the_guard():
+def test_the_guard_passes_finite_numbers_and_refuses_everything_else():
     facts = pack("nodes.node_guard")
     guard = facts._facts  # noqa: SLF001 (the guard's own reading of the schema)
     import nodes
@@ -163,5 +163,7 @@ def test_finite_numbers_still_pass_the_guard():
         node_facts = guard(nodes.NODE_CLASS_MAPPINGS[node_id])
         facts.require_finite(node_facts, {name: 0.5})
         facts.require_finite(node_facts, {name: [0.5, 1]})
-        with pytest.raises(pack("perres_core.errors").PerResError):
-            facts.require_finite(node_facts, {name: [0.5, float("nan")]})
+        facts.require_finite(node_facts, {})  # an unconnected optional input
+        for bad in ([0.5, float("nan")], "0.5", None):  # a linked value of another type is never validated
+            with pytest.raises(pack("perres_core.errors").PerResError, match=f"{name} must be a finite number"):
+                facts.require_finite(node_facts, {name: bad})
