@@ -456,17 +456,49 @@ def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str
     return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))
 
 
+# The random diffusion transformers (tests/dit_models.py) by benchmark family name, with the weight_dtype Load
+# Diffusion Model gets: Anima as released (bf16 with --precision bf16), Krea 2 in fp8 as users fit it.
+DIT_FAMILIES = {"anima": ("Anima", "default"), "krea2": ("Krea2", "fp8_e4m3fn")}
+FAMILY_CHOICES = ("sd15", "sdxl", *DIT_FAMILIES)
+
+
 def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default",
-               dynamic_vram: str = "off"):
-    """(model, clip, vae) of the tests' random checkpoint of `family` ("sd15" or "sdxl")."""
+               dynamic_vram: str = "off", krea2_blocks: int = 2):
+    """(model, clip, vae) of the tests' random model of `family` ("sd15", "sdxl", "anima" or "krea2"; the DiTs
+    through Load Diffusion Model, Load CLIP and Load VAE)."""
     if family == "sd15":
         return load_sd15(device, threads, precision, attention, dynamic_vram)
     workdir = start(device, precision, attention, dynamic_vram)
     set_threads(threads)
-    loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint(workdir))
-    if device == "cpu" and precision == "bf16":
+    if family in DIT_FAMILIES:
+        from dit_models import DIT_TEST_MODELS, krea2_with_blocks, stock_loaded
+
+        config_name, weight_dtype = DIT_FAMILIES[family]
+        spec = next(m for m in DIT_TEST_MODELS if m.config_name == config_name)
+        if config_name == "Krea2":
+            spec = krea2_with_blocks(krea2_blocks)  # all 28 on a GPU (gpu_check); the tests' 2 on this CPU
+        loaded = stock_loaded(spec, workdir, weight_dtype)
+    else:
+        loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint(workdir))
+    if device == "cpu" and precision == "bf16" and loaded[0].model.get_dtype() == torch_dtype("bf16"):
         compute_in_bf16(loaded[0])  # as the SDXL tests run it: bf16 matmuls, no fp32 weight copies
     return loaded
+
+
+def image_latents(model, vae, images):
+    """One latent per image, as PerRes Train Residuals encodes them, in the shape the model's LATENTs have (a
+    video VAE's single frame kept for the DiTs: what TrainLoraNode reads too)."""
+    import torch
+
+    with torch.inference_mode():
+        latents = pack("nodes.host.training").encode_images(vae, images, model)
+    return latents.unsqueeze(2) if model.model.latent_format.latent_dimensions == 3 else latents
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def stock_trainer_inputs(overrides: dict) -> dict:

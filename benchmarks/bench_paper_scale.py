@@ -27,7 +27,10 @@ On this 2-core CPU VM, 512 px needs about 13 GiB of memory in all without checkp
 is a quicker look.
 
 SDXL at its own 1024 px, batch 4, takes many minutes per step on this CPU; `--family sdxl --resolution 512
---batch 1` is what it measures in reasonable time (benchmarks/README.md has the figures).
+--batch 1` is what it measures in reasonable time (benchmarks/README.md has the figures). The DiTs the same way:
+`--family anima --resolution 256 --batch 1` (Anima at its exact 2 B size, bf16) and `--family krea2` (Krea 2's
+exact block at its width with 2 of its 28 blocks, fp8 weights) run in minutes; the bound is then the frozen
+DiT's forward + backward.
 
 Run from the pack root:
     python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
@@ -49,9 +52,11 @@ TRAINERS = ("bound", "plain", "ckpt")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
+    p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
-                        "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own)")
+                        "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own); anima, "
+                        "krea2: the random DiTs through the stock loaders (Anima bf16 at its exact size, Krea 2 with "
+                        "fp8 weights and 2 of its 28 blocks)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="UNet weights; default fp32 for sd15, bf16 for sdxl")
     p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
@@ -74,7 +79,7 @@ def train_node(model, clip, vae, images, resolution: int, batch: int, steps: int
 
 
 def precision(opts: argparse.Namespace) -> str:
-    return opts.precision or ("bf16" if opts.family == "sdxl" else "fp32")
+    return opts.precision or ("fp32" if opts.family == "sd15" else "bf16")
 
 
 def measure(name: str, model, clip, vae, images, latents, conditioning, opts) -> dict:
@@ -98,7 +103,7 @@ def run_one(opts: argparse.Namespace) -> dict:
     """In a child process: load the model and measure the trainer opts.only."""
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention)
     images = make_images(opts.batch, opts.resolution)
-    latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]["samples"]
+    latents = bc.image_latents(model, vae, images)
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(
         model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary

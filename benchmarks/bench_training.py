@@ -1,7 +1,8 @@
 """Per-step training time: PerRes Train Residuals vs. the plain-UNet bound vs. ComfyUI's TrainLoraNode.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32), one batch and resolution, and one
-row per gradient-checkpointing setting (--checkpointing off,on: both by default), each comparing
+One run, one model (the tests' random-weight SD1.5 checkpoint, fp32; with --family anima or krea2 the random
+DiT through the stock loaders, bf16 compute), one batch and resolution, and one row per gradient-checkpointing
+setting (--checkpointing off,on: both by default), each comparing
 
   (a) perres  the PerResTrainResiduals node executed as ComfyUI executes it (inference mode, real
               ModelPatcher), with that gradient_checkpointing; VAE/CLIP encoding and the first (warm-up)
@@ -11,14 +12,15 @@ row per gradient-checkpointing setting (--checkpointing off,on: both by default)
               with the same modules recomputed in backward when that row checkpoints,
 
 and, once per run,
-  (c) stock   ComfyUI's TrainLoraNode (comfy_extras/nodes_train.py), rank 8, fp32, on latents from
-              VAEEncode and conditioning from CLIPTextEncode.
+  (c) stock   ComfyUI's TrainLoraNode (comfy_extras/nodes_train.py), rank 8, in the run's precision, on
+              latents from VAEEncode and conditioning from CLIPTextEncode (target: PerRes at most 0.20× its
+              step on SD1.5, 0.5× on the DiTs, where every layer it trains is far wider).
 
 Per-step times come from a process-wide torch optimizer step post-hook, so all three are timed the
 same way: the duration between consecutive optimizer steps (steps 2..N of each run). bound and
 perres alternate for --rounds rounds to spread noise; medians are reported.
 
-Run from the pack root:  python benchmarks/bench_training.py [--resolution 64] [--batch 4] [--steps 5]
+Run from the pack root:  python benchmarks/bench_training.py [--family sd15] [--resolution 64] [--batch 4] [--steps 5]
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ CAPTION = "a photo of a sks dog"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
+                   help="the tests' random model: sd15 (default, fp32), sdxl, anima or krea2 (bf16)")
     p.add_argument("--resolution", type=int, default=64, help="image side in px (latent = /8); default 64")
     p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per PerRes/bound run (plus 1 warm-up)")
@@ -68,10 +72,11 @@ def make_images(batch: int, resolution: int):
 
 def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock,
               checkpointing: bool = False):
-    """Plain frozen-UNet forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
-    model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector); `conditioning` is the caption's
-    (nodes.host.training.caption_conditioning). With `checkpointing`, the modules PerRes recomputes in
-    backward (nodes.host.training.checkpoint_units) are recomputed here too."""
+    """Plain frozen-denoiser forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
+    model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector; the DiTs' block outputs, with their
+    flow target); `conditioning` is the caption's (nodes.host.training.caption_conditioning). With
+    `checkpointing`, the modules PerRes recomputes in backward (nodes.host.training.checkpoint_units) are
+    recomputed here too."""
     import torch
     import torch.nn.functional as F
     import comfy.model_management as mm
@@ -85,12 +90,13 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
         mm.load_models_gpu([model], force_full_load=True)
         device = model.load_device
         unet = model.model.diffusion_model
-        x0_all = model.model.process_latent_in(latents.clone().float()).to(device)
+        x0_all = host.model_latents(model.model, host.image_latents(latents, model)).to(device)
         dtype = host.training_dtype(model.model)
         rows = conditioning.select(torch.zeros(batch, dtype=torch.long)).to(device, dtype)
         host_model = bc.pack_module("nodes.host.model")
         family, schedule = host_model.family_of_model(model), host_model.diffusion_schedule(model)
-        residuals = residual.ResidualSet.for_family(family, residual.DEFAULT_RANK_RATIO)
+        residuals = residual.ResidualSet.for_family(family, residual.DEFAULT_RANK_RATIO,
+                                                    host_model.unet_config_of(model))
         residuals.initialize("random", seed)
         for layer in residuals.layers.values():
             layer.to(device).requires_grad_(True)
@@ -98,8 +104,10 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
         gen = torch.Generator(device=device).manual_seed(seed)
         recompute = bc.pack_module("perres_core.grad_checkpoint").recompute_in_backward
         units = host.checkpoint_units(unet) if checkpointing else []
-        with host.frozen_for_backward(unet), hooks.proj_out_hooks(unet, family, hooks.full_residual(residuals.layers)), \
-                recompute(units):
+        predict = host.denoiser_prediction(model.model)
+        kernels = bc.pack_module("nodes.host.differentiable_kernels").differentiable_host_kernels
+        with host.frozen_for_backward(unet), hooks.residual_hooks(unet, residuals.layers), \
+                recompute(units), kernels():
             assert not any(p.requires_grad for p in unet.parameters())
             for step in range(steps + 1):
                 if step == 1:
@@ -110,7 +118,7 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
                 t = torch.randint(0, schedule.num_timesteps, (batch,), generator=gen, device=device)
                 noise = torch.randn(x0.shape, generator=gen, device=device)
                 x_t = training.noisy_latents(x0, noise, t, schedule)
-                output = unet(x_t.to(dtype), t.float(), context=rows.context, y=rows.vector)
+                output = predict(x_t.to(dtype), t, rows)
                 loss = F.mse_loss(output.float(), schedule.target(x0, noise, t))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -127,28 +135,35 @@ def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int
                        resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
 
 
-def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int):
-    """TrainLoraNode with these settings and fp32, the host's own defaults for the rest."""
+def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int,
+              training_dtype: str = "fp32"):
+    """TrainLoraNode with these settings, the host's own defaults for the rest."""
     return bc.run_stock_trainer(bc.stock_trainer_inputs({
         "model": model, "latents": latents, "positive": positive, "batch_size": batch, "steps": steps,
-        "learning_rate": 5e-4, "rank": rank, "seed": seed, "training_dtype": "fp32", "lora_dtype": "fp32",
+        "learning_rate": 5e-4, "rank": rank, "seed": seed, "training_dtype": training_dtype, "lora_dtype": "fp32",
         "gradient_checkpointing": checkpointing}))
+
+
+def precision(opts: argparse.Namespace) -> str:
+    """fp32 for SD1.5 (the CPU figures compare like with like), bf16 for the larger models."""
+    return "fp32" if opts.family == "sd15" else "bf16"
 
 
 def main() -> None:
     opts = parse_args()
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
+    model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts))
     import torch
     say = bc.say
     images = make_images(opts.batch, opts.resolution)
-    latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
+    latents = {"samples": bc.image_latents(model, vae, images)}  # one latent per image, as PerRes encodes them
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(model, clip, CAPTION, opts.resolution,
                                                                                  opts.resolution)
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
         f"load device {model.load_device}; images {tuple(images.shape)}, latents {tuple(latents['samples'].shape)}")
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} timed steps "
-        f"(+1 warm-up) x {opts.rounds} rounds, fp32, device {opts.device}, torch threads {torch.get_num_threads()}; "
+        f"(+1 warm-up) x {opts.rounds} rounds, {precision(opts)}, device {opts.device}, torch threads "
+        f"{torch.get_num_threads()}; "
         f"{bc.load_note()}")
 
     def fmt(values):
@@ -205,7 +220,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with bc.PeakMemory() as m:
                 run_stock(model, latents, positive, opts.batch, opts.stock_steps, opts.stock_rank, stock_key[1],
-                          seed=0)
+                          seed=0, training_dtype=precision(opts))
             stock_total = time.perf_counter() - t0
             mem[stock_key] = m
             wall[stock_key] = clock.durations()
@@ -229,7 +244,8 @@ def main() -> None:
     say("=" * 78)
     bc.say_settings(opts, "per optimizer step, the PerRes node vs the frozen-UNet bound with the same gradient "
                             "checkpointing (one row per setting), and the PerRes node vs ComfyUI's TrainLoraNode")
-    say(f"TRAINING  ComfyUI {bc.comfy_version('')}  resolution {opts.resolution}px  batch {opts.batch}  fp32  "
+    say(f"TRAINING  {opts.family}  ComfyUI {bc.comfy_version('')}  resolution {opts.resolution}px  batch {opts.batch}  "
+        f"{precision(opts)}  "
         f"device {opts.device}  torch threads {torch.get_num_threads()}")
     say(f"  {bc.load_note()}")
     for checkpointing in opts.checkpointing:
@@ -249,8 +265,8 @@ def main() -> None:
         report_glue(breakdown, checkpointing)
     if stock_total is not None:
         stock = stock_total / opts.stock_steps
-        say(f"  -- (c) stock: rank {opts.stock_rank}, fp32, AdamW, {row(stock_key[1])}, every layer trained; "
-            f"{opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} UNet samples per "
+        say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {row(stock_key[1])}, every layer "
+            f"trained; {opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} UNet samples per "
             f"step (calc_cond_batch)")
         say(f"      s/step wall: {stock:.3f} (node total / steps: setup and warm-up step included)")
         say(f"      between optimizer steps wall: {bc.spread(wall[stock_key])}")
@@ -258,8 +274,9 @@ def main() -> None:
         matching = ("perres", stock_key[1])
         if matching in wall:
             perres = bc.median(wall[matching])
+            target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
             say(f"  perres/stock ({row(stock_key[1])} both) = {perres / stock:.3f} wall (stock = total/steps)   "
-                f"(target <= 0.20: {bc.verdict(perres / stock, 0.20)})")
+                f"(target <= {target:.2f}: {bc.verdict(perres / stock, target)})")
             if wall[stock_key]:
                 say(f"  perres/stock between-step = {perres / bc.median(wall[stock_key]):.3f} wall, "
                     f"{bc.median(cpu[matching]) / bc.median(cpu[stock_key]):.3f} cpu")

@@ -1,7 +1,8 @@
 """The paper-scale GPU check: one command, one table, one JSON file.
 
 For each family asked for (--families sd15,sdxl), on the tests' random-weight checkpoint of that family with
-ComfyUI running the UNet in fp16 (--fp16-unet, what users' GPUs run), at batch 4:
+ComfyUI running the UNet in fp16 (--fp16-unet, what users' GPUs run), at batch 4 (the DiTs, --families
+anima,krea2, in a pass of their own: bf16, Krea 2 with fp8 weights and all 28 blocks on a GPU):
 
   perres_plain   PerRes Train Residuals, gradient_checkpointing off
   perres_ckpt    PerRes Train Residuals, gradient_checkpointing on (the default)
@@ -17,6 +18,11 @@ ComfyUI running the UNet in fp16 (--fp16-unet, what users' GPUs run), at batch 4
   SDXL   1024 px, --sdxl-train-steps (150 by default; fewer on a lent machine, with the 150-step time
          extrapolated), 30-step dpmpp_2m karras. Targets: perres_ckpt peak <= 10 GiB (12 GB cards train SDXL
          with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.10x the merged LoRA.
+  Anima  1024 px, --dit-train-steps (150), 30-step er_sde at cfg 4. Target: perres_ckpt peak <= 14 GiB.
+  Krea 2 1024 px, fp8 weights, all 28 blocks (12.8 B; built on the machine, 26 GB), --dit-train-steps, Turbo's
+         8-step euler at cfg 1. Target: perres_ckpt peak <= 22 GiB (24 GB cards train it with the defaults).
+         One 8-minute call cannot also hold SD1.5 and SDXL: the DiTs are a call of their own, with fewer steps
+         and the 150-step time extrapolated (benchmarks/README.md). No LAG phases on the DiTs (not there yet).
 
 Training figures are the node call's wall time (VAE encoding and setup included) and
 torch.cuda.max_memory_allocated during the call. ComfyUI 0.33.0 runs NVIDIA GPUs with dynamic VRAM
@@ -64,12 +70,18 @@ class FamilyPlan:
     peak_target_gib: float
     lag_lora_target: float
     plain_150_target_s: Optional[float]  # the paper-scale speed target (SD1.5 on an H100 only)
+    cfg: float = 6.0
+    latent: str = "EmptyLatentImage"     # the family's empty latent (16 channels for the DiTs)
+    lag: bool = True                     # LAG and LAG LoRA run on it (the UNets; DiT LAG is not there yet)
+    precision: str = "fp16"              # the UNets in fp16 as users' GPUs run them; the DiTs in bf16 (Krea 2: fp8)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--families", default="sd15", help="comma-separated: sd15, sdxl (default sd15)")
+    p.add_argument("--families", default="sd15",
+                   help="comma-separated: sd15, sdxl (default sd15), or anima, krea2: the DiTs run in a pass of "
+                        "their own (bf16; the host starts once per process with one precision)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=512, help="SD1.5 side in px")
     p.add_argument("--train-steps", type=int, default=PAPER_STEPS, help="SD1.5 training steps")
@@ -79,6 +91,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--sdxl-train-steps", type=int, default=PAPER_STEPS)
     p.add_argument("--sdxl-sample-steps", type=int, default=30)
     p.add_argument("--sdxl-sample-repeats", type=int, default=None, help="default: --sample-repeats")
+    p.add_argument("--dit-resolution", type=int, default=1024, help="Anima and Krea 2 side in px")
+    p.add_argument("--dit-train-steps", type=int, default=PAPER_STEPS,
+                   help="Anima and Krea 2 training steps (fewer on a lent machine, the 150-step time extrapolated)")
+    p.add_argument("--dit-sample-repeats", type=int, default=None, help="default: --sample-repeats")
+    p.add_argument("--krea2-blocks", type=int, default=None,
+                   help="blocks of the random Krea 2 (default: all 28 on cuda; the tests' 2 on a CPU)")
     p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")
     p.add_argument("--skip-stock-families", default="",
                    help="comma-separated families to run without TrainLoraNode (the CPU rehearsal: sdxl)")
@@ -91,17 +109,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", default="gpu_check.json", help="where to write the figures")
     opts = p.parse_args(argv)
     if opts.smoke:
-        opts.resolution = opts.sdxl_resolution = 64
-        opts.train_steps = opts.sdxl_train_steps = 2
+        opts.resolution = opts.sdxl_resolution = opts.dit_resolution = 64
+        opts.train_steps = opts.sdxl_train_steps = opts.dit_train_steps = 2
         opts.sample_steps = opts.sdxl_sample_steps = 2
         opts.sample_repeats = 1
     if opts.sdxl_sample_repeats is None:
         opts.sdxl_sample_repeats = opts.sample_repeats
+    if opts.dit_sample_repeats is None:
+        opts.dit_sample_repeats = opts.sample_repeats
+    if opts.krea2_blocks is None:
+        opts.krea2_blocks = 28 if opts.device == "cuda" else 2
     opts.families = [name.strip() for name in opts.families.split(",") if name.strip()]
     opts.skip_stock_families = [name.strip() for name in opts.skip_stock_families.split(",") if name.strip()]
-    unknown = set(opts.families) - {"sd15", "sdxl"}
+    unknown = set(opts.families) - {"sd15", "sdxl", *bc.DIT_FAMILIES}
     if unknown or not opts.families:
-        p.error(f"--families takes sd15 and/or sdxl, got {opts.families}")
+        p.error(f"--families takes sd15 and/or sdxl, or anima and/or krea2, got {opts.families}")
+    if {"sd15", "sdxl"} & set(opts.families) and set(bc.DIT_FAMILIES) & set(opts.families):
+        p.error("run the DiTs (anima, krea2) in a pass of their own: the host starts once per process, with one "
+                "precision (fp16 for the UNets, bf16 for the DiTs)")
     return opts
 
 
@@ -113,6 +138,13 @@ def plans(opts: argparse.Namespace) -> list[FamilyPlan]:
         "sdxl": FamilyPlan("sdxl", opts.sdxl_resolution, opts.sdxl_train_steps, opts.sdxl_sample_steps,
                            opts.sdxl_sample_repeats, "dpmpp_2m", "karras", peak_target_gib=10.0,
                            lag_lora_target=1.10, plain_150_target_s=None),
+        # Targets: Anima trains with the defaults on a 16 GB card, Krea 2 with fp8 weights on a 24 GB card.
+        "anima": FamilyPlan("anima", opts.dit_resolution, opts.dit_train_steps, 30, opts.dit_sample_repeats,
+                            "er_sde", "simple", peak_target_gib=14.0, lag_lora_target=0.0, plain_150_target_s=None,
+                            cfg=4.0, latent="EmptySD3LatentImage", lag=False, precision="bf16"),
+        "krea2": FamilyPlan("krea2", opts.dit_resolution, opts.dit_train_steps, 8, opts.dit_sample_repeats,
+                            "euler", "simple", peak_target_gib=22.0, lag_lora_target=0.0, plain_150_target_s=None,
+                            cfg=1.0, latent="EmptySD3LatentImage", lag=False, precision="bf16"),
     }
     return [every[name] for name in opts.families]
 
@@ -192,7 +224,7 @@ def train_perres(model, clip, vae, images, plan: FamilyPlan, batch: int, checkpo
 
 
 def train_stock(model, vae, clip, images, plan: FamilyPlan, batch: int) -> dict:
-    latents = bc.run_node("VAEEncode", pixels=images, vae=vae)[0]
+    latents = {"samples": bc.image_latents(model, vae, images)}
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
     values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": positive,
                                       "steps": plan.train_steps, "batch_size": batch, "seed": 0})
@@ -204,25 +236,26 @@ def train_stock(model, vae, clip, images, plan: FamilyPlan, batch: int) -> dict:
 
 
 def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
-    """Seconds per sampling run of the base model, PerRes Apply, PerRes LAG, and a rank-32 LoRA merged by
-    LoraLoaderModelOnly and through PerRes LAG LoRA; the same seed, latent and CFG for all."""
+    """Seconds per sampling run of the base model, PerRes Apply, and on UNets PerRes LAG and a rank-32 LoRA merged
+    by LoraLoaderModelOnly and through PerRes LAG LoRA; the same seed, latent and CFG for all."""
     applied = bc.run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=1.0)[0]
-    lag_model, lag_positive = bc.run_node("PerResLAGSampling", model=model, clip=clip, residuals=residuals,
-                                          prompt=PROMPT, concept_words="sks dog", strength=1.0,
-                                          threshold="median", quantile=0.5, start_percent=0.0, end_percent=1.0,
-                                          outside_window="full residual")[:2]
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
     negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
-    latent = bc.run_node("EmptyLatentImage", width=plan.resolution, height=plan.resolution, batch_size=1)[0]
-    lora = attention_ff_lora(model, family_of(plan.family))
-    configs = {"base": (model, positive), "apply": (applied, positive), "lag": (lag_model, lag_positive),
-               "lora_merged": (merged_lora_model(model, lora), positive),
-               "lora_lag": lag_lora_model(model, clip, lora)}
+    latent = bc.run_node(plan.latent, width=plan.resolution, height=plan.resolution, batch_size=1)[0]
+    configs = {"base": (model, positive), "apply": (applied, positive)}
+    if plan.lag:
+        lag_model, lag_positive = bc.run_node("PerResLAGSampling", model=model, clip=clip, residuals=residuals,
+                                              prompt=PROMPT, concept_words="sks dog", strength=1.0,
+                                              threshold="median", quantile=0.5, start_percent=0.0,
+                                              end_percent=1.0, outside_window="full residual")[:2]
+        lora = attention_ff_lora(model, family_of(plan.family))
+        configs.update({"lag": (lag_model, lag_positive), "lora_merged": (merged_lora_model(model, lora), positive),
+                        "lora_lag": lag_lora_model(model, clip, lora)})
     times: dict[str, list[float]] = {name: [] for name in configs}
     for repeat in range(plan.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
         for name, (patcher, pos) in configs.items():
             with CudaPeak() as phase:
-                bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=6.0,
+                bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=plan.cfg,
                             sampler_name=plan.sampler, scheduler=plan.scheduler, positive=pos, negative=negative,
                             latent_image=latent, denoise=1.0)
             if repeat:
@@ -269,8 +302,8 @@ def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> 
 def load(plan: FamilyPlan, opts: argparse.Namespace, held: dict) -> dict:
     """Start the host (first family only), build or reuse the cached checkpoint, and load it."""
     with CudaPeak() as phase:
-        held["objects"] = bc.load_model(plan.family, opts.device, threads=0, precision="fp16",
-                                        dynamic_vram=opts.dynamic_vram)
+        held["objects"] = bc.load_model(plan.family, opts.device, threads=0, precision=plan.precision,
+                                        dynamic_vram=opts.dynamic_vram, krea2_blocks=opts.krea2_blocks)
     model = held["objects"][0]
     return {"seconds": phase.seconds, "unet_dtype": str(model.model.get_dtype()),
             "compute_dtype": str(model.model.manual_cast_dtype or model.model.get_dtype()),
@@ -296,9 +329,10 @@ def targets(plan: FamilyPlan, section: dict) -> dict:
             return sampling[a]["seconds"] / sampling[b]["seconds"]
         return None
 
-    found = {"perres_ckpt_peak_gib": {"value": None if peak is None else peak / GIB, "target": plan.peak_target_gib},
-             "lag_over_apply": {"value": ratio("lag", "apply"), "target": 1.05},
-             "lag_lora_over_merged_lora": {"value": ratio("lora_lag", "lora_merged"), "target": plan.lag_lora_target}}
+    found = {"perres_ckpt_peak_gib": {"value": None if peak is None else peak / GIB, "target": plan.peak_target_gib}}
+    if plan.lag:
+        found["lag_over_apply"] = {"value": ratio("lag", "apply"), "target": 1.05}
+        found["lag_lora_over_merged_lora"] = {"value": ratio("lora_lag", "lora_merged"), "target": plan.lag_lora_target}
     if plan.plain_150_target_s is not None:
         found["perres_plain_150_steps_s"] = {"value": per_150_steps(section.get("perres_plain")),
                                              "target": plan.plain_150_target_s}

@@ -17,7 +17,8 @@
 #
 # PYTHON (default python3) is the interpreter that has torch; PERRES_DEVICE (default cuda) is cpu for the
 # rehearsal (benchmarks/gpu_rehearse.sh); FAMILIES (default sd15,sdxl) are the first pass's families;
-# SKIP_STOCK_FAMILIES (default none) run there without TrainLoraNode.
+# SKIP_STOCK_FAMILIES (default none) run there without TrainLoraNode. FAMILIES=anima,krea2 is the DiT call
+# instead: one pass, DIT_TRAIN_STEPS (10) steps each, no TrainLoraNode on Krea 2 unless SKIP_STOCK_FAMILIES says.
 set -uo pipefail
 
 SMOKE=0
@@ -27,6 +28,7 @@ PYTHON="${PYTHON:-python3}"
 DEVICE="${PERRES_DEVICE:-cuda}"
 BUDGET_S="${BUDGET_S:-470}"
 SDXL_TRAIN_STEPS="${SDXL_TRAIN_STEPS:-20}"
+DIT_TRAIN_STEPS="${DIT_TRAIN_STEPS:-10}"
 FAMILIES="${FAMILIES:-sd15,sdxl}"
 OUT="${OUT:-$PACK/gpu_out}"
 BUNDLE="${GPU_BUNDLE:-$PACK/.gpu_bundle}/bundle.tar.xz"
@@ -104,8 +106,16 @@ FIRST=(--sdxl-train-steps "$SDXL_TRAIN_STEPS" --sdxl-sample-repeats 1)
 SECOND=(--train-steps 50 --sample-repeats 1 --skip-stock)
 if [ "$SMOKE" = 1 ]; then FIRST=(--smoke); SECOND=(--smoke --skip-stock); fi
 : >"$OUT/summary.txt"
-run_pass dyn_on 90 --families "$FAMILIES" --dynamic-vram on --skip-stock-families "${SKIP_STOCK_FAMILIES:-}" "${FIRST[@]}"
-run_pass dyn_off 5 --families sd15 --dynamic-vram off "${SECOND[@]}"
+case ",$FAMILIES," in
+  *,anima,*|*,krea2,*)  # the DiTs: a call of their own, one pass (benchmarks/README.md, gpu_check.py)
+    [ "$SMOKE" = 1 ] || FIRST=(--dit-train-steps "$DIT_TRAIN_STEPS" --dit-sample-repeats 1)
+    run_pass dits 5 --families "$FAMILIES" --dynamic-vram on --skip-stock-families "${SKIP_STOCK_FAMILIES:-krea2}" \
+      "${FIRST[@]}" ;;
+  *)
+    run_pass dyn_on 90 --families "$FAMILIES" --dynamic-vram on --skip-stock-families "${SKIP_STOCK_FAMILIES:-}" \
+      "${FIRST[@]}"
+    run_pass dyn_off 5 --families sd15 --dynamic-vram off "${SECOND[@]}" ;;
+esac
 say "done in $(( $(date +%s) - START ))s; results in $OUT"
 cat "$OUT/summary.txt"
 [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"

@@ -21,8 +21,9 @@ class ApplyResiduals(io.ComfyNode):
             description="Applies residuals to every location (W + strength·ΔW) as a weight patch: no cost while "
                         "sampling, identical to loading the saved file with LoraLoaderModelOnly.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x or SDXL-family model (the family the residual was trained on); a "
-                               "patched clone is returned."),
+                io.Model.Input("model", tooltip="A model of the family the residual was trained on (SD1.x, SDXL "
+                                                "family, Anima or Krea 2; any checkpoint of it); a patched clone is "
+                                                "returned."),
                 Residuals.Input("residuals", tooltip="From PerRes Train Residuals or PerRes Load Residuals."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
                                tooltip="1 applies the learned residual; 0 gives the base model."),

@@ -124,7 +124,8 @@ class LoadResiduals(io.ComfyNode):
             display_name=LOAD_NAME,
             category="PerRes",
             description="Loads a residual file saved by PerRes Save Residuals from models/loras and checks it; the "
-                        "node shows the model family the residual was trained on (SD1.x or SDXL) and its words.",
+                        "node shows the model family the residual was trained on (SD1.x, SDXL, Anima or Krea 2) "
+                        "and its words.",
             inputs=[io.Combo.Input("residual_name", options=residual_file_list(),
                                    tooltip="A residual saved by PerRes Save Residuals; only files under "
                                            "models/loras that carry PerRes metadata are listed.")],

@@ -13,7 +13,7 @@ from .file_nodes import lora_file_list
 from .node_guard import guarded
 from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .host.lag_patch import LagConcept, LagPatch
-from .host.model import family_of_model, require_fits
+from .host.model import lag_family_of_model, require_fits
 from .host.text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
 from .node_warnings import NodeWarnings, node_id_of
 from .types import Concepts, Residuals
@@ -158,7 +158,7 @@ class LagSampling(io.ComfyNode):
     def execute(cls, model, clip, prompt: str, concept_words: str, strength: float, threshold: str, quantile: float,
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
-        family_of_model(model)
+        lag_family_of_model(model)
         if not prompt.strip():
             raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
         if start_percent > end_percent:
@@ -196,7 +196,7 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     """(patched clone, positive conditioning) for the concepts.
 
     `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
-    family = family_of_model(model)
+    family = lag_family_of_model(model)
     for spec in specs:
         if spec.residuals is not None:
             require_fits(model, spec.residuals, f"the residual for '{spec.label}'")

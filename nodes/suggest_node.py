@@ -15,8 +15,8 @@ from ..perres_core.errors import PerResError
 from ..perres_core.images import prepare_batch
 from .node_guard import guarded
 from .image_lists import images_of, single_values
-from .host.model import diffusion_schedule, require_trainable, resident_clone, unet_of
-from .host.training import caption_conditioning, training_dtype, unet_prediction
+from .host.model import diffusion_schedule, require_trainable, resident_clone
+from .host.training import caption_conditioning, denoiser_prediction, encode_images, model_latents, training_dtype
 from .node_warnings import NodeWarnings, node_id_of
 
 log = logging.getLogger("perres")
@@ -42,10 +42,10 @@ def rank_on_model(model, latents: torch.Tensor, conditioning: Conditioning, word
     """Rank `words` on a loaded copy of `model` (the copy training runs on); latents are VAE latents (unscaled)."""
     patcher = resident_clone(model)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
+    x0 = model_latents(patcher.model, latents).cpu()
     schedule = diffusion_schedule(patcher)
     trials = TrialSchedule.draw(tuple(x0.shape), budget, schedule.num_timesteps, seed)
-    return rank_candidates(unet_prediction(unet_of(patcher)), x0, conditioning.cpu_float(), words, schedule,
+    return rank_candidates(denoiser_prediction(patcher.model), x0, conditioning.cpu_float(), words, schedule,
                            trials, chunk_size(patcher, tuple(x0.shape)), on_progress,
                            device=patcher.load_device, dtype=training_dtype(patcher.model))
 
@@ -62,7 +62,8 @@ class SuggestClassWord(io.ComfyNode):
                         "model predicts the noise best, at the same timesteps and noise for every word, wins. "
                         "Wire `class_word` into PerRes Train Residuals.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x or SDXL-family model you will train on; it is never modified."),
+                io.Model.Input("model", tooltip="The model you will train on (SD1.x, SDXL family, Anima or Krea 2); it "
+                                                "is never modified."),
                 io.Clip.Input("clip", tooltip="Encodes 'a photo of a <word>' for every candidate."),
                 io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
                 io.Image.Input("images", tooltip="The reference images you will train on."),
@@ -106,7 +107,7 @@ class SuggestClassWord(io.ComfyNode):
             raise PerResError("no reference images were given; connect the images you will train on "
                               "(e.g. from 'PerRes Load Concept Images').")
         pixels = prepare_batch(images, resolution)
-        latents = vae.encode(pixels)
+        latents = encode_images(vae, pixels, model)
         conditioning = Conditioning.cat([caption_conditioning(model, clip, caption_for(word), resolution,
                                                               resolution) for word in words])
         progress = comfy.utils.ProgressBar(1)

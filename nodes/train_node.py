@@ -1,4 +1,5 @@
-"""PerRes Train Residuals: learn ΔW_i = A_i·B_i for the proj_out layers of a frozen SD1.x or SDXL UNet."""
+"""PerRes Train Residuals: learn ΔW_i = A_i·B_i for the residual layers of a frozen denoiser: the proj_out layers of
+an SD1.x or SDXL UNet, the block output layers of an Anima or Krea 2 DiT (perres_core.families)."""
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,9 @@ from ..perres_core.residual import (DEFAULT_RANK_RATIO, ConceptInfo, ResidualSet
                                     steps_trained, training_date)
 from ..perres_core.training import LatentBucket, TrainSettings, loss_weights
 from .node_guard import guarded
-from .host.model import require_trainable, with_residual_weights
+from .host.model import require_trainable, unet_config_of, with_residual_weights
 from .host.text_tokens import check_concept_word, word_token_ids
-from .host.training import caption_conditioning, train_on_model
+from .host.training import caption_conditioning, encode_images, train_on_model
 from .image_lists import CROP_TOOLTIP, images_of, single_values
 from .node_warnings import NodeWarnings, node_id_of
 from .train_monitor import TrainingMonitor
@@ -54,7 +55,7 @@ def check_numbers(steps: int, batch_size: int, learning_rate: float, rank_ratio:
     rank_for(320, rank_ratio)  # raises for ratios outside (0, 1]
     if resolution != AUTO_RESOLUTION and (resolution % 8 or resolution < 64):
         raise PerResError(f"resolution must be a multiple of 8 and at least 64 (or 0 for the model's own: 512 for "
-                          f"SD1.x, 1024 for SDXL), got {resolution}.")
+                          f"SD1.x, 1024 for SDXL, Anima and Krea 2), got {resolution}.")
 
 
 def training_resolution(resolution: int, family: ModelFamily, warnings: NodeWarnings) -> int:
@@ -75,15 +76,19 @@ class TrainResiduals(io.ComfyNode):
             node_id="PerResTrainResiduals",
             display_name=NAME,
             category="PerRes",
-            description="Learns personalized residuals (Ham et al. 2024) for the proj_out layers of a frozen "
-                        "SD1.x UNet (16 layers) or SDXL-family UNet (11) from a few reference images, with the "
-                        "caption 'a photo of a <identifier> <class word>'. No regularization images; the text "
+            description="Learns personalized residuals (Ham et al. 2024) for a frozen model from a few reference "
+                        "images, with the caption 'a photo of a <identifier> <class word>': on the proj_out layers "
+                        "of an SD1.x UNet (16 layers) or SDXL-family UNet (11), on the block output layers of an "
+                        "Anima (84) or Krea 2 (56) diffusion transformer. No regularization images; the text "
                         "encoder is not trained.",
             inputs=[
-                io.Model.Input("model", tooltip="A frozen SD1.x or SDXL-family model (ε- or v-prediction); it is never "
+                io.Model.Input("model", tooltip="A frozen SD1.x or SDXL-family model (ε- or v-prediction), or an Anima "
+                                                "or Krea 2 diffusion model (fp8 weights train too); it is never "
                                                 "modified."),
-                io.Clip.Input("clip", tooltip="Encodes the training caption."),
-                io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once)."),
+                io.Clip.Input("clip", tooltip="Encodes the training caption: the checkpoint's CLIP, or the DiT's own "
+                                              "text encoder (Anima: Qwen3-0.6B; Krea 2: Qwen3-VL-4B, type krea2)."),
+                io.Vae.Input("vae", tooltip="Encodes the reference images to latents (once): the checkpoint's VAE, or "
+                                            "the Wan 2.1 VAE for Anima and Krea 2."),
                 io.Image.Input("images", tooltip="Reference images of the concept (3–20 work best): one batch, "
                                                   "or a list of images of any sizes."),
                 io.String.Input("identifier", default="sks",
@@ -96,12 +101,14 @@ class TrainResiduals(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5, round=False,
                                tooltip="AdamW learning rate (paper: 0.001)."),
                 io.Float.Input("rank_ratio", default=DEFAULT_RANK_RATIO, min=0.001, max=1.0, step=0.005,
-                               tooltip="Rank r_i = ratio × channels of each layer (paper: 0.05 → 1.24M parameters on "
-                                       "SD1.5, 1.19M on SDXL)."),
+                               tooltip="The residual's size. UNets: rank r_i = ratio × channels of each layer (paper: "
+                                       "0.05 → 1.24M parameters on SD1.5, 1.19M on SDXL). DiTs: 0.05 keeps the "
+                                       "paper's share of the model (Anima 3.1M, r = 6; Krea 2 18.5M, r = 19); "
+                                       "twice the ratio, twice the parameters."),
                 io.Int.Input("resolution", default=AUTO_RESOLUTION, min=0, max=2048, step=8,
                              tooltip="Training resolution: the side of the square (crop center) or of the square "
                                      "whose area the buckets keep (crop buckets). 0: the model's own (512 for "
-                                     "SD1.x, 1024 for SDXL)."),
+                                     "SD1.x, 1024 for SDXL, Anima and Krea 2)."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds initialisation, batches, timesteps and noise; same seed, same result."),
                 io.Combo.Input("init", options=["random", "zero"], default="random",
@@ -177,8 +184,9 @@ class TrainResiduals(io.ComfyNode):
         warnings = NodeWarnings(NAME, node_id_of(cls))
         resolution = training_resolution(resolution, family, warnings)
         if len(word_token_ids(clip, identifier)) > 1:
-            warnings.warn(f"identifier '{identifier}' is split into several tokens; a single rare token such as "
-                          "'sks' binds the concept more cleanly.")
+            warnings.warn(f"identifier '{identifier}' is split into several tokens; a rare word that this text "
+                          "encoder reads as one token (such as 'sks' for the CLIP of SD1.x and SDXL) binds the concept "
+                          "more cleanly.")
         if not images:
             raise PerResError("no reference images were given; connect 'PerRes Load Concept Images' "
                               "with a folder of 3–20 photos of the concept.")
@@ -197,7 +205,7 @@ class TrainResiduals(io.ComfyNode):
         concept = ConceptInfo(identifier, class_word)
         previous_steps = 0
         if initial_residuals is not None:
-            check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio))
+            check_continuable(initial_residuals, ResidualSet.for_family(family, rank_ratio, unet_config_of(model)))
             previous_steps = continued_steps(initial_residuals, concept, warnings)
             concept = replace(concept, caption_template=initial_residuals.concept.caption_template)
         latent_buckets = [latent_bucket(bucket, model, clip, vae, concept.caption(), background_weight)
@@ -215,7 +223,8 @@ class TrainResiduals(io.ComfyNode):
 
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; these must train
             if initial_residuals is None:
-                residuals = ResidualSet.for_family(family, rank_ratio, concept=concept, training=record)
+                residuals = ResidualSet.for_family(family, rank_ratio, unet_config_of(model), concept=concept,
+                                                   training=record)
                 residuals.initialize(init, seed)
             else:  # a copy: the input residuals (and their file) are never changed
                 residuals = replace(initial_residuals.detached_copy(), concept=concept, training=record,
@@ -238,7 +247,7 @@ class TrainResiduals(io.ComfyNode):
 
 def latent_bucket(bucket: ImageBucket, model, clip, vae, caption: str, background_weight: float) -> LatentBucket:
     """One bucket's VAE latents, the caption conditioned on its size (SDXL's size embedding) and its loss weights."""
-    latents = vae.encode(bucket.pixels)
+    latents = encode_images(vae, bucket.pixels, model)
     weights = None if bucket.masks is None else \
         loss_weights(bucket.masks, tuple(latents.shape[-2:]), background_weight)
     height, width = bucket.size

@@ -1,23 +1,24 @@
 """Low-rank personalized residuals ΔW = A·B (paper §3.2).
 
 A residual targets one layer with weight W of shape (m, n) (Linear) or (m, n, 1, 1) (1×1 conv).
-A ∈ R^{m×r} ("up"), B ∈ R^{r×n} ("down"), r = max(1, round(ratio·m)) with ratio 0.05 (§4.1).
+A ∈ R^{m×r} ("up"), B ∈ R^{r×n} ("down"); the rank comes from the family (perres_core.families): the paper's
+r = max(1, round(ratio·m)) with ratio 0.05 (§4.1) on UNets, the paper's share of the model on DiTs.
 """
 from __future__ import annotations
 
 import datetime
 import math
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .errors import PerResError
-from .families import ModelFamily, family_named, require_same_family
+from .families import PAPER_RANK_RATIO, ModelFamily, family_named, rank_for, require_same_family
 from .layer_delta import ConvGeometry, low_rank
 
-DEFAULT_RANK_RATIO = 0.05
+DEFAULT_RANK_RATIO = PAPER_RANK_RATIO
 # Both factors are drawn from N(0, INIT_STD²) by default ("each of the low-rank matrices are randomly
 # initialized", §4.1). 1e-2 keeps the initial ΔW about a hundred times smaller than SD's proj_out weights.
 INIT_STD = 1e-2
@@ -28,13 +29,6 @@ InitMode = Literal["random", "zero"]
 def training_date() -> str:
     """Today's ISO date: a residual set records the day its training run began (the file's modelspec.date)."""
     return datetime.date.today().isoformat()
-
-
-def rank_for(features: int, ratio: float = DEFAULT_RANK_RATIO) -> int:
-    """Rank r_i = max(1, round(ratio·m_i)) of the residual for a layer with m_i output features."""
-    if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
-        raise PerResError(f"rank_ratio must be in (0, 1], got {ratio}. The paper uses 0.05.")
-    return max(1, min(features, round(ratio * features)))
 
 
 class LowRankResidual(nn.Module):
@@ -136,10 +130,17 @@ class ResidualSet:
         return cls(layers=layers, concept=concept or ConceptInfo(), rank_ratio=rank_ratio, **kwargs)
 
     @classmethod
-    def for_family(cls, family: ModelFamily, rank_ratio: float = DEFAULT_RANK_RATIO, **kwargs) -> "ResidualSet":
-        """One residual per proj_out of `family` (Linear or 1×1 conv, as the family's layers are)."""
-        return cls.create(family.layer_shapes(), rank_ratio, conv=not family.linear_proj_out, base_model=family.name,
-                          **kwargs)
+    def for_family(cls, family: ModelFamily, rank_ratio: float = DEFAULT_RANK_RATIO,
+                   unet_config: Optional[Mapping[str, object]] = None, concept: ConceptInfo | None = None,
+                   **kwargs) -> "ResidualSet":
+        """One residual per residual layer of `family` (Linear or 1×1 conv, as the family's layers are), at the
+        family's rank; a DiT's depth comes from the loaded model's unet_config (the released depth without one)."""
+        layers = {layer.path: LowRankResidual(layer.out_features, layer.in_features, family.rank(layer, rank_ratio),
+                                              conv=layer.conv)
+                  for layer in family.residual_layers(unet_config)}
+        kwargs.setdefault("date", training_date())
+        return cls(layers=layers, concept=concept or ConceptInfo(), rank_ratio=rank_ratio, base_model=family.name,
+                   **kwargs)
 
     def initialize(self, mode: InitMode = "random", seed: int = 0) -> None:
         generator = torch.Generator().manual_seed(seed)

@@ -2,8 +2,9 @@
 
 Per layer the file holds `<kohya prefix>.lora_up.weight` = A, `.lora_down.weight` = B and `.alpha` = r, so
 that every LoRA loader computes W + strength·(alpha/r)·A·B = W + strength·ΔW exactly. The kohya prefix, the
-factors' shape ((m, r, 1, 1) for SD1.x's 1×1 convs, (m, r) for SDXL's Linear layers) and the metadata other
-tools read (ss_base_model_version, modelspec.architecture) come from the model family (perres_core.families).
+factors' shape ((m, r, 1, 1) for SD1.x's 1×1 convs, (m, r) for the Linear layers of SDXL and the DiTs) and the
+metadata other tools read (ss_base_model_version, modelspec.architecture) come from the model family
+(perres_core.families).
 Only safetensors are ever read: pickle files can run code when loaded.
 """
 from __future__ import annotations
@@ -14,20 +15,22 @@ import os
 import struct
 import tempfile
 from functools import lru_cache
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from safetensors import safe_open
 
 from .errors import PerResError
-from .families import FAMILIES, ModelFamily, family_of_kohya_prefixes
+from .families import FAMILIES, ModelFamily, a_model, family_of_kohya_prefixes
 from .residual import ConceptInfo, LowRankResidual, ResidualSet, family_of
 
 FORMAT_VERSION = "1"
 META_PREFIX = "perres."
 UP, DOWN, ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
-# Full-rank residuals on all 16 SD1.5 layers in fp32 take 99 MB (SDXL's 11: 91 MB); nothing legitimate is larger.
-MAX_FILE_BYTES = 128 * 1024 * 1024
+# The largest legitimate residual: Krea 2 at rank_ratio 1 (r = 379 on 56 layers) takes 1.5 GB in fp32 (at the
+# default 0.05: 74 MB; SD1.5 full rank: 99 MB). Checkpoints and full models are larger; and a file is refused on
+# its header (no PerRes metadata) before any tensor is read.
+MAX_FILE_BYTES = 2 * 1024 ** 3
 PICKLE_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 DAMAGED_FIX = "Copy the file again, or train and save the residual again with 'PerRes Save Residuals'."
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -44,17 +47,17 @@ def residuals_to_state_dict(residuals: ResidualSet) -> dict[str, torch.Tensor]:
     state = {}
     family = family_of(residuals)
     for path, layer in residuals.layers.items():
-        slot = family.slot_by_proj_out.get(path)
-        if slot is None:
-            raise PerResError(f"No file name is known for layer '{path}'; only {family.name} proj_out layers are "
+        known = family.layer_by_path.get(path)
+        if known is None:
+            raise PerResError(f"No file name is known for layer '{path}'; only {family.name}'s residual layers are "
                               "saved.")
         up = layer.up.detach().float().cpu().contiguous()
         down = layer.down.detach().float().cpu().contiguous()
         if layer.conv:
             up, down = up[..., None, None], down[..., None, None]
-        state[slot.kohya_prefix + UP] = up.contiguous()
-        state[slot.kohya_prefix + DOWN] = down.contiguous()
-        state[slot.kohya_prefix + ALPHA] = torch.tensor(float(layer.rank))
+        state[known.lora_name + UP] = up.contiguous()
+        state[known.lora_name + DOWN] = down.contiguous()
+        state[known.lora_name + ALPHA] = torch.tensor(float(layer.rank))
     return state
 
 
@@ -222,6 +225,7 @@ def load_residual_file(path: str) -> ResidualSet:
     except OSError as exc:
         raise PerResError(f"'{name}' cannot be read ({exc.strerror or exc}); check that the file is readable.") from exc
     metadata = header.get("__metadata__") or {}
+    require_perres_format([key for key in header if key != "__metadata__"], metadata, name)  # before any tensor
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
@@ -230,15 +234,20 @@ def load_residual_file(path: str) -> ResidualSet:
     return residuals_from_state_dict(tensors, metadata, name)
 
 
-def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                              name: str = "residual") -> ResidualSet:
+def require_perres_format(keys: Iterable[str], metadata: Mapping[str, str], name: str) -> None:
+    """Refuse a file without PerRes metadata (an ordinary LoRA, a checkpoint) or of another format version."""
     if metadata.get(META_PREFIX + "format") is None:
-        kind = "an ordinary LoRA, not" if any(k.endswith(UP) or "lora" in k for k in tensors) else "not"
+        kind = "an ordinary LoRA, not" if any(k.endswith(UP) or "lora" in k for k in keys) else "not"
         raise PerResError(f"'{name}' is {kind} a PerRes residual (it has no PerRes metadata). "
                           "Load LoRAs with ComfyUI's LoraLoader, or pick a file saved by 'PerRes Save Residuals'.")
     if metadata[META_PREFIX + "format"] != FORMAT_VERSION:
         raise PerResError(f"'{name}' uses PerRes file format {metadata[META_PREFIX + 'format']!r}; "
                           f"this version of the pack reads format {FORMAT_VERSION}. Update the pack.")
+
+
+def residuals_from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                              name: str = "residual") -> ResidualSet:
+    require_perres_format(tensors, metadata, name)
     family = _family_of_tensors(tensors, name)
     stated = metadata.get(META_PREFIX + "base_model", family.name)
     if stated != family.name:
@@ -266,11 +275,13 @@ def _family_of_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> ModelF
         return family
     if not tensors:
         raise PerResError(f"'{name}' contains no residual tensors.")
-    known = set().union(*(f.slot_by_kohya for f in FAMILIES))
+    known = set().union(*(f.layer_by_lora for f in FAMILIES))
     unknown = sorted(key for key in tensors if _layer_prefix(key) not in known)
     if unknown:
-        raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not proj_out residuals of "
-                          f"{' or '.join(f.name for f in FAMILIES)}, e.g. {unknown[:3]}. It is not a PerRes residual; "
+        unets = " or ".join(f.name for f in FAMILIES if not f.is_dit)
+        dits = " or ".join(f.name for f in FAMILIES if f.is_dit)
+        raise PerResError(f"'{name}' has {len(unknown)} key(s) that are not proj_out residuals of {unets}, nor "
+                          f"block-output residuals of {dits}, e.g. {unknown[:3]}. It is not a PerRes residual; "
                           "pick a file saved by 'PerRes Save Residuals'.")
     raise PerResError(f"'{name}' mixes layers of several model families; it is not a PerRes residual. {DAMAGED_FIX}")
 
@@ -283,37 +294,39 @@ def _layers_from_tensors(tensors: Mapping[str, torch.Tensor], family: ModelFamil
         prefixes.setdefault(prefix, {})[key[len(prefix):]] = tensor
     layers = {}
     for prefix, parts in sorted(prefixes.items()):
-        slot = family.slot_by_kohya[prefix]
+        known = family.layer_by_lora[prefix]
+        path = known.path
+        kind = path.split(".", 2)[-1] if family.is_dit else "proj_out"  # e.g. "attn.wo" of blocks.3
         if UP not in parts or DOWN not in parts:
-            raise PerResError(f"'{name}': layer {slot.proj_out} lacks its lora_up or lora_down tensor.")
+            raise PerResError(f"'{name}': layer {path} lacks its lora_up or lora_down tensor.")
         up, down = parts[UP].float(), parts[DOWN].float()
         if up.dim() not in (2, 4) or down.dim() not in (2, 4):
-            raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down "
+            raise PerResError(f"'{name}': layer {path} has up {tuple(up.shape)} and down "
                               f"{tuple(down.shape)}, which are not low-rank factors. {DAMAGED_FIX}")
         conv = up.dim() == 4
         up2, down2 = up.flatten(1), down.flatten(1)
         m, r = up2.shape
         if (conv and (up.shape[2:] != (1, 1) or down.dim() != 4 or down.shape[2:] != (1, 1))) \
-                or down2.shape[0] != r or m != slot.channels or down2.shape[1] != slot.channels:
-            raise PerResError(f"'{name}': layer {slot.proj_out} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
-                              f"which do not fit {family.name}'s {slot.channels}×{slot.channels} proj_out. The file was "
-                              f"made for another model; train the residual again on an {family.name} model.")
+                or down2.shape[0] != r or m != known.out_features or down2.shape[1] != known.in_features:
+            raise PerResError(f"'{name}': layer {path} has up {tuple(up.shape)} and down {tuple(down.shape)}, "
+                              f"which do not fit {family.name}'s {known.out_features}×{known.in_features} {kind}. The "
+                              f"file was made for another model; train the residual again on {a_model(family.name)}.")
         if not (torch.isfinite(up2).all() and torch.isfinite(down2).all()):
-            raise PerResError(f"'{name}': layer {slot.proj_out} contains NaN or Inf values; the file is damaged "
+            raise PerResError(f"'{name}': layer {path} contains NaN or Inf values; the file is damaged "
                               "or came from a diverged training run. Train it again with a lower learning rate.")
         alpha = parts.get(ALPHA)
         if alpha is not None and alpha.numel() != 1:
-            raise PerResError(f"'{name}': layer {slot.proj_out} has an alpha of shape {tuple(alpha.shape)} "
+            raise PerResError(f"'{name}': layer {path} has an alpha of shape {tuple(alpha.shape)} "
                               f"instead of one number. {DAMAGED_FIX}")
         scale = 1.0 if alpha is None else float(alpha) / r
         if not math.isfinite(scale):
-            raise PerResError(f"'{name}': layer {slot.proj_out} has a non-finite alpha. {DAMAGED_FIX}")
-        layer = LowRankResidual(m, down2.shape[1], r, conv=not family.linear_proj_out)
+            raise PerResError(f"'{name}': layer {path} has a non-finite alpha. {DAMAGED_FIX}")
+        layer = LowRankResidual(m, down2.shape[1], r, conv=known.conv)
         with torch.no_grad():
             layer.up.copy_(up2 * scale)  # fold alpha/r so that ΔW = up·down
             layer.down.copy_(down2)
         layer.requires_grad_(False)
-        layers[slot.proj_out] = layer
+        layers[path] = layer
     return layers
 
 

@@ -126,7 +126,9 @@ def prepare_root(root: str, comfy_root: str) -> tuple[str, str]:
     config = os.path.join(root, "extra_model_paths.yaml")
     with open(config, "w") as handle:
         handle.write(f"perres_tests:\n    base_path: {root}\n    is_default: true\n"
-                     "    checkpoints: models/checkpoints\n    loras: models/loras\n    custom_nodes: custom_nodes\n")
+                     "    checkpoints: models/checkpoints\n    loras: models/loras\n    custom_nodes: custom_nodes\n"
+                     "    diffusion_models: models/diffusion_models\n    text_encoders: models/text_encoders\n"
+                     "    vae: models/vae\n")
     return config, pack_folder
 
 

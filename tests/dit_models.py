@@ -21,7 +21,8 @@ and cached (tests/model_cache.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
@@ -59,16 +60,35 @@ KREA2 = DitTestModel(
                     **{f"blocks.{i}.attn.wq.weight": (6144, 6144) for i in range(KREA2_TEST_BLOCKS)}},
     zero_centred_norms=True, parameters=1_531_916_364, about="about 3.1 GB, 20 s")
 DIT_TEST_MODELS = (ANIMA, KREA2)
+# Krea 2's parameters grow by one block's per block beyond the test model's 2 (28 blocks: 12,820,073,036)
+KREA2_BLOCK_PARAMETERS = 434_159_872
 
 
-def meta_tensors(spec: DitTestModel) -> dict[str, torch.Tensor]:
-    """Every tensor of the host's module for `spec`, by the released file's key, on the meta device."""
+def krea2_with_blocks(blocks: int) -> DitTestModel:
+    """The random Krea 2 with `blocks` blocks (the released 28 for the GPU check; 25.6 GB in bf16)."""
+    if blocks == KREA2_TEST_BLOCKS:
+        return KREA2
+    keys = {name: shape for name, shape in KREA2.detection_keys.items() if not name.endswith(".attn.wq.weight")}
+    keys.update({f"blocks.{i}.attn.wq.weight": (6144, 6144) for i in range(blocks)})
+    return replace(KREA2, file_name=f"krea2_random_arch_{blocks}blocks.safetensors", detection_keys=keys,
+                   parameters=KREA2.parameters + (blocks - KREA2_TEST_BLOCKS) * KREA2_BLOCK_PARAMETERS,
+                   about=f"about {blocks * 0.87 + 1.3:.0f} GB")
+
+
+def detected_config(spec: DitTestModel):
+    """The model config the host's detection returns for `spec`'s keys (RuntimeError if it detects another)."""
     import comfy.model_detection
 
     keys = {spec.prefix + name: torch.empty(shape, device="meta") for name, shape in spec.detection_keys.items()}
     config = comfy.model_detection.model_config_from_unet(keys, spec.prefix)
     if type(config).__name__ != spec.config_name:
         raise RuntimeError(f"the host detects {type(config).__name__}, not {spec.config_name}, from its keys")
+    return config
+
+
+def meta_tensors(spec: DitTestModel) -> dict[str, torch.Tensor]:
+    """Every tensor of the host's module for `spec`, by the released file's key, on the meta device."""
+    config = detected_config(spec)
     config.set_inference_dtype(torch.bfloat16, None)
     with torch.device("meta"):
         model = config.get_model({}, device="meta")
@@ -170,3 +190,28 @@ WAN21_VAE = TestFile("wan21_vae_random_arch.safetensors", "vae", _wan21_vae, tor
 # family → (text encoder, the `type` Load CLIP needs for it, VAE)
 COMPANIONS = {"Anima": (ANIMA_TEXT_ENCODER, "stable_diffusion", WAN21_VAE),
               "Krea2": (KREA2_TEXT_ENCODER, "krea2", WAN21_VAE)}
+
+
+def use_model_folder(root: str, folder: str) -> None:
+    """Make the host read models/`folder` from `root` (the tests' own models folder)."""
+    import folder_paths
+
+    _, extensions = folder_paths.folder_names_and_paths[folder]
+    folder_paths.folder_names_and_paths[folder] = ([os.path.join(root, "models", folder)], extensions)
+
+
+def stock_loaded(spec: DitTestModel, root: str, weight_dtype: str = "default"):
+    """(model, clip, vae) of `spec` through Load Diffusion Model (`weight_dtype`), Load CLIP and Load VAE, as users
+    load them, from the cached files linked under `root`/models (the host's workdir)."""
+    from comfy_host import run_node
+
+    text_encoder, clip_type, vae_file = COMPANIONS[spec.config_name]
+    link_dit_model(spec, root)
+    text_encoder.link(root)
+    vae_file.link(root)
+    for folder in ("diffusion_models", "text_encoders", "vae"):
+        use_model_folder(root, folder)
+    (model,) = run_node("UNETLoader", unet_name=spec.file_name, weight_dtype=weight_dtype)
+    (clip,) = run_node("CLIPLoader", clip_name=text_encoder.file_name, type=clip_type)
+    (vae,) = run_node("VAELoader", vae_name=vae_file.file_name)
+    return model, clip, vae

@@ -61,10 +61,14 @@ def load_example(name: str, api: bool = False) -> dict:
         return json.load(handle)
 
 
+# the loaders of the diffusion transformers' workflows: input → models folder
+DIT_FILE_FOLDERS = {"unet_name": "diffusion_models", "clip_name": "text_encoders", "vae_name": "vae"}
+
+
 def prepare_frontend_root(root: str) -> None:
     """Settings for the frontend, and every model file the example workflows name, so that each combo
-    value is one of its options: the random SD1.5 checkpoint, and placeholder residuals written by the
-    pack's own writer."""
+    value is one of its options: the random SD1.5 checkpoint, placeholder residuals written by the pack's own
+    writer, and empty files under the DiT loaders' names."""
     settings_dir = os.path.join(root, "user", "default")
     os.makedirs(settings_dir, exist_ok=True)
     with open(os.path.join(settings_dir, "comfy.settings.json"), "w", encoding="utf-8") as handle:
@@ -82,6 +86,11 @@ def prepare_frontend_root(root: str) -> None:
                 target = os.path.join(root, "models", "loras", inputs["lora_name"])
                 if not os.path.exists(target):
                     placeholder_lora(target)
+            for key, folder in DIT_FILE_FOLDERS.items():  # only listed, never loaded: an empty file will do
+                if key in inputs:
+                    target = os.path.join(root, "models", folder, inputs[key])
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    open(target, "ab").close()
 
 
 # Runs in the page: load one workflow the way the template browser does, then report what the frontend made

@@ -50,9 +50,8 @@ def held_out_loss(model, clip, vae, images: torch.Tensor, residuals, dtype: torc
         latents = model.model.process_latent_in(vae.encode(images)).clone()
         context = encode(clip, "a photo of a sks dog")[0][0].clone()
     unet = model.model.diffusion_model
-    sd1 = pack("perres_core.families").SD1
-    with torch.no_grad(), hooks.proj_out_hooks(unet, sd1, hooks.full_residual(residuals.layers)):
-        return training.evaluation_loss(host.unet_prediction(unet), latents, context,
+    with torch.no_grad(), hooks.residual_hooks(unet, residuals.layers):
+        return training.evaluation_loss(host.denoiser_prediction(model.model), latents, context,
                                         pack("nodes.host.model").diffusion_schedule(model),
                                         torch.tensor([150, 450, 750]), seed=12345,
                                         dtype=dtype, weights=weights)

@@ -148,6 +148,10 @@ def meta_model(family: str, model_type=None):
 
         config = comfy.model_detection.model_config_from_unet(flux_dev_keys(), "")
         assert isinstance(config, supported.Flux), f"ComfyUI detects {type(config).__name__}, not Flux"
+    elif family in ("Anima", "Krea2"):
+        from dit_models import DIT_TEST_MODELS, detected_config
+
+        config = detected_config(next(spec for spec in DIT_TEST_MODELS if spec.config_name == family))
     else:
         config_class, unet = {"SDXL": (supported.SDXL, SDXL_UNET), "SD20": (supported.SD20, SD2_UNET),
                               "SD15": (supported.SD15, SD15_UNET_CONFIG)}[family]

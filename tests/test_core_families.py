@@ -7,7 +7,8 @@ from safetensors import safe_open
 
 from perres_core.diffusion import Conditioning, Schedule
 from perres_core.errors import PerResError
-from perres_core.families import FAMILIES, SD1, SDXL, family_of_config, family_of_kohya_prefixes
+from perres_core.families import (FAMILIES, PAPER_RESIDUAL_SHARE, SD1, SDXL, a_model, family_named, family_of_config,
+                                  family_of_kohya_prefixes, require_same_family)
 from perres_core.residual import ConceptInfo, ResidualSet, check_continuable
 from perres_core.residual_file import (load_residual_file, residuals_from_state_dict, residuals_metadata,
                                        residuals_to_state_dict, save_residual_file)
@@ -106,3 +107,91 @@ def test_a_file_whose_metadata_names_another_family_than_its_layers_is_refused()
 def test_continuing_across_families_is_refused_naming_both():
     with pytest.raises(PerResError, match=r"trained on an SD1\.x model, but this model is SDXL"):
         check_continuable(ResidualSet.for_family(SD1), ResidualSet.for_family(SDXL))
+
+
+# --- the diffusion transformers (issue 29) --------------------------------------------------------------------
+
+def test_dit_families_put_the_residual_on_every_block_output_layer_at_the_papers_share():
+    anima, krea2 = family_named("Anima"), family_named("Krea 2")
+    assert [layer.path for layer in anima.layers[:3]] == ["blocks.0.self_attn.output_proj",
+                                                         "blocks.0.cross_attn.output_proj", "blocks.0.mlp.layer2"]
+    assert [layer.path for layer in krea2.layers[:2]] == ["blocks.0.attn.wo", "blocks.0.mlp.down"]
+    assert len(anima.layers) == 84 and len(krea2.layers) == 56
+    assert krea2.layer_by_path["blocks.27.mlp.down"].lora_name == "lora_unet_blocks_27_mlp_down"
+    for family, rank in ((anima, 6), (krea2, 19)):
+        assert {family.rank(layer) for layer in family.layers} == {rank}
+        share = family.residual_parameters / family.denoiser_parameters
+        # within 3 % of the paper's share of SD1.5 (1,239,040 of 859,520,964: 0.144 %)
+        assert share == pytest.approx(PAPER_RESIDUAL_SHARE, rel=0.03), share
+        # rank_ratio keeps its meaning: twice the ratio, twice the residual; the paper's rule would be 17–18× larger
+        assert ResidualSet.for_family(family, 0.1).parameter_count() == 2 * family.residual_parameters
+        paper_rule = sum(round(0.05 * layer.out_features) * (layer.out_features + layer.in_features)
+                         for layer in family.layers)
+        assert paper_rule > 15 * family.residual_parameters
+
+
+def test_a_dit_with_fewer_blocks_keeps_the_released_rank_and_its_file_loads(tmp_path):
+    krea2 = family_named("Krea 2")
+    residuals = ResidualSet.for_family(krea2, unet_config={"layers": 2}, concept=ConceptInfo("ohwx", "woman"))
+    residuals.initialize("random", 3)
+    assert sorted(residuals.layers) == ["blocks.0.attn.wo", "blocks.0.mlp.down", "blocks.1.attn.wo",
+                                        "blocks.1.mlp.down"]
+    assert {layer.rank for layer in residuals.layers.values()} == {19}
+    path = save_residual_file(residuals, str(tmp_path / "k.safetensors"), "test")
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata()
+        assert handle.get_tensor("lora_unet_blocks_1_mlp_down.lora_down.weight").shape == (19, 16384)
+    assert meta["modelspec.architecture"] == "krea-2/lora" and meta["ss_base_model_version"] == "krea2"
+    assert meta["perres.base_model"] == "Krea 2" and meta["modelspec.resolution"] == "1024x1024"
+    loaded = load_residual_file(path)
+    assert loaded.base_model == "Krea 2" and sorted(loaded.layers) == sorted(residuals.layers)
+    for name, layer in residuals.layers.items():
+        assert torch.equal(loaded.layers[name].delta_weight(), layer.delta_weight().detach())
+
+
+@pytest.mark.parametrize("trained_on", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("used_on", FAMILIES, ids=lambda f: f.name)
+def test_a_residual_of_one_family_is_refused_on_every_other_naming_both(trained_on, used_on):
+    if trained_on is used_on:
+        require_same_family(trained_on.name, used_on)
+        return
+    with pytest.raises(PerResError) as refused:
+        require_same_family(trained_on.name, used_on)
+    message = str(refused.value)
+    assert f"was trained on {a_model(trained_on.name)}, but this model is {used_on.name}" in message
+    assert f"Load {a_model(trained_on.name, 'checkpoint')}" in message
+
+
+def test_the_families_are_told_apart_by_what_the_host_detects():
+    assert family_of_config({"image_model": "anima", "model_channels": 2048, "num_blocks": 28}).name == "Anima"
+    assert family_of_config({"image_model": "krea2", "features": 6144, "layers": 2}).name == "Krea 2"
+    assert family_of_config({"image_model": "cosmos_predict2", "model_channels": 2048}) is None  # Cosmos, no adapter
+    assert family_of_kohya_prefixes({"lora_unet_blocks_0_attn_wo", "lora_unet_blocks_0_mlp_down"}).name == "Krea 2"
+    assert family_of_kohya_prefixes({"lora_unet_blocks_0_attn_wo", "lora_unet_blocks_0_mlp_layer2"}) is None
+
+
+def test_the_flow_schedule_noises_targets_and_denoises_as_comfyui_const_sampling():
+    sigmas = torch.linspace(0.001, 1.0, 1000)
+    flow = Schedule(sigmas, "flow")
+    x0, noise = torch.randn(3, 16, 2, 2), torch.randn(3, 16, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    s = sigmas[t].view(-1, 1, 1, 1)
+    x_t = flow.noisy(x0, noise, t)
+    assert torch.allclose(x_t, (1 - s) * x0 + s * noise)   # CONST.noise_scaling
+    velocity = flow.target(x0, noise, t)
+    assert torch.equal(velocity, noise - x0)
+    assert torch.allclose(flow.denoised(velocity, x_t, t), x0, atol=1e-5)   # CONST.calculate_denoised
+    assert torch.allclose(flow.noise_from(velocity, x_t, t), noise, atol=1e-5)
+    with pytest.raises(PerResError, match="noise levels"):
+        flow.alphas_cumprod
+
+
+def test_conditioning_extras_travel_with_their_rows():
+    cond = Conditioning(torch.zeros(2, 3, 4), None, {"t5xxl_ids": torch.tensor([[1, 2], [3, 4]])})
+    picked = cond.select(torch.tensor([1, 1, 0]))
+    assert picked.extras["t5xxl_ids"].tolist() == [[3, 4], [3, 4], [1, 2]]
+    moved = cond.to("cpu", torch.bfloat16)
+    assert moved.context.dtype == torch.bfloat16 and moved.extras["t5xxl_ids"].dtype == torch.int64
+    assert cond.model_inputs() == {"t5xxl_ids": cond.extras["t5xxl_ids"]}
+    with pytest.raises(PerResError, match="1 t5xxl_ids for 2 captions"):
+        Conditioning(torch.zeros(2, 3, 4), None, {"t5xxl_ids": torch.zeros(1, 2)})

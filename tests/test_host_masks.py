@@ -75,7 +75,7 @@ def test_zero_weight_locations_contribute_no_residual_gradient(sd15, concept_ima
 
     def residual_gradient(target: torch.Tensor) -> list[torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad(), host.frozen_for_backward(unet), \
-                hooks.proj_out_hooks(unet, pack("perres_core.families").SD1, hooks.full_residual(residuals.layers)):
+                hooks.residual_hooks(unet, residuals.layers):
             params = list(residuals.parameters())
             for param in params:
                 param.requires_grad_(True)

@@ -46,8 +46,8 @@ def held_out_loss(model, clip, vae, images: torch.Tensor, residuals) -> float:
         latents = model.model.process_latent_in(vae.encode(images)).clone().float()
     conditioning = sdxl_conditioning(model, clip, "a photo of a sks dog")
     unet = model.model.diffusion_model
-    with torch.no_grad(), hooks.proj_out_hooks(unet, families().SDXL, hooks.full_residual(residuals.layers)):
-        return training.evaluation_loss(host.unet_prediction(unet), latents, conditioning,
+    with torch.no_grad(), hooks.residual_hooks(unet, residuals.layers):
+        return training.evaluation_loss(host.denoiser_prediction(model.model), latents, conditioning,
                                         pack("nodes.host.model").diffusion_schedule(model),
                                         torch.tensor([150, 450, 750]), seed=12345,
                                         dtype=host.training_dtype(model.model))

@@ -57,7 +57,7 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
             unet = pack("nodes.host.model").unet_of(patcher)
             x0 = patcher.model.process_latent_in(latents.clone().float()).cpu()
-            predict_noise = host.unet_prediction(unet)
+            predict_noise = host.denoiser_prediction(patcher.model)
             tokens = clip.tokenize(caption)
 
             def predict_with_the_trained_word(x_t, t, _context):

@@ -9,7 +9,6 @@ result, converted to API form, must equal the API twin exactly.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import pytest
 import torch
 
 from conftest import pack, prompt_executor, run_node
+from workflow_runs import (DIT_WORKFLOWS, TEST_RESOLUTION, TEST_SNAPSHOT_EVERY, TEST_STEPS, failure_report,
+                           for_tests, host_lacks_family)
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UI_DIR = os.path.join(PACK_DIR, "example_workflows")
@@ -27,7 +28,8 @@ API_DIR = os.path.join(UI_DIR, "api")
 EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_sampling", "perres_normal_vs_lag",
             "perres_two_concepts_lag", "perres_lag_lora", "perres_train_with_masks",
             "perres_continue_training", "perres_suggest_class_word", "perres_sdxl_train_and_sample",
-            "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora", "perres_compare_snapshots"}
+            "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora", "perres_compare_snapshots",
+            "perres_anima_train_and_sample", "perres_krea2_train_and_sample"}
 # Workflows for SDXL-family checkpoints: they run on the random SDXL checkpoint (UNet in bf16).
 SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample", "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
 # run through the executor on every host (the smallest SD1.x training, LAG and LAG LoRA); the rest on the newest
@@ -39,7 +41,7 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Combos whose options are the files installed on the user's machine.
-FILE_COMBOS = {"ckpt_name", "residual_name", "lora_name"}
+FILE_COMBOS = {"ckpt_name", "residual_name", "lora_name", "unet_name", "clip_name", "vae_name"}
 # Residual files the workflows load -> (identifier, class word) of the stand-in the tests train.
 RESIDUALS = {
     "perres/robot_00001.safetensors": ("sks", "toy"),
@@ -47,10 +49,6 @@ RESIDUALS = {
     "perres/cat_00001.safetensors": ("olis", "cat"),
 }
 SDXL_RESIDUALS = {"perres/robot_sdxl_00001.safetensors": ("sks", "toy")}
-TEST_RESOLUTION = 64
-TEST_STEPS = 2
-# Workflows that train with snapshot_every > 0 snapshot every step in the tests: TEST_STEPS snapshots.
-TEST_SNAPSHOT_EVERY = 1
 
 
 def names_in(folder: str) -> set[str]:
@@ -179,6 +177,9 @@ def test_every_workflow_has_both_formats():
 def test_ui_workflow_is_well_formed(name, host_root):
     import nodes
 
+    if host_lacks_family(name, host_root):
+        pytest.skip(f"this ComfyUI has no {DIT_WORKFLOWS[name]} (added after 0.3.64)")
+
     workflow = load(UI_DIR, name)
     for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
         assert key in workflow, f"{name}: top-level '{key}' missing"
@@ -235,6 +236,8 @@ def test_ui_workflow_is_well_formed(name, host_root):
 @pytest.mark.every_host  # the frontend's workflow format and the host's node inputs
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_ui_widgets_equal_api_twin(name, host_root):
+    if host_lacks_family(name, host_root):
+        pytest.skip(f"this ComfyUI has no {DIT_WORKFLOWS[name]} (added after 0.3.64)")
     converted = ui_to_api(load(UI_DIR, name))
     api = load(API_DIR, name)
     for node_id, node in api.items():  # the frontend's API schema requires a title
@@ -351,42 +354,6 @@ def lora_stand_ins(sd15, workdir) -> None:
     write_lora_stand_ins(sd15[0], EXAMPLE_LORAS, workdir)
 
 
-def for_tests(name: str, prompt: dict, checkpoint: str, residuals: dict[str, str]) -> dict:
-    """The workflow made cheap: test checkpoint, 64 px, 2 steps, stand-in residuals, own output folder."""
-    prompt = copy.deepcopy(prompt)
-    for node_id, node in prompt.items():
-        inputs = node["inputs"]
-        for key, value in list(inputs.items()):
-            if isinstance(value, list):
-                continue  # a link
-            if key == "ckpt_name":
-                inputs[key] = checkpoint
-            elif key in ("width", "height", "resolution"):
-                inputs[key] = TEST_RESOLUTION
-            elif key == "steps" and node["class_type"] in ("KSampler", "PerResTrainResiduals"):
-                inputs[key] = TEST_STEPS
-            elif key == "residual_name":
-                assert value in residuals, f"{name}: node {node_id} loads '{value}'; add it to RESIDUALS"
-                inputs[key] = residuals[value]
-            elif key == "snapshot_every" and value:
-                inputs[key] = TEST_SNAPSHOT_EVERY
-            elif (key == "filename_prefix" and node["class_type"] in ("SaveImage", "PerResSaveResiduals")
-                  or key == "snapshot_prefix"):
-                # (LossGraphNode writes into the temp folder itself and cannot create subfolders)
-                inputs[key] = f"workflow_tests/{name}/{value.replace('/', '_')}"
-    return prompt
-
-
-def failure_report(executor) -> str:
-    lines = []
-    for event, data in executor.status_messages:
-        if event in ("execution_error", "execution_interrupted"):
-            lines.append(f"{event}: node {data.get('node_id')} ({data.get('node_type')}): "
-                         f"{data.get('exception_type')}: {data.get('exception_message')}\n"
-                         + "".join(data.get("traceback") or []))
-    return "\n".join(lines) or str(executor.status_messages)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.sdxl) if name in SDXL_WORKFLOWS
                                   else pytest.param(name, marks=pytest.mark.every_host) if name in EVERY_HOST_RUNS
@@ -402,7 +369,9 @@ def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora
         loaded_checkpoints.setdefault(checkpoint_name, tuple(request.getfixturevalue("sdxl")))
         write_lora_stand_ins(loaded_checkpoints[checkpoint_name][0], SDXL_EXAMPLE_LORAS, workdir)
         residual_files = {**residual_files, **request.getfixturevalue("sdxl_residual_files")}
-    prompt = for_tests(name, load(API_DIR, name), checkpoint_name, residual_files)
+    if name in DIT_WORKFLOWS:
+        pytest.skip("runs on its DiT in a process of its own (tests/test_host_dit_models.py)")
+    prompt = for_tests(name, load(API_DIR, name), {"ckpt_name": checkpoint_name}, residual_files)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert valid, f"{name}: ComfyUI rejects the prompt: {error} {json.dumps(node_errors, default=str)[:2000]}"

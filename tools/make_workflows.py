@@ -37,6 +37,13 @@ ROBOT_RESIDUAL = "perres/robot_00001.safetensors"
 DOG_RESIDUAL = "perres/dog_00001.safetensors"
 CAT_RESIDUAL = "perres/cat_00001.safetensors"
 ROBOT_SDXL_RESIDUAL = "perres/robot_sdxl_00001.safetensors"  # what perres_sdxl_train_and_sample saves
+# The diffusion transformers' files (models/diffusion_models, text_encoders, vae): the names of the releases;
+# users pick their own files in the loaders.
+ANIMA_MODEL = "anima.safetensors"
+ANIMA_TEXT_ENCODER = "qwen_3_06b_base.safetensors"
+KREA2_RAW, KREA2_TURBO = "krea2_raw.safetensors", "krea2_turbo.safetensors"
+KREA2_TEXT_ENCODER = "qwen3_vl_4b.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
 # Any two character LoRAs of the user's (SD1.5, and SDXL-family for the SDXL workflow); their trigger words go
 # into the LAG LoRA nodes and the prompt.
 LORA_A, LORA_B = "character_a.safetensors", "character_b.safetensors"
@@ -151,33 +158,72 @@ def train_save_plot(ids: tuple[int, int, int], links: dict, prefix: str, x: int 
     ]
 
 
-def trained_and_sampled(name: str, checkpoint: str, size: int, prefix: str, image_prefix: str, prompt: str, notes: str,
-                        train_values: dict, sampler_values: dict, note_height: int = 300) -> Workflow:
-    """Load Checkpoint → Load Concept Images → Train (→ Save, Plot Loss) → sample with the trained model."""
-    y = TRAIN_SIZE[1] + 130  # the sampling row, its group clear of the training group
+# The sampling row of trained_and_sampled, its group clear of the training group.
+SAMPLING_ROW = TRAIN_SIZE[1] + 130
+
+
+@dataclass
+class Loaders:
+    """The nodes that load the model, and where training and sampling take model, clip and vae from."""
+
+    nodes: list[Node]
+    model: tuple[int, int]
+    clip: tuple[int, int]
+    vae: tuple[int, int]
+    sample_model: tuple[int, int] = (3, 0)     # the Train node's patched model
+    sampling_nodes: list[int] = field(default_factory=list)  # loader nodes that belong to the sampling group
+    latent: str = "EmptyLatentImage"           # the empty latent of the family (16 channels for the DiTs)
+
+
+def checkpoint_loaders(checkpoint: str) -> Loaders:
+    return Loaders([Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": checkpoint})], (1, 0), (1, 1), (1, 2))
+
+
+def diffusion_model_loaders(model: str, weight_dtype: str, text_encoder: str, clip_type: str,
+                            sample_with: Optional[str] = None) -> Loaders:
+    """Load Diffusion Model, Load CLIP and Load VAE, as DiTs are loaded; with `sample_with`, a second diffusion
+    model (another checkpoint of the family) samples with the trained residual through PerRes Apply Residuals."""
+    nodes = [Node(1, "UNETLoader", (-420, 0), {"unet_name": model, "weight_dtype": weight_dtype},
+                  title="Load Diffusion Model (train on it)" if sample_with else None),
+             Node(14, "CLIPLoader", (-420, 160), {"clip_name": text_encoder, "type": clip_type}),
+             Node(15, "VAELoader", (-420, 350), {"vae_name": WAN_VAE})]
+    if sample_with is None:
+        return Loaders(nodes, (1, 0), (14, 0), (15, 0), latent="EmptySD3LatentImage")
+    nodes += [Node(16, "UNETLoader", (-420, SAMPLING_ROW), {"unet_name": sample_with, "weight_dtype": weight_dtype},
+                   title="Load Diffusion Model (sample with it)"),
+              Node(17, "PerResApplyResiduals", (0, SAMPLING_ROW), {"strength": 1.0},
+                   {"model": (16, 0), "residuals": (3, 1)})]
+    return Loaders(nodes, (1, 0), (14, 0), (15, 0), sample_model=(17, 0), sampling_nodes=[16, 17],
+                   latent="EmptySD3LatentImage")
+
+
+def trained_and_sampled(name: str, loaders: Loaders, size: int, prefix: str, image_prefix: str, prompt: str,
+                        notes: str, train_values: dict, sampler_values: dict, note_height: int = 300) -> Workflow:
+    """Loaders → Load Concept Images → Train (→ Save, Plot Loss) → sample with the trained model."""
+    y = SAMPLING_ROW
     return Workflow(name, [
-        Node(1, "CheckpointLoaderSimple", (-420, 0), {"ckpt_name": checkpoint}),
+        *loaders.nodes,
         Node(2, "PerResLoadConceptImages", (0, 0), {"folder": "perres_example", "resolution": size}),
-        *train_save_plot((3, 4, 5), {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "images": (2, 0)},
-                         f"perres/{prefix}", **train_values),
+        *train_save_plot((3, 4, 5), {"model": loaders.model, "clip": loaders.clip, "vae": loaders.vae,
+                                     "images": (2, 0)}, f"perres/{prefix}", **train_values),
         Node(6, "PreviewImage", (0, 228), {}, {"images": (2, 0)}, title="Training crops", size=(360, 300)),
-        Node(7, "CLIPTextEncode", (420, y), {"text": prompt}, {"clip": (1, 1)}, title="Positive prompt"),
-        Node(8, "CLIPTextEncode", (420, y + PROMPT_HEIGHT + ROW_GAP), {"text": NEGATIVE}, {"clip": (1, 1)},
+        Node(7, "CLIPTextEncode", (420, y), {"text": prompt}, {"clip": loaders.clip}, title="Positive prompt"),
+        Node(8, "CLIPTextEncode", (420, y + PROMPT_HEIGHT + ROW_GAP), {"text": NEGATIVE}, {"clip": loaders.clip},
              title="Negative prompt"),
-        Node(9, "EmptyLatentImage", (420, y + 2 * (PROMPT_HEIGHT + ROW_GAP)),
+        Node(9, loaders.latent, (420, y + 2 * (PROMPT_HEIGHT + ROW_GAP)),
              {"width": size, "height": size, "batch_size": 1}),
-        sampler(10, (840, y), (3, 0), (7, 0), (8, 0), (9, 0), **sampler_values),
-        Node(11, "VAEDecode", (1220, y), {}, {"samples": (10, 0), "vae": (1, 2)}),
+        sampler(10, (840, y), loaders.sample_model, (7, 0), (8, 0), (9, 0), **sampler_values),
+        Node(11, "VAEDecode", (1220, y), {}, {"samples": (10, 0), "vae": loaders.vae}),
         Node(12, "SaveImage", (1600, y), {"filename_prefix": image_prefix}, {"images": (11, 0)},
              size=(400, 450)),
         note(13, (1320, 0), notes, size=(420, note_height)),
-    ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model", [7, 8, 9, 10, 11, 12],
-                                                    color="#8A8")])
+    ], [Group("Training", [2, 3, 4, 5, 6]), Group("Sampling with the trained model",
+                                                    [*loaders.sampling_nodes, 7, 8, 9, 10, 11, 12], color="#8A8")])
 
 
 def train_and_sample() -> Workflow:
     return trained_and_sampled(
-        "perres_train_and_sample", CHECKPOINT, 512, "robot", "perres/trained",
+        "perres_train_and_sample", checkpoint_loaders(CHECKPOINT), 512, "robot", "perres/trained",
         "a photo of a sks toy on a wooden desk next to a cup of coffee", (
             "## Train personalized residuals\n\n"
             "1. Put 3-20 photos of your concept in a folder under `ComfyUI/input` (e.g. `input/my_dog`) and "
@@ -194,7 +240,7 @@ SDXL_SAMPLER = {"steps": 30, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
 
 def sdxl_train_and_sample() -> Workflow:
     return trained_and_sampled(
-        "perres_sdxl_train_and_sample", SDXL_CHECKPOINT, 1024, "robot_sdxl", "perres/trained_sdxl",
+        "perres_sdxl_train_and_sample", checkpoint_loaders(SDXL_CHECKPOINT), 1024, "robot_sdxl", "perres/trained_sdxl",
         "a photo of a sks toy on a wooden desk next to a cup of coffee, soft window light", (
             "## Train personalized residuals on SDXL\n\n"
             "The same chain as for SD1.5: Load Checkpoint takes SDXL or any descendant (Pony, Illustrious, "
@@ -208,6 +254,55 @@ def sdxl_train_and_sample() -> Workflow:
             "The prompt must contain the identifier and class word (`sks toy`)."),
         {"resolution": 0},  # 0: the model family's own resolution, 1024 px for SDXL
         SDXL_SAMPLER, note_height=380)
+
+
+# Anima and Krea 2 are sampled as their model cards suggest: Anima with a flow sampler at cfg 4, Krea 2 Turbo
+# (the distilled checkpoint) in 8 steps without guidance.
+# A rare word both Qwen text encoders read as one token ('sks' is two there; a single token binds the concept
+# more cleanly, and the Train node warns otherwise).
+QWEN_IDENTIFIER = "olis"
+ANIMA_SAMPLER = {"steps": 30, "cfg": 4.0, "sampler_name": "er_sde", "scheduler": "simple"}
+KREA2_TURBO_SAMPLER = {"steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+
+
+def anima_train_and_sample() -> Workflow:
+    return trained_and_sampled(
+        "perres_anima_train_and_sample", diffusion_model_loaders(ANIMA_MODEL, "default", ANIMA_TEXT_ENCODER,
+                                                                 "stable_diffusion"),
+        1024, "robot_anima", "perres/trained_anima",
+        "a photo of an olis toy on a wooden desk next to a cup of coffee, soft window light", (
+            "## Train personalized residuals on Anima\n\n"
+            "Anima is loaded as three files: Load Diffusion Model (the DiT), Load CLIP (its Qwen3-0.6B text "
+            "encoder) and Load VAE (the Wan 2.1 VAE). PerRes reads the family from the model and trains its "
+            "84 block output layers (self- and cross-attention output, MLP out: 3.10 M parameters, the paper's "
+            "share of the model).\n\n"
+            "- `resolution` 0 trains at Anima's 1024 px. `weight_dtype` fp8_e4m3fn halves the model's memory and "
+            "still trains (the residual stays fp32).\n"
+            "- The residual is saved as a LoRA (`models/loras/perres/robot_anima_00001.safetensors`) that "
+            "LoraLoaderModelOnly applies to any Anima checkpoint.\n\n"
+            "The identifier is `olis`: Qwen's tokenizer splits `sks` in two, `olis` is one token. The prompt "
+            "must contain the identifier and class word (`olis toy`)."),
+        {"resolution": 0, "identifier": QWEN_IDENTIFIER}, ANIMA_SAMPLER, note_height=420)
+
+
+def krea2_train_and_sample() -> Workflow:
+    return trained_and_sampled(
+        "perres_krea2_train_and_sample", diffusion_model_loaders(KREA2_RAW, "fp8_e4m3fn", KREA2_TEXT_ENCODER, "krea2",
+                                                                 sample_with=KREA2_TURBO),
+        1024, "robot_krea2", "perres/trained_krea2",
+        "a photo of an olis toy on a wooden desk next to a cup of coffee, soft window light", (
+            "## Train on Krea 2 RAW, sample with Turbo\n\n"
+            "Load Diffusion Model loads Krea 2 RAW with `weight_dtype` fp8_e4m3fn (how the 12 B model fits a "
+            "24 GB card), Load CLIP its Qwen3-VL-4B text encoder (type `krea2`), Load VAE the Wan 2.1 VAE. PerRes "
+            "trains the 56 block output layers (attention out, MLP down: 18.5 M parameters, the paper's share of "
+            "the model) in fp32 on the fp8 weights.\n\n"
+            "- The residual fits every Krea 2 checkpoint: PerRes Apply Residuals puts it on Krea 2 Turbo (the "
+            "second Load Diffusion Model), which samples in 8 steps at cfg 1.\n"
+            "- `resolution` 0 trains at 1024 px; keep `gradient_checkpointing` on below 48 GB.\n"
+            "- Saved as a LoRA (`models/loras/perres/robot_krea2_00001.safetensors`) for LoraLoaderModelOnly.\n\n"
+            "The identifier is `olis`: Qwen's tokenizer splits `sks` in two, `olis` is one token. The prompt "
+            "must contain the identifier and class word (`olis toy`)."),
+        {"resolution": 0, "identifier": QWEN_IDENTIFIER}, KREA2_TURBO_SAMPLER, note_height=460)
 
 
 def suggest_class_word() -> Workflow:
@@ -456,7 +551,8 @@ def sdxl_lag_lora() -> Workflow:
         SDXL_SAMPLER)
 
 
-WORKFLOWS = [train_and_sample, sdxl_train_and_sample, suggest_class_word, train_with_masks, continue_training,
+WORKFLOWS = [train_and_sample, sdxl_train_and_sample, anima_train_and_sample, krea2_train_and_sample,
+             suggest_class_word, train_with_masks, continue_training,
              compare_snapshots, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora,
              sdxl_lag_sampling, sdxl_lag_lora]
 

@@ -69,17 +69,23 @@ HELP: dict[str, NodeHelp] = {
         when="Use it to teach the model a new concept from 3–20 photos. The input model is never modified: "
              "the `model` output is a patched copy, ready for sampling. The node reports progress and can be "
              "cancelled. Save the `residuals` output with PerRes Save Residuals to use the concept again.\n\n"
-             "**Model families.** The family comes from the checkpoint ComfyUI loaded, never from a setting: "
-             "SD1.x (16 proj_out 1×1 convs, 1.24 M residual parameters) or SDXL and its descendants — Pony, "
-             "Illustrious, NoobAI — (11 Linear proj_out layers, 1.19 M). On SDXL the UNet is also conditioned on "
+             "**Model families.** The family comes from the model ComfyUI loaded, never from a setting: "
+             "SD1.x (16 proj_out 1×1 convs, 1.24 M residual parameters), SDXL and its descendants — Pony, "
+             "Illustrious, NoobAI — (11 Linear proj_out layers, 1.19 M), Anima (84 block output layers, 3.10 M) "
+             "and Krea 2 (56, 18.5 M); on the DiTs the rank keeps the paper's share of the model (README, "
+             "\"Anima and Krea 2\"). On SDXL the UNet is also conditioned on "
              "the pooled text embedding and the image size; the node builds that vector with the host model's "
              "own `encode_adm`, for an uncropped image of the training size (each bucket's with `crop` "
-             "`buckets`). `resolution` 0 (the default) trains at the family's own size, 512 px for SD1.x and "
-             "1024 px for SDXL; a much lower one gets a warning on the node. The loss is taken in what the "
+             "`buckets`); on Anima and Krea 2 the host model's own extra_conds makes the conditioning. `resolution` 0 "
+             "(the default) trains at the family's own size, 512 px for SD1.x and 1024 px for the others; a much "
+             "lower one gets a warning on the node. The loss is taken in what the "
              "model predicts, read from its sampling "
              "(model_sampling): ε for most checkpoints (paper Eq. 1), v for v-prediction ones such as NoobAI "
              "v-pred, zero-terminal SNR included when the checkpoint (or a ModelSamplingDiscrete node with "
-             "`zsnr`) says so. EDM, x0 and flow models are refused.\n\n"
+             "`zsnr`) says so; the velocity of the rectified-flow DiTs, at the noise levels of their flow schedule "
+             "(shift included). EDM, x0 and other models are refused. Anima and Krea 2 train on fp8 weights "
+             "(`weight_dtype` fp8_e4m3fn) with fp32 residual factors. A text encoder or VAE of another family "
+             "is refused by name.\n\n"
              "**Subject masks.** Photos have backgrounds that the residual would learn too. Connect `masks` "
              "(1 on the concept, 0 on the background, one per image in the images' order, or one for all) and "
              "each latent location's loss is weighted by the share of its 8×8 pixels the mask covers: the subject "
@@ -122,10 +128,14 @@ HELP: dict[str, NodeHelp] = {
              "and 'Photos that are not square', has the details.",
         paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
               "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100). The paper "
-              "covers SD1.x only; on SDXL PerRes keeps these settings at 1024 px.",
+              "covers SD1.x only; on SDXL, Anima and Krea 2 PerRes keeps these settings at 1024 px (on the "
+              "DiTs rank_ratio 0.05 is the paper's share of the model, not r = 0.05·m).",
         example="Load Checkpoint (SD1.5) → PerRes Load Concept Images → PerRes Train Residuals (`identifier` "
                 "`sks`, `class_word` `dog`) → PerRes Save Residuals. Then prompt 'a sks dog in the snow'. "
                 "For SDXL, Pony, Illustrious or NoobAI the chain is the same: see `perres_sdxl_train_and_sample`. "
+                "Anima and Krea 2 load as three files (Load Diffusion Model, Load CLIP, Load VAE): see "
+                "`perres_anima_train_and_sample` and `perres_krea2_train_and_sample` (trains on Krea 2 RAW, "
+                "samples with Turbo). "
                 "See the example workflows `perres_train_and_sample`, `perres_train_with_masks` (RGBA cut-outs "
                 "with subject masks), `perres_continue_training` (PerRes Load Residuals → "
                 "`initial_residuals`) and `perres_compare_snapshots` (`snapshot_every` 50: steps 50, 100 and "
@@ -191,7 +201,8 @@ HELP: dict[str, NodeHelp] = {
              "PerRes metadata, so ordinary LoRAs do not crowd it; press R (refresh) after adding files. The "
              "file is checked when loaded: `.safetensors` only (pickles are never opened), the layer shapes of "
              "its model family and finite values. After loading, the node shows the family the residual was "
-             "trained on (SD1.x or SDXL), its words and its steps; it only fits models of that family. Load "
+             "trained on (SD1.x, SDXL, Anima or Krea 2), its words and its steps; it only fits models of that "
+             "family, any checkpoint of it. Load "
              "ordinary LoRAs with the stock LoraLoader.",
         example="PerRes Load Residuals (`perres/robot_00001.safetensors`) → PerRes LAG Sampling or PerRes Apply "
                 "Residuals.",
@@ -213,7 +224,8 @@ HELP: dict[str, NodeHelp] = {
         errors=[
             ("the residual was trained on an SD1.x model, but this model is SDXL", "Use the checkpoint family the "
              "residual was trained on (Load Residuals shows it), or a residual trained on this family."),
-            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…)", "Use an SD1.x or SDXL-family checkpoint."),
+            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…); Anima (…); Krea 2 (…)",
+             "Use a model of one of these families."),
         ],
     ),
     "PerResLAGSampling": NodeHelp(
@@ -235,6 +247,8 @@ HELP: dict[str, NodeHelp] = {
             ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
             ("the residual for '…' was trained on an SD1.x model, but this model is SDXL", "Residuals fit only the "
              "family they were trained on: use a residual trained on SDXL, or load an SD1.x checkpoint."),
+            ("LAG does not run on Anima yet …", "LAG reads UNet cross-attention; on Anima and Krea 2 apply the "
+             "residual everywhere with PerRes Apply Residuals (or LoraLoaderModelOnly with the saved file)."),
             ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this concept is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),

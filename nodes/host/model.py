@@ -1,5 +1,5 @@
-"""What the pack needs to know about a ComfyUI MODEL: its family (perres_core.families), where its proj_out
-layers are, and what its UNet predicts."""
+"""What the pack needs to know about a ComfyUI MODEL: its family (perres_core.families), where its residual
+layers are, and what its denoiser predicts."""
 from __future__ import annotations
 
 import torch
@@ -24,7 +24,7 @@ def unet_of(model) -> torch.nn.Module:
 
 
 def family_of_model(model) -> ModelFamily:
-    """The family of a ComfyUI MODEL, from its detected unet_config, checked against its real proj_out layers.
+    """The family of a ComfyUI MODEL, from its detected unet_config, checked against its real residual layers.
 
     Raises a PerResError naming what is supported when the model is of another family.
     """
@@ -37,16 +37,31 @@ def family_of_model(model) -> ModelFamily:
         sd2 = linear and unet_config.get("context_dim") == 1024
         hint = " (its proj_out layers are Linear, not 1×1 convs)" if sd2 else ""
         raise PerResError(f"the model is {detected}{hint}; PerRes supports {SUPPORTED}. Load a checkpoint of one "
-                          "of these families with 'Load Checkpoint'.")
-    unet = unet_of(model)
-    kind = torch.nn.Linear if family.linear_proj_out else torch.nn.Conv2d
-    shape = (lambda m: (m, m)) if family.linear_proj_out else (lambda m: (m, m, 1, 1))
-    for slot in family.slots:
-        layer = _find(unet, slot.proj_out)
-        if not isinstance(layer, kind) or tuple(layer.weight.shape) != shape(slot.channels):
-            raise PerResError(f"the model ({detected}) looks like {family.name} but has no {slot.channels}-channel "
-                              f"{kind.__name__} proj_out at {slot.proj_out}; PerRes supports {SUPPORTED}.")
+                          "of these families ('Load Checkpoint'; 'Load Diffusion Model' for Anima and Krea 2).")
+    denoiser = unet_of(model)
+    for layer in family.residual_layers(unet_config):
+        module = _find(denoiser, layer.path)
+        kind = torch.nn.Conv2d if layer.conv else torch.nn.Linear
+        shape = (layer.out_features, layer.in_features) + ((1, 1) if layer.conv else ())
+        if not isinstance(module, kind) or tuple(module.weight.shape) != shape:
+            raise PerResError(f"the model ({detected}) looks like {family.name} but has no {layer.out_features}×"
+                              f"{layer.in_features} {kind.__name__} at {layer.path}; PerRes supports {SUPPORTED}.")
     return family
+
+
+def lag_family_of_model(model) -> ModelFamily:
+    """The family of a model LAG runs on: one whose text-to-image attention LAG reads (the UNets' attn2 today)."""
+    family = family_of_model(model)
+    if not family.slots:
+        raise PerResError(f"LAG does not run on {family.name} yet: it reads the cross-attention of UNet transformers, "
+                          f"and {family.name} is a diffusion transformer. Apply the residual everywhere with 'PerRes "
+                          "Apply Residuals' (or the stock 'LoraLoaderModelOnly' with the saved file) instead.")
+    return family
+
+
+def unet_config_of(model) -> dict:
+    """What ComfyUI detected about the model's denoiser (a DiT's depth among it)."""
+    return dict(getattr(model.model.model_config, "unet_config", {}) or {})
 
 
 def require_fits(model, residuals: ResidualSet, what: str = "the residual") -> ModelFamily:
@@ -57,35 +72,46 @@ def require_fits(model, residuals: ResidualSet, what: str = "the residual") -> M
 
 
 def diffusion_schedule(model) -> Schedule:
-    """ᾱ_t and the prediction type of the model's discrete schedule, from the host's model_sampling.
+    """The noise levels and the prediction type of the model's schedule, from the host's model_sampling.
 
-    ComfyUI's σ_t = √((1−ᾱ_t)/ᾱ_t) gives ᾱ_t = 1/(σ_t²+1), zero-terminal-SNR rescaling included. What the
-    UNet predicts is read from how model_sampling turns its output into x̂0: ε-prediction and v-prediction
-    are trained; anything else (EDM, x0, LCM, flow) is refused with what to load instead.
+    A discrete (DDPM) schedule: ComfyUI's σ_t = √((1−ᾱ_t)/ᾱ_t) gives ᾱ_t = 1/(σ_t²+1), zero-terminal-SNR rescaling
+    included; what the UNet predicts is read from how model_sampling turns its output into x̂0 (ε or v). A
+    rectified-flow schedule (CONST: the DiTs' ModelSamplingDiscreteFlow and ModelSamplingFlux) keeps its σ_t table,
+    shift applied, and the denoiser predicts the velocity. Anything else (EDM, x0, LCM) is refused with what to
+    load instead.
     """
     sampling = model.get_model_object("model_sampling")
+    samplers = comfy.model_sampling
     denoise = type(sampling).calculate_denoised
-    discrete = isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete) and \
-        type(sampling).calculate_input is comfy.model_sampling.EPS.calculate_input
-    if discrete and denoise is comfy.model_sampling.V_PREDICTION.calculate_denoised:
+    discrete = isinstance(sampling, samplers.ModelSamplingDiscrete) and \
+        type(sampling).calculate_input is samplers.EPS.calculate_input
+    flow = isinstance(sampling, (samplers.ModelSamplingDiscreteFlow, samplers.ModelSamplingFlux)) and \
+        denoise is samplers.CONST.calculate_denoised and type(sampling).noise_scaling is samplers.CONST.noise_scaling
+    sigmas = sampling.sigmas.float().cpu()
+    if flow:
+        return Schedule(sigmas, "flow")
+    if discrete and denoise is samplers.V_PREDICTION.calculate_denoised:
         prediction = "v"
-    elif discrete and denoise is comfy.model_sampling.EPS.calculate_denoised:
+    elif discrete and denoise is samplers.EPS.calculate_denoised:
         prediction = "epsilon"
     else:
         kind = type(sampling).__name__ + "/" + next((base.__name__ for base in type(sampling).__mro__
                                                       if "calculate_denoised" in vars(base)), "?")
-        raise PerResError(f"the model samples with {kind}; PerRes trains ε-prediction and v-prediction models with "
-                          "a discrete (DDPM) schedule only. Train on the ε- or v-prediction checkpoint of the "
-                          "family; if a ModelSampling node changes the model, set it to eps or v_prediction.")
-    sigmas = sampling.sigmas.float().cpu()
+        raise PerResError(f"the model samples with {kind}; PerRes trains ε-prediction and v-prediction models with a "
+                          "discrete (DDPM) schedule, and rectified-flow DiTs. Train on the ε- or v-prediction "
+                          "checkpoint of the family; if a ModelSampling node changes the model, set it to the "
+                          "family's own (eps or v_prediction for SD1.x and SDXL; the DiTs' AuraFlow/Flux sampling).")
     return Schedule(1.0 / (sigmas * sigmas + 1.0), prediction)
 
 
 def require_trainable(model) -> tuple[ModelFamily, Schedule]:
-    """Training needs a UNet of a supported family with 4 latent channels and an ε or v-prediction schedule."""
+    """Training needs a denoiser of a supported family with its family's latent channels (not an inpainting or
+    instruct variant) and a schedule PerRes trains."""
     family = family_of_model(model)
-    in_channels = model.model.model_config.unet_config.get("in_channels", 4)
-    if in_channels != 4:
+    config = unet_config_of(model)
+    expected = model.model.latent_format.latent_channels
+    in_channels = config.get("in_channels", expected)
+    if in_channels != expected:
         raise PerResError(f"the model has {in_channels} input channels (an inpainting or instruct model). Train on the "
                           f"regular {family.name} checkpoint; the residual then also applies to the inpainting model.")
     return family, diffusion_schedule(model)
@@ -118,12 +144,12 @@ def _find(root: torch.nn.Module, path: str):
 
 
 def transformer_modules(unet: torch.nn.Module, family: ModelFamily) -> list[tuple[TransformerSlot, torch.nn.Module]]:
-    """The family's SpatialTransformers in execution order."""
+    """The family's SpatialTransformers in execution order (UNets; a DiT has none)."""
     return [(slot, unet.get_submodule(slot.path)) for slot in family.slots]
 
 
 def with_residual_weights(model, residuals: ResidualSet, strength: float):
-    """A clone of `model` whose proj_out weights become W + strength·ΔW when ComfyUI loads it.
+    """A clone of `model` whose residual layers' weights become W + strength·ΔW when ComfyUI loads it.
 
     This goes through ComfyUI's own LoRA key map and weight adapter, so it is the same arithmetic as
     loading the saved file with the stock LoraLoaderModelOnly (and costs nothing while sampling).

@@ -16,12 +16,14 @@ def prompt_token_chunks(clip, text: str) -> list[list[int]]:
 
 
 def word_token_ids(clip, word: str) -> list[int]:
-    """The BPE ids of `word` alone, without start, end and padding tokens."""
+    """The ids of `word` alone, without what the tokenizer puts around any text: what it gives for an empty
+    prompt is that frame (CLIP: start, end, padding; a Qwen chat template: its opening tokens, then its end)."""
     chunk = prompt_token_chunks(clip, word)[0]
-    empty = prompt_token_chunks(clip, "")[0]
-    start, end = empty[0], empty[1]
-    ids = chunk[1:] if chunk and chunk[0] == start else chunk
-    return ids[: ids.index(end)] if end in ids else ids
+    empty = prompt_token_chunks(clip, "")[0] if prompt_token_chunks(clip, "") else []
+    opening = next((i for i, (a, b) in enumerate(zip(chunk, empty)) if a != b), min(len(chunk), len(empty)))
+    ids = chunk[opening:]
+    closing = empty[opening] if len(empty) > opening else None
+    return ids[: ids.index(closing)] if closing in ids else ids
 
 
 def check_concept_word(label: str, word: str, single_word: bool) -> str:

@@ -14,13 +14,15 @@ import torch
 from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.diffusion import Conditioning
 from ...perres_core.errors import PerResError
+from ...perres_core.families import ModelFamily
 from ...perres_core.grad_checkpoint import outermost_compute_modules, recompute_in_backward
 from ...perres_core.memory import is_out_of_memory
 from ...perres_core.residual import ResidualSet, family_of
 from ...perres_core.preview import PreviewSample
 from ...perres_core.training import LatentBucket, PredictFn, TrainSettings, train_residuals
-from .model import diffusion_schedule, resident_clone, unet_of
-from .residual_hooks import full_residual, proj_out_hooks
+from .model import diffusion_schedule, family_of_model, resident_clone, unet_of
+from .differentiable_kernels import differentiable_host_kernels
+from .residual_hooks import residual_hooks
 
 log = logging.getLogger("perres")
 
@@ -55,17 +57,68 @@ def frozen_for_backward(module: torch.nn.Module) -> Iterator[None]:
 
 
 def caption_conditioning(model, clip, caption: str, width: int, height: int) -> Conditioning:
-    """The caption as the UNet of `model` is conditioned on it, for images of width×height pixels.
+    """The caption as the denoiser of `model` is conditioned on it, for images of width×height pixels.
 
-    The tokens come from the CLIP (SD1.x: CLIP-L, 77×768; SDXL: CLIP-L and CLIP-G side by side, 77×2048).
-    SDXL also takes a vector y of the pooled CLIP-G embedding and the size and crop embeddings; it is built
-    by the host model's own encode_adm from the conditioning, as its extra_conds does when sampling (which
-    passes the latent's size in pixels). SD1.x's encode_adm gives None.
+    The tokens come from the CLIP (SD1.x: CLIP-L, 77×768; SDXL: CLIP-L and CLIP-G side by side, 77×2048; Anima:
+    Qwen3-0.6B with the T5 ids of the prompt; Krea 2: 12 Qwen3-VL-4B layers). Everything else is made by the host
+    model's own extra_conds, as when sampling: SDXL's vector y (pooled CLIP-G and the size embeddings of the
+    latent's size in pixels), Anima's LLM adapter run over the T5 ids (ComfyUI runs it there when in inference
+    mode, as nodes run). A text encoder of another family is refused before the host sees its tokens.
     """
+    family = family_of_model(model)
     tokens, extra = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
-    vector = model.model.encode_adm(**extra, width=width, height=height, crop_w=0, crop_h=0, target_width=width,
-                                    target_height=height, device=torch.device("cpu"))
-    return Conditioning(tokens, vector).cpu_float()
+    require_family_text(family, tokens.shape[-1], extra)
+    base = model.model
+    device = next(base.diffusion_model.parameters()).device  # where the host runs extra_conds' modules
+    conds = base.extra_conds(cross_attn=tokens, **extra, width=width, height=height, crop_w=0, crop_h=0,
+                             target_width=width, target_height=height, device=device)
+    inputs = {name: cond.cond for name, cond in conds.items()}
+    context, vector = inputs.pop("c_crossattn"), inputs.pop("y", None)
+    return Conditioning(context, vector, inputs).cpu_float()
+
+
+def require_family_text(family: ModelFamily, width: int, extra: dict) -> None:
+    """Refuse tokens of another family's text encoder (their width tells), naming what to load."""
+    missing = [name for name in family.text_encoder_outputs if extra.get(name) is None]
+    if width != family.context_width or missing:
+        what = f"{width}-wide tokens" + (f" without {', '.join(missing)}" if missing else "")
+        raise PerResError(f"the CLIP gives {what}, but {family.name} reads {family.context_width}-wide tokens: the "
+                          f"text encoder belongs to another model family. Connect {family.text_encoder}.")
+
+
+def encode_images(vae, pixels: torch.Tensor, model) -> torch.Tensor:
+    """The VAE latents (N, C, h, w) of a batch of still images (N, H, W, 3) for `model`'s denoiser.
+
+    A video VAE (Wan 2.1, which Anima and Krea 2 use) reads a batch as the frames of one clip and packs four
+    frames into each latent frame; each image is then encoded as a clip of its own. Latents of another
+    family's VAE are refused (image_latents)."""
+    if model.model.latent_format.latent_dimensions == 3:
+        latents = torch.cat([vae.encode(pixels[i:i + 1]) for i in range(pixels.shape[0])])
+    else:
+        latents = vae.encode(pixels)
+    return image_latents(latents, model)
+
+
+def image_latents(latents: torch.Tensor, model) -> torch.Tensor:
+    """A VAE's latents of still images as (N, C, h, w): a video VAE's single frame (Wan 2.1: (N, C, 1, h, w))
+    loses its frame axis. Latents of another family's VAE (other channels) are refused, naming the VAE to load."""
+    family, base = family_of_model(model), model.model
+    if latents.dim() == 5 and latents.shape[2] == 1:
+        latents = latents.squeeze(2)
+    channels = base.latent_format.latent_channels
+    if latents.dim() != 4 or latents.shape[1] != channels:
+        raise PerResError(f"the VAE gives latents of shape {tuple(latents.shape)}, but {family.name} denoises "
+                          f"{channels}-channel image latents: the VAE belongs to another model family. Connect "
+                          f"{family.vae}.")
+    return latents
+
+
+def model_latents(base, latents: torch.Tensor) -> torch.Tensor:
+    """Image latents (N, C, h, w) scaled as the denoiser reads them (the host's process_latent_in), still 4-D; a
+    latent format of video models is applied to them as one frame."""
+    frames = base.latent_format.latent_dimensions == 3
+    scaled = base.process_latent_in(latents.clone().float().unsqueeze(2) if frames else latents.clone().float())
+    return scaled.squeeze(2) if frames else scaled
 
 
 def checkpoint_units(unet: torch.nn.Module) -> list[torch.nn.Module]:
@@ -93,10 +146,18 @@ def loss_scaler(dtype: torch.dtype, device: torch.device) -> Optional["torch.amp
     return torch.amp.GradScaler(torch.device(device).type)
 
 
-def unet_prediction(unet: torch.nn.Module) -> PredictFn:
-    """The UNet module itself as f_θ(x_t, t, c): it takes the discrete timestep t and predicts ε (or v)."""
+def denoiser_prediction(base) -> PredictFn:
+    """The host model's denoiser as f_θ(x_t, t, c): t indexes the schedule's levels, the denoiser receives the
+    host's own timestep for that noise level (model_sampling.timestep: t itself on a discrete schedule, σ_t times
+    the multiplier on a flow one), the text tokens and the other inputs extra_conds made (SDXL's y). It returns ε̂,
+    v̂ or the velocity, as its Schedule says. Models with video-shaped latents get their frame axis back."""
+    sampling, frames = base.model_sampling, base.latent_format.latent_dimensions == 3
+
     def predict(x_t: torch.Tensor, t: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        return unet(x_t, t.float(), context=conditioning.context, y=conditioning.vector)
+        timestep = sampling.timestep(sampling.sigmas[t.to(sampling.sigmas.device)]).float().to(x_t.device)
+        output = base.diffusion_model(x_t.unsqueeze(2) if frames else x_t, timestep, context=conditioning.context,
+                                      **conditioning.model_inputs())
+        return output.squeeze(2) if frames else output
     return predict
 
 
@@ -123,9 +184,9 @@ def train_on_model(model, buckets: Sequence[LatentBucket], residuals: ResidualSe
             dtype = training_dtype(base)
             unet = unet_of(patcher)
             schedule = diffusion_schedule(patcher)
-            scaled = [replace(bucket, latents=base.process_latent_in(bucket.latents.clone().float()).cpu(),
+            scaled = [replace(bucket, latents=model_latents(base, bucket.latents).cpu(),
                               conditioning=bucket.conditioning.cpu_float()) for bucket in buckets]
-            predict = unet_prediction(unet)
+            predict = denoiser_prediction(base)
 
             @functools.cache  # drawn at the first preview: a run without previews draws no noise for it
             def preview_sample() -> PreviewSample:
@@ -139,8 +200,8 @@ def train_on_model(model, buckets: Sequence[LatentBucket], residuals: ResidualSe
                 layer.requires_grad_(True)
             units = checkpoint_units(unet) if gradient_checkpointing else []
             try:
-                hooks = proj_out_hooks(unet, family_of(residuals), full_residual(residuals.layers))
-                with frozen_for_backward(unet), hooks, recompute_in_backward(units):
+                hooks = residual_hooks(unet, residuals.layers)
+                with frozen_for_backward(unet), hooks, recompute_in_backward(units), differentiable_host_kernels():
                     return train_residuals(predict, scaled, None, schedule, residuals.parameters(), settings,
                                            step_done, device=device, dtype=dtype,
                                            grad_scaler=loss_scaler(dtype, device))
