@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -71,6 +72,7 @@ class Checks:
         (self.spec,) = [m for m in DIT_TEST_MODELS if m.config_name == family]
         self.workdir = workdir
         self.model, self.clip, self.vae = stock_loaded(self.spec, workdir, WEIGHT_DTYPE[family])
+        comfy_host.compute_in_bf16(self.model)  # as on a GPU; fp32 casts would keep +8 GB of weight copies
         cache_encodings(self.clip)
         self.images = concept_images()
         self.result: dict = {}
@@ -238,24 +240,29 @@ class Checks:
                 outside_window="full residual", residuals=self.trained)),
         }
 
-    def other_text_encoder(self, family: str, host_root: str) -> None:
+    def other_text_encoder(self, family: str) -> None:
         """The other DiT's text encoder on this model: refused by name before any training."""
         from dit_models import COMPANIONS
 
         other = "Krea2" if family == "Anima" else "Anima"
         text_encoder, clip_type, _ = COMPANIONS[other]
         text_encoder.link(self.workdir)
+        self.release(model=False)  # the family's own text encoder goes before the other one comes
         (clip,) = self.run_node("CLIPLoader", clip_name=text_encoder.file_name, type=clip_type)
         self.result["refusals"]["other_text_encoder"] = error_of(lambda: self.run_node(
             "PerResTrainResiduals", model=self.model, clip=clip, vae=self.vae, images=self.images,
             **{**SETTINGS, "steps": 1}))
+        clip = None  # the other family's 1–4 GB go, and this model with them
+        self.release()
 
     def fp8_copy(self) -> None:
         """Anima with fp8_e4m3fn weights (Krea 2 is loaded so already): trains, and the bf16 model's residual
         applies to it (another checkpoint of the family) and samples."""
         from dit_models import stock_loaded
 
-        model = stock_loaded(self.spec, self.workdir, "fp8_e4m3fn")[0]
+        self.release(clip=False)  # one copy of the DiT at a time: the bf16 one goes before the fp8 one comes
+        model = self.model = stock_loaded(self.spec, self.workdir, "fp8_e4m3fn")[0]
+        self.comfy_host.compute_in_bf16(model)
         trained = self.train(model=model, steps=1)[1]
         self.result["fp8_weights"] = str(next(model.model.diffusion_model.parameters()).dtype)
         self.result["fp8_factors_finite"] = all(bool(torch.isfinite(p).all()) and p.dtype == torch.float32
@@ -268,11 +275,18 @@ class Checks:
                                 scheduler="simple", positive=positive, negative=positive, latent_image=latent,
                                 denoise=1.0)[0]["samples"]
         self.result["other_checkpoint_sample_finite"] = bool(torch.isfinite(sampled).all())
-        import comfy.model_management
-        del model, patched
-        comfy.model_management.unload_all_models()  # its 2 GB go before the other text encoder comes
-        gc.collect()
 
+    def release(self, model: bool = True, clip: bool = True) -> None:
+        """Drop the loaded DiT and/or its text encoder: ComfyUI unloads them and their memory goes back, so the
+        next step's copy is the only one (the process stays well inside the suite's memory)."""
+        import comfy.model_management
+
+        if model:
+            self.model = None
+        if clip:
+            self.clip = None
+        comfy.model_management.unload_all_models()
+        gc.collect()
 
     def example_workflow(self, family: str) -> None:
         """The family's example workflow (API twin), made cheap, through ComfyUI's validation and executor."""
@@ -307,6 +321,16 @@ class Checks:
             outputs={node_id: prompt[node_id]["class_type"] for node_id in results},
             warnings=records)
 
+def memory_gib() -> dict[str, float]:
+    """This process's resident memory now and at its peak so far (VmRSS, VmHWM), in GiB (Linux; {} elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {name: round(int(value.split()[0]) / 2 ** 20, 2) for name, value in fields.items()}
+
+
 def max_difference(a, b) -> float:
     return max(float((a.layers[k].up - b.layers[k].up).abs().max().item()) +
                float((a.layers[k].down - b.layers[k].down).abs().max().item()) for k in a.layers)
@@ -329,15 +353,19 @@ def main(family: str, host_root: str, workdir: str) -> None:
              checks.stock_loader_parity, checks.continuing_snapshots_buckets_previews, checks.suggester,
              checks.refusals]
     if family == "Anima":
-        steps.append(checks.fp8_copy)
-    timings = {}
-    for step in steps:
+        steps.append(checks.fp8_copy)  # from here on the model is its fp8 copy
+    # last, each with its own copies: the other family's text encoder (on this family's model, its own text
+    # encoder gone) and the example workflow (the loaders load theirs)
+    steps += [lambda: checks.other_text_encoder(family), checks.release, lambda: checks.example_workflow(family)]
+    timings, memory = {}, {}
+    for number, step in enumerate(steps):
         started = time.monotonic()
         step()
-        timings[step.__name__] = round(time.monotonic() - started, 1)
-    checks.example_workflow(family)
-    checks.other_text_encoder(family, host_root)
-    checks.result["timings"] = timings
+        name = f"{number}:{getattr(step, '__name__', 'step')}"
+        timings[name] = round(time.monotonic() - started, 1)
+        memory[name] = memory_gib()
+    checks.result["timings"], checks.result["memory_gib"] = timings, memory
+    checks.result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     sys.stdout.write("RESULT " + json.dumps(checks.result) + "\n")  # what the test reads
     sys.stdout.flush()
 
