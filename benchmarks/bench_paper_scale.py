@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
                         "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own); anima, "
                         "krea2: the random DiTs through the stock loaders (Anima bf16 at its exact size, Krea 2 with "
                         "fp8 weights and 2 of its 28 blocks)")
+    p.add_argument("--krea2-blocks", type=int, default=2,
+                   help="blocks of the random Krea 2 (default the tests' 2; its training memory grows per block)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="UNet weights; default fp32 for sd15, bf16 for sdxl")
     p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
@@ -101,7 +103,8 @@ def measure(name: str, model, clip, vae, images, latents, conditioning, opts) ->
 
 def run_one(opts: argparse.Namespace) -> dict:
     """In a child process: load the model and measure the trainer opts.only."""
-    model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention)
+    model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention,
+                                     krea2_blocks=opts.krea2_blocks)
     images = make_images(opts.batch, opts.resolution)
     latents = bc.image_latents(model, vae, images)
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(
@@ -123,7 +126,7 @@ def run_child(opts: argparse.Namespace, name: str, extra_env: dict) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--only", name, "--family", opts.family,
             "--precision", precision(opts), "--resolution", str(opts.resolution),
             "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
-            "--threads", str(opts.threads), "--attention", opts.attention]
+            "--threads", str(opts.threads), "--attention", opts.attention, "--krea2-blocks", str(opts.krea2_blocks)]
     child = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **extra_env})
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     if child.returncode != 0 or not lines:
