@@ -19,10 +19,11 @@ for every config. LoRA files are built by tests/lora_files.py with the names koh
                (1 - |lag - merged| / |merged - base|, 1 is all); outside: how much leaks (|lag - base| /
                |merged - base|, 0 is none).
   before       over a --policy-steps run, for every block and step: how often the mask a layer before the
-               block's cross-attention gets (proj_in, attn1, attn2.to_q) equals the block's own mask of the
-               same step, for "resolution" (newest mask at the layer's resolution: in a deep SDXL
-               transformer, the previous block's of this step) and "block" (the block's own mask of the
-               previous step). The first step, where "block" has none, is left out.
+               block's cross-attention module gets (proj_in, attn1) equals the block's own mask of the same
+               step, for "resolution" (newest mask at the layer's resolution: in a deep SDXL transformer, the
+               previous block's of this step), "block" (the block's own mask of the previous step) and
+               "estimate" (this call's: the block's query projection on the layer's own input against the
+               concept keys). The first step, where "block" has none, is left out of all three.
   depth        (SDXL: transformers of 2 and 10 blocks) over a --policy-steps run with a PerRes-style LoRA
                on proj_out: (1) layers inside a block, own mask against one mask per transformer: how often
                the transformer's mask (the previous step's, the only one ready while its blocks run) equals
@@ -52,7 +53,7 @@ TRIGGER = "ohwx, woman"
 ATTENTION_AND_FF = [layer for layer in TRANSFORMER_LAYERS if ".attn" in layer or ".ff." in layer]
 TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v")
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
-                 "transformer_blocks.0.attn1.to_v", "transformer_blocks.0.attn2.to_q")
+                 "transformer_blocks.0.attn1.to_v")
 FAMILIES = {"sd15": "SD1", "sdxl": "SDXL"}
 TARGET = 1.10
 
@@ -242,10 +243,22 @@ def before_policy(setup: Setup) -> None:
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", all_blocks(BEFORE_LAYERS, setup.family), 8)
     patcher = setup.lag(name)
-    log = logged_masks(lag_patch.LagPatch.of(patcher))
+    patch = lag_patch.LagPatch.of(patcher)
+    patch.before_policy = "estimate"   # an estimate in every call, logged beside the block's own masks
+    log = logged_masks(patch)
+    estimates = {}
+    estimate = patch._estimate
+
+    def logged_estimate(where, state, x, tokens):
+        masks = estimate(where, state, x, tokens)
+        if masks is not None:
+            estimates.setdefault((sum(entry is None for entry in log) + (where.site == (0, 0)), where.site),
+                                 masks[0].detach().cpu().clone())
+        return masks
+    patch._estimate = logged_estimate
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
     order = [entry for entry in log if entry is not None]
-    agree = {"resolution": [], "block": []}
+    agree = {"resolution": [], "block": [], "estimate": []}
     for i, (call, site, size, own) in enumerate(order):
         if call == 1 or site[1] is None:
             continue
@@ -253,10 +266,12 @@ def before_policy(setup: Setup) -> None:
         newest_at_size = next(m for _, _, z, m in reversed(order[:i]) if z == size)
         agree["block"].append(agreement(previous_step, own))
         agree["resolution"].append(agreement(newest_at_size, own))
+        if (call, site) in estimates:
+            agree["estimate"].append(agreement(estimates[(call, site)], own))
     say(f"before policy: {opts.policy_resolution}px, {opts.policy_steps} steps, agreement with the block's own "
         f"mask of the same step (mean over {len(agree['block'])} block-steps):")
     for policy, values in agree.items():
-        say(f"  {policy:10s} {mean(values):.3f}")
+        say(f"  {policy:10s} {mean(values):.3f}  ({len(values)} block-steps)")
 
 
 def depth_policy(setup: Setup) -> None:

@@ -1,4 +1,4 @@
-"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any SD1.x or SDXL LoRA), the mask preview."""
+"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any LoRA of the model's family), the mask preview."""
 from __future__ import annotations
 
 import torch
@@ -13,8 +13,8 @@ from .file_nodes import lora_file_list
 from .node_guard import guarded
 from .host.lag_concepts import ConceptSpec, load_lora_file, lora_deltas, residual_deltas
 from .host.lag_patch import LagConcept, LagPatch
-from .host.model import lag_family_of_model, require_fits
-from .host.text_tokens import check_concept_word, prompt_token_chunks, word_token_ids
+from .host.model import family_of_model, require_fits, unet_config_of
+from .host.text_tokens import check_concept_word, prompt_token_chunks, word_spellings
 from .node_warnings import NodeWarnings, node_id_of
 from .types import Concepts, Residuals
 
@@ -34,8 +34,12 @@ def parse_concept_words(text: str, residuals: ResidualSet) -> list[str]:
     return [check_concept_word("concept word", word, single_word=False) for word in text.split(",") if word.strip()]
 
 
-def locate_concept(clip, chunks: list[list[int]], words: list[str], warnings: NodeWarnings) -> list[int]:
-    positions, missing = concept_positions(chunks, {w: word_token_ids(clip, w) for w in words})
+def locate_concept(clip, chunks: list[list[int]], words: list[str], warnings: NodeWarnings,
+                   key: str | None = None, offset: int = 0) -> list[int]:
+    """The words' positions among the denoiser's text tokens: in the tokenizer output `key`, less the `offset`
+    opening tokens the text encoder drops."""
+    found, missing = concept_positions(chunks, {w: word_spellings(clip, w, key) for w in words})
+    positions = [p - offset for p in found if p >= offset]
     if missing:
         fallback = "" if positions else " None of its words occur, so this concept is applied everywhere (normal sampling)."
         warnings.warn(f"{', '.join(repr(m) for m in missing)} not in the prompt.{fallback} Put the concept words "
@@ -84,12 +88,13 @@ class LagLoraNode(io.ComfyNode):
             node_id="PerResLAGLoRA",
             display_name=LORA_NAME,
             category="PerRes",
-            description="Turns any SD1.x or SDXL LoRA into a LAG concept: it acts only where its trigger words attend, so "
-                        "two character LoRAs in one prompt stay apart and the background stays the base model's. "
-                        "UNet only (like LoraLoaderModelOnly); chain into PerRes LAG Sampling's extra_concepts.",
+            description="Turns any LoRA of the model's family (SD1.x, SDXL, Anima, Krea 2) into a LAG concept: it acts "
+                        "only where its trigger words attend, so two character LoRAs in one prompt stay apart and the "
+                        "background stays the base model's. Denoiser only (like LoraLoaderModelOnly); chain into "
+                        "PerRes LAG Sampling's extra_concepts.",
             inputs=[
                 io.Combo.Input("lora_name", options=lora_file_list(),
-                               tooltip="An SD1.x or SDXL LoRA (.safetensors, for the family of the model) from models/loras: kohya, diffusers/PEFT, LoCon, "
+                               tooltip="A LoRA (.safetensors, for the family of the model) from models/loras: kohya, diffusers/PEFT, LoCon, "
                                        "LoHa, LoKr or DoRA, read by ComfyUI's own LoRA loader."),
                 io.String.Input("trigger_words", default="",
                                 tooltip="Comma-separated words of this LoRA in the prompt (its trigger words, and "
@@ -120,7 +125,8 @@ class LagSampling(io.ComfyNode):
                         "(cross-attention, per block, binarized at the median); the base model draws the rest. "
                         "Encodes the prompt too: wire 'positive' to the sampler.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x or SDXL-family model (stock LoRAs may already be applied)."),
+                io.Model.Input("model", tooltip="An SD1.x, SDXL-family, Anima or Krea 2 model (stock LoRAs may already be "
+                                        "applied)."),
                 io.Clip.Input("clip", tooltip="Tokenizes and encodes the prompt."),
                 Residuals.Input("residuals", optional=True,
                                 tooltip="From PerRes Train Residuals or PerRes Load Residuals. Optional when "
@@ -158,7 +164,7 @@ class LagSampling(io.ComfyNode):
     def execute(cls, model, clip, prompt: str, concept_words: str, strength: float, threshold: str, quantile: float,
                 start_percent: float, end_percent: float, outside_window: str, residuals: ResidualSet | None = None,
                 extra_concepts=None) -> io.NodeOutput:
-        lag_family_of_model(model)
+        family_of_model(model)
         if not prompt.strip():
             raise PerResError("prompt is empty; write the prompt with the concept words, e.g. 'a photo of a sks dog'.")
         if start_percent > end_percent:
@@ -179,15 +185,16 @@ class LagSampling(io.ComfyNode):
         return io.NodeOutput(patched, positive)
 
 
-def concept_of(model, clip, chunks: list[list[int]], spec: ConceptSpec, warnings: NodeWarnings) -> LagConcept:
-    """The spec's layer changes on this model, and where its words are in the prompt."""
+def concept_of(model, clip, chunks: list[list[int]], spec: ConceptSpec, warnings: NodeWarnings, key: str | None = None,
+               offset: int = 0) -> LagConcept:
+    """The spec's layer changes on this model, and where its words are among the prompt's text tokens."""
     if spec.residuals is not None:
         deltas = residual_deltas(spec.residuals, spec.strength)
     else:
         deltas, notes = lora_deltas(model, spec.lora, spec.strength, spec.lora_name)
         for note in notes:
             warnings.warn(note)
-    return LagConcept(deltas, locate_concept(clip, chunks, spec.words, warnings), spec.label)
+    return LagConcept(deltas, locate_concept(clip, chunks, spec.words, warnings, key, offset), spec.label)
 
 
 def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings: MaskSettings,
@@ -196,19 +203,31 @@ def build_lag_model(model, clip, prompt: str, specs: list[ConceptSpec], settings
     """(patched clone, positive conditioning) for the concepts.
 
     `node_id` is the LAG Sampling node's id in the prompt, where warnings are shown."""
-    family = lag_family_of_model(model)
+    family = family_of_model(model)
     for spec in specs:
         if spec.residuals is not None:
             require_fits(model, spec.residuals, f"the residual for '{spec.label}'")
-    chunks = prompt_token_chunks(clip, prompt)
-    warnings = NodeWarnings(LAG_NAME, node_id)
-    concepts = [concept_of(model, clip, chunks, spec, warnings) for spec in specs]
-    sampling = model.get_model_object("model_sampling")
+    attention = family.text_attention
+    chunks = prompt_token_chunks(clip, prompt, attention.prompt_tokens)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-    patch = LagPatch(concepts, prompt_length=sum(len(c) for c in chunks), settings=settings,
+    tokens = sum(len(c) for c in chunks)
+    if attention.padded_to:
+        # the denoiser's text is one token per prompt token, zero-padded (Anima: the LLM adapter's output, made
+        # from the T5 ids when the conditioning is prepared, so the sampler's context is not the encoding)
+        offset, length, prompt_context = 0, max(tokens, attention.padded_to), None
+    else:
+        # the encoding is the denoiser's text; an encoder may drop a template's opening tokens (Krea 2's system
+        # prompt): those come first, so the concept positions move back by their number
+        length = positive[0][0].shape[1]
+        offset, prompt_context = max(0, tokens - length), positive[0][0]
+    warnings = NodeWarnings(LAG_NAME, node_id)
+    concepts = [concept_of(model, clip, chunks, spec, warnings, attention.prompt_tokens, offset) for spec in specs]
+    sampling = model.get_model_object("model_sampling")
+    patch = LagPatch(concepts, prompt_length=length, settings=settings,
                      sigma_start=float(sampling.percent_to_sigma(start_percent)),
                      sigma_end=float(sampling.percent_to_sigma(end_percent)), outside=outside,
-                     prompt_context=positive[0][0], warn=warnings.warn, family=family)
+                     prompt_context=prompt_context, warn=warnings.warn, family=family,
+                     depths=family.depths(unet_config_of(model)))
     patched = model.clone()
     patch.install(patched)
     return patched, positive
@@ -233,8 +252,9 @@ class LagMaskPreview(io.ComfyNode):
             display_name=PREVIEW_NAME,
             category="PerRes",
             description="After sampling, shows where each residual acted: one image per transformer resolution "
-                        "(SD1.x at 512 px: 64, 32, 16, 8 latent px; SDXL at 1024 px: 64, 32), averaged over steps; "
-                        "concept 1 red, 2 blue, 3 green.",
+                        "(SD1.x at 512 px: 64, 32, 16, 8 latent px; SDXL at 1024 px: 64, 32; Anima and Krea 2: one, "
+                        "their 2×2-patch grid), averaged over steps (and a DiT's blocks); concept 1 red, 2 blue, "
+                        "3 green.",
             inputs=[
                 io.Model.Input("model", tooltip="The model output of PerRes LAG Sampling."),
                 io.Latent.Input("samples", tooltip="The sampler's output (so the preview runs after sampling)."),

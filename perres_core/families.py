@@ -126,13 +126,35 @@ class BlockGroup:
 
 @dataclass(frozen=True)
 class TextAttention:
-    """Where a DiT block's text-to-image attention is (what LAG reads; UNets use their slots' attn2)."""
+    """Where a block's text-to-image attention is, and how its queries and keys become attention logits: what LAG
+    reads its concept maps from (perres_core.lag_layers). Paths are inside one block (a UNet's BasicTransformerBlock,
+    a DiT block); projections and norms are inside `module`."""
 
-    query: str          # module inside a block that makes the image queries, e.g. "cross_attn.q_proj"
-    key: str            # module that makes the text keys, e.g. "cross_attn.k_proj" or "attn.wk"
-    # "context": keys come from a separate text context (cross-attention: Anima, UNets);
-    # "sequence_start": text and image run as one sequence, text first (Krea 2); "sequence_end": image first
-    text_tokens: Literal["context", "sequence_start", "sequence_end"]
+    module: str                     # the attention, e.g. "attn2", "cross_attn", "attn"
+    heads: str                      # the module's attribute with its number of query heads
+    # "context": keys and values come from a separate text context (cross-attention: UNets, Anima);
+    # "sequence_start": text and image run as one sequence, text first (Krea 2)
+    text_tokens: Literal["context", "sequence_start"]
+    prompt_tokens: str              # the tokenizer output whose ids line up with the text tokens ("l", "t5xxl", ...)
+    query: str = "to_q"
+    key: str = "to_k"
+    value: str = "to_v"
+    output: str = "to_out"          # takes the attention's result (LAG adds the text-side change before it)
+    query_norm: Optional[str] = None    # per-head norms applied to queries and keys before the logits
+    key_norm: Optional[str] = None
+    context_argument: Optional[str] = "context"  # the module's forward argument holding the text (cross-attention)
+    rope_argument: Optional[str] = None  # the module's forward argument with the rotary embedding of q and k
+    first_sublayer: Optional[str] = None  # a sub-module of the block that runs before the text attention
+    # sub-paths of a block with no image locations (per-sample modulation), and paths outside the blocks
+    block_globals: tuple[str, ...] = ()
+    globals: tuple[str, ...] = ()
+    padded_to: int = 0              # the denoiser pads the text to this many tokens (Anima: 512)
+    patch: int = 0                  # a DiT's image tokens are patch×patch latent pixels
+
+
+# A UNet BasicTransformerBlock: attn1 (self-attention), then attn2 (cross-attention to the CLIP tokens), then ff.
+UNET_ATTENTION = TextAttention("attn2", "heads", "context", "l", first_sublayer="attn1",
+                               globals=("time_embed.", "label_emb."))
 
 
 @dataclass(frozen=True)
@@ -162,6 +184,9 @@ class ModelFamily:
     text_attention: Optional[TextAttention] = None
     # entries the text encoder must give beside the tokens (Anima: the T5 ids its LLM adapter maps onto)
     text_encoder_outputs: tuple[str, ...] = ()
+    # parts of LoRA key names that only this family's files carry, in every naming the host reads (DiTs; a UNet
+    # LoRA is told by the width of the text its cross-attention reads), to name a LoRA's family in errors
+    lora_marks: tuple[str, ...] = ()
     layers: tuple[ResidualLayer, ...] = field(init=False, repr=False, compare=False)
     layer_by_path: dict[str, ResidualLayer] = field(init=False, repr=False, compare=False)
     layer_by_lora: dict[str, ResidualLayer] = field(init=False, repr=False, compare=False)
@@ -254,6 +279,7 @@ SD1 = ModelFamily(
     modelspec_implementation="diffusers",
     residual_parameters=1_239_040,  # paper §4.1: "1.2M"
     context_width=768,
+    text_attention=UNET_ATTENTION,
     text_encoder="the checkpoint's CLIP-L (Load Checkpoint's CLIP output)",
     vae="the SD VAE (4-channel latents)",
 )
@@ -276,6 +302,7 @@ SDXL = ModelFamily(
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     residual_parameters=1_187_840,
     context_width=2048,
+    text_attention=UNET_ATTENTION,
     text_encoder="the checkpoint's CLIP-L and CLIP-G (Load Checkpoint's CLIP output)",
     vae="the SDXL VAE (4-channel latents)",
 )
@@ -302,8 +329,14 @@ ANIMA = ModelFamily(
         BlockLayer("cross_attn.output_proj", 2048, 2048),
         BlockLayer("mlp.layer2", 2048, 8192))),),
     denoiser_parameters=2_091_068_928,
-    text_attention=TextAttention("cross_attn.q_proj", "cross_attn.k_proj", "context"),
+    # self-attention, then cross-attention to the LLM adapter's output (one token per T5 token, zero-padded to 512)
+    text_attention=TextAttention("cross_attn", "n_heads", "context", "t5xxl", "q_proj", "k_proj", "v_proj",
+                                 "output_proj", "q_norm", "k_norm", context_argument="context",
+                                 first_sublayer="self_attn", block_globals=("adaln_modulation_",),
+                                 globals=("t_embedder.", "t_embedding_norm", "final_layer.adaln_modulation",
+                                          "llm_adapter."), padded_to=512, patch=2),
     text_encoder_outputs=("t5xxl_ids",),
+    lora_marks=("cross_attn", "self_attn", "llm_adapter"),
 )
 
 KREA2 = ModelFamily(
@@ -324,7 +357,14 @@ KREA2 = ModelFamily(
         BlockLayer("attn.wo", 6144, 6144),
         BlockLayer("mlp.down", 6144, 16384))),),
     denoiser_parameters=12_820_073_036,
-    text_attention=TextAttention("attn.wq", "attn.wk", "sequence_start"),
+    # module paths (kohya: lora_unet_blocks_3_attn_wq) and diffusers names (comfy.utils.krea2_to_diffusers)
+    lora_marks=("attn_wq", "attn.wq", "attn_wo", "attn.wo", "to_gate", "txtfusion", "ff.gate", "ff.down", "mlp_down",
+                "mlp.down"),
+    # one joint attention over [text, image] tokens; q and k get per-head RMS norms, then RoPE
+    text_attention=TextAttention("attn", "heads", "sequence_start", "qwen3vl_4b", "wq", "wk", "wv", "wo",
+                                 "qknorm.qnorm", "qknorm.knorm", context_argument=None, rope_argument="freqs",
+                                 block_globals=("mod",), globals=("tmlp.", "tproj.", "txtfusion.", "txtmlp.",
+                                                                  "last.modulation"), patch=2),
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (SD1, SDXL, ANIMA, KREA2)
@@ -348,6 +388,12 @@ def family_of_config(unet_config: Mapping[str, object]) -> Optional[ModelFamily]
 def family_of_context_width(width: int) -> Optional[ModelFamily]:
     """The UNet family whose cross-attention (attn2) reads text of this width, or None (SD2.x: 1024)."""
     return next((family for family in FAMILIES if not family.is_dit and family.context_width == width), None)
+
+
+def family_of_lora_keys(keys) -> Optional[ModelFamily]:
+    """The DiT family whose LoRA key names these are (ModelFamily.lora_marks), or None."""
+    return next((family for family in FAMILIES for key in keys if family.lora_marks
+                 and any(mark in key for mark in family.lora_marks)), None)
 
 
 def family_of_kohya_prefixes(prefixes: set[str]) -> Optional[ModelFamily]:

@@ -24,12 +24,16 @@ def find_subsequence_positions(chunks: Sequence[Sequence[int]], needle: Sequence
     return sorted(set(positions))
 
 
-def concept_positions(chunks: Sequence[Sequence[int]], words: dict[str, Sequence[int]]) -> tuple[list[int], list[str]]:
-    """Positions of all given words, and the words that do not occur in the prompt."""
+def concept_positions(chunks: Sequence[Sequence[int]],
+                      words: dict[str, Sequence[int] | Sequence[Sequence[int]]]) -> tuple[list[int], list[str]]:
+    """Positions of all given words, and the words that do not occur in the prompt. A word's ids may come as
+    several spellings (a byte-level BPE such as Qwen's encodes a word after a space differently from one at the
+    start of the text): every occurrence of any of them counts."""
     positions: set[int] = set()
     missing: list[str] = []
     for word, needle in words.items():
-        found = find_subsequence_positions(chunks, needle)
+        spellings = needle if needle and not isinstance(needle[0], int) else [needle]
+        found = sorted({p for ids in spellings for p in find_subsequence_positions(chunks, ids)})
         if found:
             positions.update(found)
         else:

@@ -56,14 +56,16 @@ def error_of(action) -> str | None:
 
 
 class Checks:
-    def __init__(self, family: str, host_root: str, workdir: str) -> None:
+    def __init__(self, family: str, host_root: str, workdir: str, precise: bool = False) -> None:
+        """precise: fp32 weights and compute (the CPU's default for Load Diffusion Model), where a weight merge
+        and an activation delta agree to rounding; else as users run them (bf16 compute, Krea 2 in fp8)."""
         sys.path.insert(0, TESTS_DIR)
         import comfy_host
 
         comfy_host.start_host(host_root, workdir)
         from comfy.cli_args import LatentPreviewMethod, args
 
-        args.bf16_unet = True  # the released dtype; fp32 on the CPU would double the memory
+        args.bf16_unet = not precise  # the released dtype; fp32 on the CPU would double the memory
         args.preview_method = LatentPreviewMethod.Latent2RGB  # a server's default (in-process: none)
         from dit_models import DIT_TEST_MODELS, stock_loaded
 
@@ -71,8 +73,10 @@ class Checks:
         self.run_node, self.node_ui, self.pack = comfy_host.run_node, comfy_host.node_ui, comfy_host.pack
         (self.spec,) = [m for m in DIT_TEST_MODELS if m.config_name == family]
         self.workdir = workdir
-        self.model, self.clip, self.vae = stock_loaded(self.spec, workdir, WEIGHT_DTYPE[family])
-        comfy_host.compute_in_bf16(self.model)  # as on a GPU; fp32 casts would keep +8 GB of weight copies
+        weight_dtype = "default" if precise else WEIGHT_DTYPE[family]
+        self.model, self.clip, self.vae = stock_loaded(self.spec, workdir, weight_dtype)
+        if not precise:
+            comfy_host.compute_in_bf16(self.model)  # as on a GPU; fp32 casts would keep +8 GB of weight copies
         cache_encodings(self.clip)
         self.images = concept_images()
         self.result: dict = {}
@@ -234,10 +238,6 @@ class Checks:
             "sd1_residual": error_of(lambda: self.run_node("PerResApplyResiduals", model=self.model, residuals=sd1,
                                                            strength=1.0)),
             "sd_vae_latent": error_of(lambda: host.image_latents(four_channels, self.model)),
-            "lag": error_of(lambda: self.run_node(
-                "PerResLAGSampling", model=self.model, clip=self.clip, prompt="a sks dog", concept_words="",
-                strength=1.0, threshold="median", quantile=0.5, start_percent=0.0, end_percent=1.0,
-                outside_window="full residual", residuals=self.trained)),
         }
 
     def other_text_encoder(self, family: str) -> None:
@@ -288,8 +288,9 @@ class Checks:
         comfy.model_management.unload_all_models()
         gc.collect()
 
-    def example_workflow(self, family: str) -> None:
-        """The family's example workflow (API twin), made cheap, through ComfyUI's validation and executor."""
+    def example_workflow(self, family: str, kind: str = "train_and_sample", key: str = "workflow") -> None:
+        """The family's example workflow of `kind` (API twin), made cheap, through ComfyUI's validation and
+        executor; what happened goes to result[key] (and whether it validated to result[key + "_valid"])."""
         import asyncio
         import uuid
 
@@ -297,7 +298,7 @@ class Checks:
         from dit_models import COMPANIONS
         from workflow_runs import DIT_WORKFLOWS, failure_report, for_tests
 
-        (name,) = [n for n, f in DIT_WORKFLOWS.items() if f == family]
+        (name,) = [n for n, f in DIT_WORKFLOWS.items() if f == family and n.endswith(kind)]
         with open(os.path.join(os.path.dirname(TESTS_DIR), "example_workflows", "api", name + ".json")) as handle:
             prompt = json.load(handle)
         text_encoder, _, vae = COMPANIONS[family]
@@ -309,14 +310,14 @@ class Checks:
         logging.getLogger("perres").addHandler(handler)
         prompt_id = str(uuid.uuid4())
         valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        self.result["workflow_valid"] = [bool(valid), str(error)[:500], json.dumps(node_errors, default=str)[:1000]]
+        self.result[key + "_valid"] = [bool(valid), str(error)[:500], json.dumps(node_errors, default=str)[:1000]]
         executor = self.comfy_host.prompt_executor()
         try:
             executor.execute(prompt, prompt_id, {}, outputs)
         finally:
             logging.getLogger("perres").removeHandler(handler)
         results = executor.history_result.get("outputs", {}) if executor.success else {}
-        self.result["workflow"] = dict(
+        self.result[key] = dict(
             name=name, success=bool(executor.success), failure=None if executor.success else failure_report(executor),
             outputs={node_id: prompt[node_id]["class_type"] for node_id in results},
             warnings=records)

@@ -57,6 +57,21 @@ def check_ones_and_zeros(models, name: str, reference, precision: float, what: s
     assert torch.equal(sample(zeros, positive, negative, seed=3, steps=1), base)
 
 
+def check_layers_before_the_map_follow_their_masks_from_the_first_call(models, name: str, precision: float,
+                                                                      steps=(1, 4)) -> None:
+    """Masks that are all ones because the attention says so (quantile 0, not a constant) give the stock loader's
+    result at 1 and at 4 steps for a LoRA on layers that run before their block's map (issue 30): in the first call
+    no layer falls back to the base model for want of a mask."""
+    model, clip, _ = models
+    negative = encode(clip, "")
+    for count in steps:
+        ones, positive = lag_lora(models, [(name, "ohwx, woman", 1.0)], mode="quantile", quantile=0.0)
+        base = sample(model, positive, negative, seed=4, steps=count)
+        assert_same_as(sample(ones, positive, negative, seed=4, steps=count),
+                       sample(stock_lora(model, name), positive, negative, seed=4, steps=count), base,
+                       f"layers before the map, {count} step(s)", precision)
+
+
 def check_composes_with_a_stock_lora(models, first: str, mine: str, precision: float) -> None:
     """LAG on a model that a stock loader already changed: zeros are that model, ones both LoRAs merged."""
     model, clip, _ = models

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from perres_core.families import SD1, SDXL
+from perres_core.families import ANIMA, KREA2, SD1, SDXL
 from perres_core.lag_layers import Role, level_sizes, placement
 from perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LowRankDelta, attention
 
@@ -73,7 +73,8 @@ def test_attention_is_softmax_qk_v_per_head():
     ("middle_block.1.transformer_blocks.0.attn2.to_v", Role.TEXT),
     ("input_blocks.1.1.proj_in", Role.BEFORE),
     ("input_blocks.1.1.transformer_blocks.0.attn1.to_v", Role.BEFORE),
-    ("input_blocks.1.1.transformer_blocks.0.attn2.to_q", Role.BEFORE),
+    # the mask is made at attn2.to_q, from its base output, before its own change is added
+    ("input_blocks.1.1.transformer_blocks.0.attn2.to_q", Role.AFTER),
     ("input_blocks.1.0.in_layers.2", Role.SPATIAL),
     ("input_blocks.3.0.op", Role.SPATIAL),
     ("out.2", Role.SPATIAL),
@@ -105,7 +106,7 @@ def test_level_sizes_follow_the_stride_two_downsamplers():
     ("input_blocks.4.1.transformer_blocks.1.attn2.to_out.0", Role.AFTER, 1),
     ("output_blocks.0.1.transformer_blocks.9.attn2.to_v", Role.TEXT, 9),
     ("input_blocks.7.1.transformer_blocks.3.attn1.to_q", Role.BEFORE, 3),
-    ("input_blocks.7.1.transformer_blocks.3.attn2.to_q", Role.BEFORE, 3),
+    ("input_blocks.7.1.transformer_blocks.3.attn2.to_q", Role.AFTER, 3),
     ("input_blocks.7.1.proj_in", Role.BEFORE, 0),
     ("input_blocks.1.0.in_layers.2", Role.SPATIAL, None),        # SDXL's first level has no transformer
     ("label_emb.0.0", Role.GLOBAL, None),                       # SDXL's ADM vector (pooled text, sizes)
@@ -115,6 +116,46 @@ def test_sdxl_layers_take_the_mask_of_their_own_block(path, role, block):
     assert where.role is role and where.block == block
     if where.slot is not None:
         assert where.site == (where.slot.index, block)
+
+
+@pytest.mark.parametrize("family, path, role, site", [
+    (ANIMA, "blocks.5.self_attn.q_proj", Role.BEFORE, (0, 5)),        # before the block's cross-attention
+    (ANIMA, "blocks.5.self_attn.output_proj", Role.BEFORE, (0, 5)),
+    (ANIMA, "blocks.5.cross_attn.q_proj", Role.AFTER, (0, 5)),        # the mask is made here
+    (ANIMA, "blocks.5.cross_attn.k_proj", Role.TEXT, (0, 5)),         # acts on the text context
+    (ANIMA, "blocks.5.cross_attn.v_proj", Role.TEXT, (0, 5)),
+    (ANIMA, "blocks.5.cross_attn.output_proj", Role.AFTER, (0, 5)),
+    (ANIMA, "blocks.27.mlp.layer2", Role.AFTER, (0, 27)),
+    (ANIMA, "blocks.5.adaln_modulation_cross_attn.1", Role.GLOBAL, None),   # per-sample modulation
+    (ANIMA, "llm_adapter.blocks.0.self_attn.q_proj", Role.GLOBAL, None),
+    (ANIMA, "t_embedder.1.linear_1", Role.GLOBAL, None),
+    (ANIMA, "x_embedder.proj.1", Role.SPATIAL, None),                 # patches: image locations
+    (KREA2, "blocks.1.attn.wq", Role.AFTER, (0, 1)),                  # one joint attention: all after its map
+    (KREA2, "blocks.1.attn.wk", Role.AFTER, (0, 1)),
+    (KREA2, "blocks.1.attn.gate", Role.AFTER, (0, 1)),
+    (KREA2, "blocks.1.mlp.down", Role.AFTER, (0, 1)),
+    (KREA2, "txtfusion.refiner_blocks.0.attn.wq", Role.GLOBAL, None),  # the text-fusion blocks: text only
+    (KREA2, "txtmlp.1", Role.GLOBAL, None),
+    (KREA2, "tproj.1", Role.GLOBAL, None),
+    (KREA2, "first", Role.SPATIAL, None),
+])
+def test_dit_layers_take_the_mask_of_their_block(family, path, role, site):
+    where = placement(path, family)
+    assert where.role is role
+    if site is not None:
+        assert where.site == site
+
+
+def test_every_dit_block_has_one_text_attention_site():
+    from perres_core.lag_layers import attention_sites, mask_sizes
+
+    sites = attention_sites(KREA2, {"blocks": 2})
+    assert [(s.site, s.path(KREA2), s.path(KREA2, "wq")) for s in sites] == [
+        ((0, 0), "blocks.0.attn", "blocks.0.attn.wq"), ((0, 1), "blocks.1.attn", "blocks.1.attn.wq")]
+    assert len(attention_sites(ANIMA)) == 28 and attention_sites(SD1)[0].path(SD1) == \
+        "input_blocks.1.1.transformer_blocks.0.attn2"
+    assert mask_sizes(ANIMA, 9, 8) == [(5, 4)]    # 2×2 patches, padded
+    assert mask_sizes(SD1, 8, 8)[0] == (8, 8)
 
 
 def test_add_into_is_the_masked_delta_added_in_place():

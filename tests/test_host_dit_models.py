@@ -34,27 +34,34 @@ def host_has(host_root: str, module: str) -> bool:
     return os.path.isfile(os.path.join(host_root, *module.split(".")) + ".py")
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def measured(request, host_root, tmp_path_factory):
-    """(config name, family, what dit_training_checks.py measured on that family's model)."""
+def measured_in_own_process(script: str, config_name: str, host_root: str, workdir: str) -> tuple:
+    """(the test model's spec, what tests/`script` measured on config_name's model in a process of its own), or a
+    skip on a host without the family. Every file it loads is built here first (once, cached), so the process
+    only loads: the family's model, text encoder and VAE, and the other DiT's text encoder."""
     from dit_models import COMPANIONS, DIT_TEST_MODELS, cached_dit_model
 
-    config_name = request.param
     if not host_has(host_root, CASES[config_name][0]):
         pytest.skip(f"this ComfyUI has no {config_name} (added after 0.3.64)")
     (spec,) = [m for m in DIT_TEST_MODELS if m.config_name == config_name]
     text_encoder, _, vae = COMPANIONS[config_name]
     other_text_encoder = COMPANIONS["Krea2" if config_name == "Anima" else "Anima"][0]
     for build in (lambda: cached_dit_model(spec), text_encoder.cached, vae.cached, other_text_encoder.cached):
-        build()  # built once, here, so the subprocess only loads
-    workdir = str(tmp_path_factory.mktemp(f"dit-{config_name}"))
-    done = subprocess.run([sys.executable, os.path.join(TESTS_DIR, "dit_training_checks.py"), config_name,
-                           host_root, workdir], capture_output=True, text=True, timeout=1800,
-                          env={**os.environ, "COMFYUI_PATH": host_root})
+        build()
+    done = subprocess.run([sys.executable, os.path.join(TESTS_DIR, script), config_name, host_root, workdir],
+                          capture_output=True, text=True, timeout=1800, env={**os.environ, "COMFYUI_PATH": host_root})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, done.stdout[-3000:] + done.stderr[-5000:]
+    return spec, json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def measured(request, host_root, tmp_path_factory):
+    """(config name, family, what dit_training_checks.py measured on that family's model)."""
+    config_name = request.param
+    spec, result = measured_in_own_process("dit_training_checks.py", config_name, host_root,
+                                           str(tmp_path_factory.mktemp(f"dit-{config_name}")))
     family = pack("perres_core.families").family_named(CASES[config_name][1])
-    return config_name, family, spec, json.loads(lines[0][len("RESULT "):])
+    return config_name, family, spec, result
 
 
 def test_the_stock_loaders_detect_and_sample_the_random_dit(measured):
@@ -131,7 +138,6 @@ def test_wrong_parts_are_refused_with_what_to_load(measured):
     assert f"trained on an SD1.x model, but this model is {family.name}" in refusals["sd1_residual"]
     assert refusals["sd_vae_latent"].startswith("PerResError: the VAE gives latents of shape (1, 4, 8, 8)")
     assert "Wan 2.1 VAE" in refusals["sd_vae_latent"]
-    assert f"LAG does not run on {family.name} yet" in refusals["lag"]
     assert refusals["other_text_encoder"].startswith("PerResError: PerRes Train Residuals: the CLIP gives")
     assert family.text_encoder in refusals["other_text_encoder"]
 

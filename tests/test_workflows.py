@@ -29,7 +29,8 @@ EXPECTED = {"perres_train_and_sample", "perres_load_and_apply", "perres_lag_samp
             "perres_two_concepts_lag", "perres_lag_lora", "perres_train_with_masks",
             "perres_continue_training", "perres_suggest_class_word", "perres_sdxl_train_and_sample",
             "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora", "perres_compare_snapshots",
-            "perres_anima_train_and_sample", "perres_krea2_train_and_sample"}
+            "perres_anima_train_and_sample", "perres_krea2_train_and_sample", "perres_anima_lag_lora",
+            "perres_krea2_lag_lora"}
 # Workflows for SDXL-family checkpoints: they run on the random SDXL checkpoint (UNet in bf16).
 SDXL_WORKFLOWS = {"perres_sdxl_train_and_sample", "perres_sdxl_lag_sampling", "perres_sdxl_lag_lora"}
 # run through the executor on every host (the smallest SD1.x training, LAG and LAG LoRA); the rest on the newest
@@ -370,7 +371,7 @@ def test_api_workflow_runs(name, executor, checkpoint_name, residual_files, lora
         write_lora_stand_ins(loaded_checkpoints[checkpoint_name][0], SDXL_EXAMPLE_LORAS, workdir)
         residual_files = {**residual_files, **request.getfixturevalue("sdxl_residual_files")}
     if name in DIT_WORKFLOWS:
-        pytest.skip("runs on its DiT in a process of its own (tests/test_host_dit_models.py)")
+        pytest.skip("runs on its DiT in a process of its own (tests/test_host_dit_models.py, test_host_dit_lag.py)")
     prompt = for_tests(name, load(API_DIR, name), {"ckpt_name": checkpoint_name}, residual_files)
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))

@@ -11,7 +11,11 @@ TEST_STEPS = 2
 TEST_SNAPSHOT_EVERY = 1
 # Workflows of diffusion transformers → the host's model class (tests/dit_models.py); they run on the random
 # DiT in a process of their own, and not at all on hosts older than the family.
-DIT_WORKFLOWS = {"perres_anima_train_and_sample": "Anima", "perres_krea2_train_and_sample": "Krea2"}
+DIT_WORKFLOWS = {"perres_anima_train_and_sample": "Anima", "perres_krea2_train_and_sample": "Krea2",
+                 "perres_anima_lag_lora": "Anima", "perres_krea2_lag_lora": "Krea2"}
+# The two character LoRAs each DiT LAG workflow loads; the tests write random stand-ins under these names.
+DIT_EXAMPLE_LORAS = {"Anima": ("character_a_anima.safetensors", "character_b_anima.safetensors"),
+                     "Krea2": ("character_a_krea2.safetensors", "character_b_krea2.safetensors")}
 _HOST_MODULES = {"Anima": "comfy/ldm/anima/model.py", "Krea2": "comfy/ldm/krea2/model.py"}
 
 

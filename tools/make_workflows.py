@@ -124,12 +124,12 @@ def lag_node(node_id: int, pos, prompt: str, links: dict, size: tuple[float, flo
 
 
 def lag_outputs(ids: tuple[int, int, int, int], lag: int, negative: int, latent: int, prefix: str,
-                sampler_values: Optional[dict] = None) -> list[Node]:
+                sampler_values: Optional[dict] = None, vae: tuple[int, int] = (1, 2)) -> list[Node]:
     """KSampler, VAE Decode and Save Image right of a PerRes LAG Sampling node, its mask preview under the decode."""
     sample_id, decode_id, save_id, preview_id = ids
     return [
         sampler(sample_id, (COLUMNS[2], 0), (lag, 0), (lag, 1), (negative, 0), (latent, 0), **(sampler_values or {})),
-        Node(decode_id, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (sample_id, 0), "vae": (1, 2)}),
+        Node(decode_id, "VAEDecode", (COLUMNS[3], 0), {}, {"samples": (sample_id, 0), "vae": vae}),
         Node(save_id, "SaveImage", (COLUMNS[3] + 460, 0), {"filename_prefix": prefix}, {"images": (decode_id, 0)},
              size=(400, 450)),
         Node(preview_id, "PerResLAGMaskPreview", (COLUMNS[3], 160), {}, {"model": (lag, 0), "samples": (sample_id, 0)},
@@ -514,16 +514,29 @@ def two_concepts_lag() -> Workflow:
 
 
 def two_loras_lag(name: str, checkpoint: str, size: int, loras: tuple[str, str], prompt: str, prefix: str,
-                  notes: str, sampler_values: Optional[dict] = None) -> Workflow:
-    """Two PerRes LAG LoRA nodes, each with its trigger words, → PerRes LAG Sampling → sample, mask preview."""
-    return Workflow(name, base_nodes(prompts_at=(COLUMNS[1], 480), checkpoint=checkpoint, size=size) + [
+                  notes: str, sampler_values: Optional[dict] = None, loaders: Optional[Loaders] = None) -> Workflow:
+    """Two PerRes LAG LoRA nodes, each with its trigger words, → PerRes LAG Sampling → sample, mask preview; the
+    model from Load Checkpoint, or from `loaders` (a DiT's three loaders)."""
+    if loaders is None:
+        loading = base_nodes(prompts_at=(COLUMNS[1], 480), checkpoint=checkpoint, size=size)
+        model, clip, vae = (1, 0), (1, 1), (1, 2)
+    else:
+        y = 480
+        loading = [*loaders.nodes,
+                   Node(5, "CLIPTextEncode", (COLUMNS[1], y), {"text": NEGATIVE}, {"clip": loaders.clip},
+                        title="Negative prompt"),
+                   Node(6, loaders.latent, (COLUMNS[1], y + PROMPT_HEIGHT + ROW_GAP),
+                        {"width": size, "height": size, "batch_size": 1})]
+        model, clip, vae = loaders.model, loaders.clip, loaders.vae
+    return Workflow(name, loading + [
         Node(2, "PerResLAGLoRA", (0, 200), {"lora_name": loras[0], "trigger_words": "ohwx, woman", "strength": 1.0},
              title="LoRA 1 (ohwx woman)"),
         Node(3, "PerResLAGLoRA", (0, 420), {"lora_name": loras[1], "trigger_words": "zkz, man", "strength": 1.0},
              {"concepts": (2, 0)}, title="LoRA 2 (zkz man)"),
-        lag_node(7, (COLUMNS[1], 0), prompt, {"model": (1, 0), "clip": (1, 1), "extra_concepts": (3, 0)}, (400, 420)),
-        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix=prefix, sampler_values=sampler_values),
-        note(12, (0, 660), notes),
+        lag_node(7, (COLUMNS[1], 0), prompt, {"model": model, "clip": clip, "extra_concepts": (3, 0)}, (400, 420)),
+        *lag_outputs((8, 9, 10, 11), lag=7, negative=5, latent=6, prefix=prefix, sampler_values=sampler_values,
+                     vae=vae),
+        note(12, (0, 660), notes, size=(360, 360) if loaders else (360, 220)),
     ])
 
 
@@ -551,10 +564,41 @@ def sdxl_lag_lora() -> Workflow:
         SDXL_SAMPLER)
 
 
+# Any two character LoRAs of the user's for each DiT family (trained on Krea 2 RAW, they run on Turbo too).
+ANIMA_LORA_A, ANIMA_LORA_B = "character_a_anima.safetensors", "character_b_anima.safetensors"
+KREA2_LORA_A, KREA2_LORA_B = "character_a_krea2.safetensors", "character_b_krea2.safetensors"
+DIT_LAG_NOTE = (
+    "Each block's own text attention makes the masks in the same sampling pass ({attention}), so nothing is "
+    "drawn and nothing runs twice. {text}Timestep modulation{extra} has no image locations and stays the base "
+    "model's; the node says so when a LoRA changes it.")
+
+
+def anima_lag_lora() -> Workflow:
+    return two_loras_lag(
+        "perres_anima_lag_lora", "", 1024, (ANIMA_LORA_A, ANIMA_LORA_B),
+        "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves", "perres/anima_lag_lora",
+        "## LAG for any Anima LoRA\n\n" + LAG_LORA_NOTE.format(family="Anima").replace("UNet", "DiT") + "\n\n" +
+        DIT_LAG_NOTE.format(attention="its cross-attention to the T5-aligned text tokens", text="",
+                            extra=" and the LLM adapter"),
+        ANIMA_SAMPLER, diffusion_model_loaders(ANIMA_MODEL, "default", ANIMA_TEXT_ENCODER, "stable_diffusion"))
+
+
+def krea2_lag_lora() -> Workflow:
+    return two_loras_lag(
+        "perres_krea2_lag_lora", "", 1024, (KREA2_LORA_A, KREA2_LORA_B),
+        "a photo of ohwx woman and zkz man sitting on a park bench, autumn leaves", "perres/krea2_lag_lora",
+        "## LAG for any Krea 2 LoRA, on Turbo\n\n" + LAG_LORA_NOTE.format(family="Krea 2").replace("UNet", "DiT") +
+        "\n\n" + DIT_LAG_NOTE.format(
+            attention="the image-query × text-key part of the joint attention",
+            text="The prompt's text tokens take each LoRA's change in full, as the LoRA learned it. ",
+            extra=" and the text-fusion blocks"),
+        KREA2_TURBO_SAMPLER, diffusion_model_loaders(KREA2_TURBO, "fp8_e4m3fn", KREA2_TEXT_ENCODER, "krea2"))
+
+
 WORKFLOWS = [train_and_sample, sdxl_train_and_sample, anima_train_and_sample, krea2_train_and_sample,
              suggest_class_word, train_with_masks, continue_training,
              compare_snapshots, load_and_apply, lag_sampling, normal_vs_lag, two_concepts_lag, lag_lora,
-             sdxl_lag_sampling, sdxl_lag_lora]
+             sdxl_lag_sampling, sdxl_lag_lora, anima_lag_lora, krea2_lag_lora]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -247,8 +247,8 @@ HELP: dict[str, NodeHelp] = {
             ("no concept is connected", "Connect `residuals` or `extra_concepts`."),
             ("the residual for '…' was trained on an SD1.x model, but this model is SDXL", "Residuals fit only the "
              "family they were trained on: use a residual trained on SDXL, or load an SD1.x checkpoint."),
-            ("LAG does not run on Anima yet …", "LAG reads UNet cross-attention; on Anima and Krea 2 apply the "
-             "residual everywhere with PerRes Apply Residuals (or LoraLoaderModelOnly with the saved file)."),
+            ("LoRA '…' is a Krea 2 LoRA (its layer names are Krea 2's, …), but this model is Anima", "A LoRA fits "
+             "only the family it was trained on: pick a LoRA of the model's family."),
             ("*warning* 'sks', 'dog' not in the prompt. None of its words occur, so this concept is applied "
              "everywhere", "Add the identifier and class word to the prompt, or set concept_words to words "
              "that the prompt contains. The warning is shown on the node."),

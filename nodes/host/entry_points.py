@@ -43,7 +43,7 @@ MODEL_NODES = (TRAIN, SUGGEST, APPLY, LAG)
 # The host modules PerRes imports (here only, each guarded).
 HOST_MODULES = ("comfy.lora", "comfy.lora_convert", "comfy.weight_adapter", "comfy.utils", "comfy.model_management",
                 "comfy.model_sampling", "comfy.model_patcher", "comfy.model_base", "comfy.patcher_extension",
-                "comfy.sd", "comfy.ldm.modules.diffusionmodules.openaimodel", "latent_preview", "folder_paths")
+                "comfy.sd", "comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.ldm.flux.math", "latent_preview", "folder_paths")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ ENTRY_POINTS: tuple[EntryPoint, ...] = (
     # What LAG's DIFFUSION_MODEL wrapper receives: the UNet's _forward arguments.
     EntryPoint("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel._forward", (LAG,),
                ("x", "timesteps", "context", "y", "control", "transformer_options")),
+    # RoPE as the host applies it to a DiT's queries and keys (Krea 2): LAG's concept maps read them
+    EntryPoint("comfy.ldm.flux.math", "apply_rope1", (LAG,), ("x", "freqs_cis")),
     # The model: schedule, latents, SDXL's size vector, memory estimate.
     EntryPoint("comfy.model_sampling", "ModelSamplingDiscrete.percent_to_sigma", (LAG,), ("percent",)),
     EntryPoint("comfy.model_sampling", "EPS.calculate_input", (TRAIN, SUGGEST), ("sigma", "noise")),

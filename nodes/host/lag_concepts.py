@@ -19,7 +19,7 @@ import torch
 
 from .entry_points import comfy, folder_paths  # the host's modules, imported and checked in one place
 from ...perres_core.errors import PerResError
-from ...perres_core.families import ModelFamily, family_of_context_width
+from ...perres_core.families import ModelFamily, a_model, family_of_context_width, family_of_lora_keys
 from ...perres_core.lag_layers import Role, placement
 from ...perres_core.layer_delta import ConvGeometry, DeltaSum, DenseDelta, LayerDelta, LowRankDelta
 from ...perres_core.residual import ResidualSet, family_of
@@ -107,23 +107,29 @@ _TEXT_PROJECTIONS = ("attn2_to_k", "attn2_to_v", "attn2.to_k", "attn2.to_v", "at
 _DOWN_FACTORS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".hada_w1_b", ".hada_w2_b")
 
 
-def lora_family(lora: dict[str, torch.Tensor]) -> Optional[ModelFamily]:
-    """The family a LoRA was trained for, from the text width its cross-attention factors read; None when it
-    has no such factor (e.g. a LoRA of self-attention only, or LoKr)."""
+def lora_family(lora: dict[str, torch.Tensor]) -> tuple[Optional[ModelFamily], str]:
+    """(the family a LoRA was trained for, how that shows), or (None, "") when nothing tells: a UNet LoRA by the
+    text width its cross-attention factors read (not a LoRA of self-attention only, or LoKr), a DiT LoRA by its
+    layer names."""
     for key, tensor in lora.items():
         if tensor.dim() == 2 and key.endswith(_DOWN_FACTORS) and any(p in key for p in _TEXT_PROJECTIONS):
-            return family_of_context_width(tensor.shape[1])
-    return None
+            family = family_of_context_width(tensor.shape[1])
+            return family, f"its cross-attention reads {tensor.shape[1]}-wide text"
+    denoiser_keys = [key for key in lora if not key.startswith(TEXT_ENCODER_PREFIXES)]
+    family = family_of_lora_keys(denoiser_keys)
+    if family is not None:
+        example = next(key for key in denoiser_keys if any(mark in key for mark in family.lora_marks))
+        return family, f"its layer names are {family.name}'s, e.g. '{example}'"
+    return None, ""
 
 
 def require_lora_family(lora: dict[str, torch.Tensor], family: ModelFamily, name: str) -> None:
     """Refuse a LoRA of another family, naming both (an SD1.x file's layer names partly match SDXL's)."""
-    trained_for = lora_family(lora)
+    trained_for, evidence = lora_family(lora)
     if trained_for is not None and trained_for is not family:
-        raise PerResError(f"LoRA '{name}' is an {trained_for.name} LoRA (its cross-attention reads "
-                          f"{trained_for.context_width}-wide text), but this model is {family.name}; LoRAs only fit "
-                          f"the family they were trained on. Use it on an {trained_for.name} model, or pick an "
-                          f"{family.name} LoRA.")
+        raise PerResError(f"LoRA '{name}' is {a_model(trained_for.name, 'LoRA')} ({evidence}), but this model is "
+                          f"{family.name}; LoRAs only fit the family they were trained on. Use it on "
+                          f"{a_model(trained_for.name)}, or pick {a_model(family.name, 'LoRA')}.")
 
 
 def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str) -> tuple[dict[str, LayerDelta], list[str]]:
@@ -152,8 +158,10 @@ def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str
         parts.setdefault(path, []).append(delta)
     if not parts:
         kinds = "text-encoder only" if any(k.startswith(TEXT_ENCODER_PREFIXES) for k in lora) else "for another model"
-        raise PerResError(f"LoRA '{name}' changes no layer of this {family.name} UNet ({len(lora)} tensors, apparently "
-                          f"{kinds}). PerRes LAG LoRA needs an {family.name} LoRA that trains the UNet.")
+        denoiser = "diffusion transformer" if family.is_dit else "UNet"
+        raise PerResError(f"LoRA '{name}' changes no layer of this {family.name} {denoiser} ({len(lora)} tensors, "
+                          f"apparently {kinds}). PerRes LAG LoRA needs {a_model(family.name, 'LoRA')} that trains the "
+                          f"{denoiser}.")
     notes = []
     if strength != 0 and any(k.startswith(TEXT_ENCODER_PREFIXES) for k in lora):
         notes.append(f"LoRA '{name}': its text-encoder part is not applied (LAG localizes only UNet layers); "
@@ -164,8 +172,10 @@ def lora_deltas(model, lora: dict[str, torch.Tensor], strength: float, name: str
     deltas = {path: group[0] if len(group) == 1 else DeltaSum(tuple(group)) for path, group in parts.items()}
     if strength == 0:
         return {}, notes
-    global_layers = [p for p in deltas if placement(p, family).role is Role.GLOBAL]
+    global_layers = sorted(p for p in deltas if placement(p, family).role is Role.GLOBAL)
     if global_layers:
-        notes.append(f"LoRA '{name}': it changes the timestep embedding ({', '.join(global_layers)}), which has no "
-                     "image locations; LAG leaves it to the base model.")
+        shown = ", ".join(global_layers[:3]) + (f" and {len(global_layers) - 3} more" if len(global_layers) > 3 else "")
+        what = "layers with no image locations (timestep embedding or modulation, text fusion, LLM adapter)" \
+            if family.is_dit else "the timestep embedding"
+        notes.append(f"LoRA '{name}': it changes {what} ({shown}); LAG leaves them to the base model.")
     return deltas, notes

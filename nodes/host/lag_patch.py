@@ -1,29 +1,32 @@
 """LAG sampling as a ComfyUI model patch (paper §3.3, Eqs. 2-3), for one or several concepts, each a
-PerRes residual or any SD1.x or SDXL LoRA in residual form (perres_core.layer_delta), on a UNet of any
-family in perres_core.families.
+PerRes residual or any LoRA of the model's family in residual form (perres_core.layer_delta), on a denoiser of
+any family in perres_core.families: UNets (SD1.x, SDXL) and diffusion transformers (Anima, Krea 2).
 
-Per UNet call a DIFFUSION_MODEL wrapper registers forward hooks, removed again when the call returns (other
-clones of the same UNet never see them):
-  * attn2.to_q / to_k of every BasicTransformerBlock keep the block's own cross-attention queries and keys
-    and turn A_C of every concept into that block's mask (median split by default), on the positive rows;
-    after a transformer's last block, the mean of its blocks' maps gives the transformer's mask, which its
-    proj_out uses (SDXL: 2 or 10 blocks per transformer; SD1.x: one, and both masks are the same);
+Per denoiser call a DIFFUSION_MODEL wrapper registers forward hooks, removed again when the call returns (other
+clones of the same model never see them):
+  * on every block's text attention (the family's TextAttention: a UNet's attn2, Anima's cross_attn, Krea 2's
+    joint attn), the query projection's hook turns its base output and the text keys into every concept's
+    A_C (image queries × text keys only, read with the block's own norms and RoPE: attention_reader.py) and
+    that block's mask (median split by default), on the positive rows; every layer of the block after that
+    point uses it. On a UNet transformer of several blocks, the mean of its blocks' maps gives the
+    transformer's mask, which its proj_out uses;
   * every layer a concept changes gets f̂ = W·x + Σ_k M_k·(ΔW_k·x), with the mask its role calls for
-    (perres_core.lag_layers: the block's own mask after the cross-attention, the newest mask at the
-    layer's resolution before it, the attention-output change for attn2's key/value projections).
-No attn2 replace patch is used, so packs that replace cross-attention (IP-Adapter style) keep working,
-and the attention itself is whatever ComfyUI computes. Stock LoRA weight patches on the same layers
-compose, because the hooks only add to the layer outputs.
+    (perres_core.lag_layers: the block's own mask once made, the block's previous-step mask or this call's
+    estimate before it, the attention-output change for a cross-attention's key/value projections). In a joint
+    sequence the text tokens take the change in full.
+No attention replace patch or override is used, so packs that replace cross-attention (IP-Adapter style) or
+override the attention function keep working, and the attention itself is whatever ComfyUI computes. Stock LoRA
+weight patches on the same layers compose, because the hooks only add to the layer outputs.
 
 Batches: ComfyUI stacks chunks [uncond…, cond…] (transformer_options["cond_or_uncond"], 1 = negative,
 0 = positive), each with the latent batch's rows. Masks come from the positive rows; a negative row uses
 the mask of the positive row for the same image, so both CFG branches see the change in the same place.
 When memory is short ComfyUI runs the negative chunk alone, before the positive one; it then reuses the
-previous step's positive masks, and at the very first step applies a block's own-mask layers everywhere
-(M = 1).
+previous step's positive masks, and at the very first step keeps the base model.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,46 +35,49 @@ import torch
 import torch.nn.functional as F
 
 
+from .attention_reader import AttentionReader
 from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
-from ...perres_core.lag_layers import Placement, Role, level_sizes, placement
+from ...perres_core.lag_layers import AttentionSite, Placement, Role, Site, attention_sites, mask_sizes, placement
 from ...perres_core.layer_delta import LayerDelta, LowRankDelta, attention
-from ...perres_core.families import SD1, ModelFamily, TransformerSlot
-from .model import transformer_modules
+from ...perres_core.families import SD1, ModelFamily
 
 log = logging.getLogger("perres")
 WRAPPER_KEY = "perres_lag"
 POSITIVE, NEGATIVE = 0, 1
-Site = tuple[int, Optional[int]]
 
 
 @dataclass
 class LagConcept:
-    """One concept: its layer deltas (strength folded in) and where its words sit in the prompt's tokens."""
+    """One concept: its layer deltas (strength folded in) and where its words sit in the prompt's text tokens."""
 
-    deltas: dict[str, LayerDelta]   # UNet layer path (e.g. 'input_blocks.1.1.proj_out') -> delta
+    deltas: dict[str, LayerDelta]   # denoiser layer path (e.g. 'input_blocks.1.1.proj_out', 'blocks.3.attn.wo')
     positions: list[int]
     label: str = ""
 
 
 @dataclass
 class _CallState:
-    """Everything one UNet call shares between its hooks."""
+    """Everything one denoiser call shares between its hooks."""
 
     positive_rows: list[int]
     pair_of_row: list[int]          # for each row, the positive row whose mask it uses (or -1)
     rows_per_chunk: int
     mode: str                       # "masked", "direct" (W + ΔW everywhere) or "off" (base model)
-    sizes: dict[int, tuple[int, int]]   # token count -> (h, w) of the UNet's resolution levels
-    # another pack replaces cross-attention somewhere: the host's attention output is then not attn(q, K, V)
-    attn2_replaced: bool = False
-    # keyed by site: (transformer slot index, BasicTransformerBlock index; None for the whole transformer)
-    queries: dict[Site, torch.Tensor] = field(default_factory=dict)
+    sizes: dict[int, tuple[int, int]]   # image token count -> (h, w) of the grids the text attention sees
+    context: Optional[torch.Tensor] = None   # the call's text conditioning
+    text_length: int = 0            # text tokens in front of the image tokens of a joint sequence (Krea 2)
+    # another pack replaces or overrides the attention: its output is then not attn(q, K, V)
+    attention_replaced: bool = False
+    queries: dict[Site, torch.Tensor] = field(default_factory=dict)  # site -> queries as the attention uses them
+    inputs: dict[Site, tuple] = field(default_factory=dict)     # site -> (text context, rope) of the attention call
     keys: dict[Site, tuple] = field(default_factory=dict)       # site -> (K, {concept: K+ΔK})
     values: dict[Site, tuple] = field(default_factory=dict)     # site -> (V, {concept: V+ΔV})
     masks: dict[Site, list[torch.Tensor]] = field(default_factory=dict)  # site -> per concept (B_total, N)
+    estimates: dict[Site, list[torch.Tensor]] = field(default_factory=dict)  # site -> early positive masks
     maps: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # slot -> concept -> Σ_blocks A (P, N)
     embeddings: dict[str, list] = field(default_factory=dict)  # resblock -> per concept Δe (B, C) or None
+    readers: dict = field(default_factory=dict)   # site -> (AttentionSite, AttentionReader) of this call
     _selector: object = None
     _gather: Optional[torch.Tensor] = None
     _images: dict = field(default_factory=dict)
@@ -92,7 +98,6 @@ class _CallState:
             self._gather = torch.tensor([index[p] for p in self.pair_of_row], device=device)
         return self._gather
 
-
     def image_index(self, positives: int, batch: int, device: torch.device) -> torch.Tensor:
         """For each row, its image's index among `positives` positive rows of an earlier call."""
         key = (positives, batch, device)
@@ -100,6 +105,13 @@ class _CallState:
             rows = [(row % self.rows_per_chunk) % positives for row in range(batch)]
             self._images[key] = torch.tensor(rows, device=device)
         return self._images[key]
+
+    def image_rows(self, tokens: int) -> slice:
+        """Where the image tokens sit among a sequence of `tokens` (after the text of a joint sequence)."""
+        if not self.text_length:
+            return slice(0, tokens)
+        image = next(iter(self.sizes))   # a DiT's one grid of image tokens; reference-image tokens follow it
+        return slice(self.text_length, self.text_length + image)
 
 
 class MaskRecorder:
@@ -172,8 +184,8 @@ class LagPatch:
     # The mask policies that perres_core.lag_layers chose by experiment; the alternatives stay selectable
     # for benchmarks/bench_lag_lora.py, which measures them. text: "attention" (the attention output's
     # change inside the mask) or "columns" (ΔK, ΔV only at the concept words' columns); before: "block"
-    # (the block's own mask of the previous step, else as "resolution") or "resolution" (the newest mask
-    # at the layer's resolution).
+    # (the block's own mask of the previous step, else this call's estimate) or "estimate" (always this call's
+    # estimate from the layer's input).
     # depth: which mask proj_out (the PerRes residual) uses in a transformer of several blocks: "mean" (the
     # median split of the mean of all its blocks' concept attention) or "last" (its last block's own mask).
     text_policy = "attention"
@@ -183,12 +195,16 @@ class LagPatch:
     def __init__(self, concepts: list[LagConcept], prompt_length: int, settings: MaskSettings,
                  sigma_start: float = float("inf"), sigma_end: float = 0.0, outside: str = "full",
                  prompt_context: Optional[torch.Tensor] = None, warn: Optional[Callable[[str], None]] = None,
-                 family: ModelFamily = SD1) -> None:
-        """prompt_context: the LAG prompt's encoding (1, T, D), to notice a sampler fed other conditioning;
+                 family: ModelFamily = SD1, depths: Optional[dict[str, int]] = None) -> None:
+        """prompt_length: the prompt's text tokens as the denoiser sees them (concept positions count in them);
+        prompt_context: the LAG prompt's encoding (1, T, D), to notice a sampler fed other conditioning;
         warn: where sampling-time warnings go (the LAG node's own NodeWarnings), by default the log;
-        family: the model's (perres_core.families), whose transformer blocks make the masks."""
+        family: the model's (perres_core.families), whose text attention makes the masks; depths: a DiT's
+        blocks per block group (family.depths of the loaded model's unet_config)."""
         settings.validate()
         self.family = family
+        self.attention = family.text_attention
+        self.sites = attention_sites(family, depths)
         self.concepts = concepts
         self.prompt_length = prompt_length
         self.settings = settings
@@ -199,6 +215,7 @@ class LagPatch:
         self.placements = {path: placement(path, family) for c in concepts for path in c.deltas}
         self.text_sites = {where.site for where in self.placements.values() if where.role is Role.TEXT}
         self._columns: dict[tuple, torch.Tensor] = {}
+        self._signatures: dict[type, inspect.Signature] = {}
         self.prompt_context = prompt_context
         self._warn = warn or (lambda message: log.warning("PerRes LAG: %s", message))
         self._warned: set[str] = set()      # each kind of warning once per patched model
@@ -231,58 +248,63 @@ class LagPatch:
                                             "input (put extra text in the LAG node's prompt).")
         return result
 
-    def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        state = self._call_state(x, transformer_options)
+    def diffusion_model(self, executor, x, timesteps, context, *args, **kwargs):
+        """The denoiser's forward (UNet, Anima, Krea 2: each with its own arguments after the context)."""
+        state = self._call_state(x, context, self._transformer_options(executor, args, kwargs))
         if not self._prompt_seen and self.prompt_context is not None and context is not None and state.positive_rows:
             self._prompt_seen = self._holds_prompt(context, state.positive_rows)
         if state.mode == "off":
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(x, timesteps, context, *args, **kwargs)
         handles = []
         try:
             self._register(executor.class_obj, state, handles)
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(x, timesteps, context, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _register(self, unet: torch.nn.Module, state: _CallState, handles: list) -> None:
-        # layer deltas first, so that the mask hooks below see the queries the block really uses
+    def _transformer_options(self, executor, args: tuple, kwargs: dict) -> dict:
+        if "transformer_options" in kwargs:
+            return kwargs["transformer_options"] or {}
+        kind = type(executor.class_obj)
+        if kind not in self._signatures:
+            self._signatures[kind] = inspect.signature(executor.class_obj._forward)  # what the wrapper wraps
+        bound = self._signatures[kind].bind_partial(None, None, None, *args, **kwargs).arguments
+        return bound.get("transformer_options") or {}
+
+    def _register(self, denoiser: torch.nn.Module, state: _CallState, handles: list) -> None:
+        readers = {site.site: (site, AttentionReader(denoiser.get_submodule(site.path(self.family)), self.attention))
+                   for site in self.sites}
+        state.readers = readers
+        if state.mode == "masked":
+            # first on each query projection, so that the mask is made from its base output before any change of
+            # it (registered below) is added, and exists for every layer of the block that runs after it
+            for key, (site, reader) in readers.items():
+                handles.append(reader.module.register_forward_pre_hook(self._keep_inputs(key, reader, state),
+                                                                       with_kwargs=True))
+                handles.append(reader.query.register_forward_hook(self._make_masks(site, reader, state)))
         for path, where in self.placements.items():
-            module = unet.get_submodule(path)
-            if where.role is Role.TEXT:
+            if where.role is Role.TEXT and state.mode == "masked":
                 continue
+            module = denoiser.get_submodule(path)
             handles.append(module.register_forward_hook(self._add_deltas(path, where, state)))
             if where.role is Role.EMBEDDING:
-                out_layers = unet.get_submodule(where.resblock).out_layers
+                out_layers = denoiser.get_submodule(where.resblock).out_layers
                 handles.append(out_layers.register_forward_pre_hook(self._add_embedding(where.resblock, state)))
-        for slot, transformer in transformer_modules(unet, self.family):
-            blocks = transformer.transformer_blocks
-            for j, block in enumerate(blocks):
-                self._register_block(slot, j, len(blocks), block.attn2, state, handles)
-
-    def _register_block(self, slot: TransformerSlot, j: int, depth: int, attn2: torch.nn.Module, state: _CallState,
-                        handles: list) -> None:
-        """The hooks of block j's cross-attention: its mask, and the LoRA's change of its keys and values."""
-        site = (slot.index, j)
-        has_text = site in self.text_sites
-        if state.mode == "masked":
-            handles.append(attn2.to_q.register_forward_hook(self._keep_queries(site, state)))
-            handles.append(attn2.to_k.register_forward_hook(self._make_masks(slot, j, depth, state, attn2.heads)))
-        if has_text and state.mode == "masked":
-            handles.append(attn2.to_v.register_forward_hook(self._keep_values(slot, j, state)))
+        if state.mode != "masked":
+            return
+        for key in self.text_sites:
+            site, reader = readers[key]
+            # after the query projection's own change: the attention change is taken with the queries it uses
+            handles.append(reader.query.register_forward_hook(self._keep_queries(key, reader, state)))
+            handles.append(reader.key.register_forward_hook(self._keep_keys(site, reader, state)))
+            handles.append(reader.value.register_forward_hook(self._keep_values(site, state)))
             if self.text_policy == "attention":
-                handles.append(attn2.to_out.register_forward_pre_hook(
-                    self._add_attention_change(slot, j, state, attn2.heads)))
-        elif has_text:   # W + ΔW everywhere: the LoRA's keys and values themselves
-            for projection in ("to_k", "to_v"):
-                path = f"{slot.path}.transformer_blocks.{j}.attn2.{projection}"
-                if path in self.placements:
-                    handles.append(getattr(attn2, projection).register_forward_hook(
-                        self._add_deltas(path, self.placements[path], state)))
+                handles.append(reader.output.register_forward_pre_hook(self._add_attention_change(site, reader, state)))
 
-    def _call_state(self, x: torch.Tensor, transformer_options: dict) -> _CallState:
+    def _call_state(self, x: torch.Tensor, context: Optional[torch.Tensor], options: dict) -> _CallState:
         batch = x.shape[0]
-        chunks = transformer_options.get("cond_or_uncond") or [POSITIVE]
+        chunks = options.get("cond_or_uncond") or [POSITIVE]
         rows_per_chunk = max(1, batch // len(chunks))
         positive_rows, pair = [], []
         first_positive = next((i for i, c in enumerate(chunks) if c == POSITIVE), None)
@@ -294,16 +316,19 @@ class LagPatch:
                     pair.append(row)
                 else:
                     pair.append(-1 if first_positive is None else first_positive * rows_per_chunk + r)
-        sigmas = transformer_options.get("sigmas")
+        sigmas = options.get("sigmas")
         mode = "masked"
         if sigmas is not None and len(sigmas):
             sigma = float(sigmas.reshape(-1)[0])
             if not self.sigma_end <= sigma <= self.sigma_start:
                 mode = "direct" if self.outside == "full" else "off"
-        sizes = {h * w: (h, w) for h, w in level_sizes(x.shape[-2], x.shape[-1])}
+        sizes = {h * w: (h, w) for h, w in mask_sizes(self.family, x.shape[-2], x.shape[-1])}
+        joint = self.attention.text_tokens == "sequence_start" and context is not None
+        replaced = bool(options.get("patches_replace", {}).get("attn2")) or \
+            options.get("optimized_attention_override") is not None
         return _CallState(positive_rows=positive_rows, pair_of_row=pair, rows_per_chunk=rows_per_chunk,
-                          mode=mode, sizes=sizes,
-                          attn2_replaced=bool(transformer_options.get("patches_replace", {}).get("attn2")))
+                          mode=mode, sizes=sizes, context=context, text_length=context.shape[1] if joint else 0,
+                          attention_replaced=replaced)
 
     # --- masks --------------------------------------------------------------------------------
     def _columns_for(self, concept_index: int, context_length: int, device: torch.device) -> torch.Tensor:
@@ -336,9 +361,135 @@ class LagPatch:
         tolerance = 1e-2 * float(expected.abs().amax())
         return any(torch.allclose(row, expected[:tokens], rtol=0.0, atol=tolerance) for row in rows)
 
-    def _keep_queries(self, site: Site, state: _CallState):
+    def _keep_inputs(self, key: Site, reader: AttentionReader, state: _CallState):
+        def pre_hook(module, args, kwargs):
+            state.inputs[key] = reader.text_and_rope(args, kwargs)
+        return pre_hook
+
+    def _concept_maps(self, site: AttentionSite, reader: AttentionReader, queries: torch.Tensor,
+                      text: torch.Tensor, rope: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """A_C (Eq. 2) of every concept whose words are in the prompt, (P, N): image `queries` as the attention
+        uses them against the keys of the positive rows' `text` tokens, each concept with its own key change
+        (a LoRA trained its trigger words' attention). Only image × text logits are formed."""
+        key_path = site.path(self.family, self.attention.key)
+        base = reader.project_keys(text)
+        text_rows = slice(0, text.shape[1]) if rope is not None else None
+        maps = {}
+        for c, concept in enumerate(self.concepts):
+            if not concept.positions:
+                continue
+            delta = concept.deltas.get(key_path)
+            keys = base if delta is None else base + delta(text).to(base.dtype)
+            maps[c] = concept_attention(queries, reader.keys(keys, rope, text_rows), reader.heads,
+                                        self._columns_for(c, text.shape[1], text.device))
+        return maps
+
+    def _text_of(self, state: _CallState, key: Site, tokens: Optional[torch.Tensor],
+                 positive) -> Optional[torch.Tensor]:
+        """The positive rows' text tokens the block's attention reads: its context, or the text part of a joint
+        sequence `tokens`."""
+        if state.text_length:
+            return tokens[positive, :state.text_length]
+        context = state.inputs.get(key, (None, None))[0]
+        context = state.context if context is None else context
+        return None if context is None else context[positive]
+
+    def _make_masks(self, site: AttentionSite, reader: AttentionReader, state: _CallState):
+        key = site.site
+
         def hook(module, args, output):
-            state.queries[site] = output
+            if not state.positive_rows:
+                return None
+            rope = state.inputs.get(key, (None, None))[1]
+            image = state.image_rows(output.shape[1])
+            positive = state.positive(output.device)
+            rope_rows = None if rope is None else rope if rope.shape[0] == 1 else rope[positive]
+            queries = reader.queries(output[positive, image], rope_rows, image if rope is not None else None)
+            text = self._text_of(state, key, args[0], positive)
+            if text is None:
+                return None
+            maps = self._concept_maps(site, reader, queries, text, rope_rows)
+            self._keep_site_masks(site, state, queries, maps)
+            return None
+        return hook
+
+    def _keep_site_masks(self, site: AttentionSite, state: _CallState, queries: torch.Tensor,
+                         maps: dict[int, torch.Tensor]) -> None:
+        """A block's masks; on a UNet transformer of several blocks, the transformer's mask after its last."""
+        size = state.sizes.get(queries.shape[1])
+        own = self._store_masks(state, site.site, size, queries, maps)
+        if site.slot is None:
+            return
+        index, j = site.site
+        mean = site.depth > 1 and self.depth_policy == "mean"   # one block: its own mask is the transformer's
+        if mean:
+            sums = state.maps.get(index)
+            state.maps[index] = maps if sums is None else {c: sums[c] + m for c, m in maps.items()}
+        if j == site.depth - 1:   # the transformer's mask, for its proj_out (and the preview)
+            if mean:
+                self._store_masks(state, (index, None), size, queries, state.maps.pop(index))
+            else:
+                self._store_masks(state, (index, None), size, queries, maps, own)
+
+    def _store_masks(self, state: _CallState, site: Site, size: Optional[tuple[int, int]], q: torch.Tensor,
+                     maps: dict[int, torch.Tensor], masks: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
+        """The site's masks from its concept attention maps (or the given positive `masks`), for every row of
+        the call and in the bank; a UNet transformer's masks and every DiT block's also go to the preview.
+        Returns the positive masks."""
+        if masks is None:
+            masks = self._masks_of(maps, q)
+        if (site[1] is None or self.family.is_dit) and size is not None:
+            self.recorder.add(*size, masks)
+        self.bank.store(site, size, masks)
+        partner = state.partner_index(q.device)
+        state.masks[site] = [m.index_select(0, partner) for m in masks]
+        return masks
+
+    def _masks_of(self, maps: dict[int, torch.Tensor], q: torch.Tensor) -> list[torch.Tensor]:
+        """Per concept (P, N) masks of the maps; a concept whose words are not in the prompt gets its change
+        everywhere."""
+        found = dict(zip(maps, concept_masks(list(maps.values()), self.settings)))
+        everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
+        return [found.get(c, everywhere) for c in range(len(self.concepts))]
+
+    def _estimate(self, where: Placement, state: _CallState, x: torch.Tensor,
+                  tokens: int) -> Optional[list[torch.Tensor]]:
+        """This call's positive masks for a layer that runs before its block's text attention: the block's
+        concept map with queries from the layer's own input (the block's input, normalized, in place of what the
+        text attention will receive), made once per block and call."""
+        key = where.site
+        if key not in state.estimates:
+            site, reader = state.readers[key]
+            width = reader.query.weight.shape[1]
+            if not state.positive_rows or x.shape[1 if x.dim() == 4 else -1] != width:
+                return None
+            positive = state.positive(x.device)
+            inputs = x[positive]
+            inputs = inputs.flatten(2).transpose(1, 2) if x.dim() == 4 else inputs.reshape(inputs.shape[0], -1, width)
+            if inputs.shape[1] != tokens or state.text_length:
+                return None
+            text = self._text_of(state, key, None, positive)
+            if text is None:
+                return None
+            queries = reader.queries(reader.project_queries(inputs))
+            state.estimates[key] = self._masks_of(self._concept_maps(site, reader, queries, text, None), queries)
+        return state.estimates[key]
+
+    def _keep_queries(self, key: Site, reader: AttentionReader, state: _CallState):
+        def hook(module, args, output):
+            state.queries[key] = reader.queries(output)   # a cross-attention: every token is an image token
+        return hook
+
+    def _keep_keys(self, site: AttentionSite, reader: AttentionReader, state: _CallState):
+        key_path = site.path(self.family, self.attention.key)
+
+        def hook(module, args, keys):
+            changed = self._changed_text(key_path, args[0], keys)
+            if self.text_policy == "columns":
+                keys = self._at_columns(keys, changed)
+                changed = {}
+            state.keys[site.site] = (reader.keys(keys), {c: reader.keys(k) for c, k in changed.items()})
+            return keys
         return hook
 
     def _changed_text(self, path: str, text: torch.Tensor, projected: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -357,65 +508,14 @@ class LagPatch:
             projected = projected.index_copy(1, columns, full.index_select(1, columns))
         return projected
 
-    def _make_masks(self, slot: TransformerSlot, j: int, depth: int, state: _CallState, heads: int):
-        site = (slot.index, j)
-        key_path = f"{slot.path}.transformer_blocks.{j}.attn2.to_k"
-
-        def hook(module, args, keys):
-            # the attention change of a LoRA's key/value projections needs the queries once more
-            queries = state.queries.get(site) if site in self.text_sites else state.queries.pop(site, None)
-            changed = self._changed_text(key_path, args[0], keys)
-            if self.text_policy == "columns":
-                keys = self._at_columns(keys, changed)
-                changed = {}
-            state.keys[site] = (keys, changed)
-            if queries is None or not state.positive_rows:
-                return keys
-            positive = state.positive(queries.device)
-            q = queries[positive]
-            # a concept's mask comes from its own keys: a LoRA trained its trigger words' attention
-            maps = {c: concept_attention(q, changed.get(c, keys)[positive], heads,
-                                         self._columns_for(c, keys.shape[1], keys.device))
-                    for c, concept in enumerate(self.concepts) if concept.positions}
-            size = state.sizes.get(q.shape[1])
-            own = self._store_masks(state, site, size, q, maps)
-            mean = depth > 1 and self.depth_policy == "mean"   # one block: its own mask is the transformer's
-            if mean:
-                sums = state.maps.get(slot.index)
-                state.maps[slot.index] = maps if sums is None else {c: sums[c] + m for c, m in maps.items()}
-            if j == depth - 1:   # the transformer's mask, for its proj_out (and the preview)
-                if mean:
-                    self._store_masks(state, (slot.index, None), size, q, state.maps.pop(slot.index))
-                else:
-                    self._store_masks(state, (slot.index, None), size, q, maps, own)
-            return keys
-        return hook
-
-    def _store_masks(self, state: _CallState, site: Site, size: Optional[tuple[int, int]], q: torch.Tensor,
-                     maps: dict[int, torch.Tensor], masks: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
-        """The site's masks from its concept attention maps (or the given positive `masks`), for every row of
-        the call and in the bank; a transformer's masks also go to the preview. Returns the positive masks."""
-        if masks is None:
-            found = dict(zip(maps, concept_masks(list(maps.values()), self.settings)))   # each (P, N)
-            # a concept whose words are not in the prompt falls back to its change everywhere
-            everywhere = torch.ones(q.shape[0], q.shape[1], device=q.device)
-            masks = [found.get(c, everywhere) for c in range(len(self.concepts))]
-        if site[1] is None and size is not None:
-            self.recorder.add(*size, masks)
-        self.bank.store(site, size, masks)
-        partner = state.partner_index(q.device)
-        state.masks[site] = [m.index_select(0, partner) for m in masks]
-        return masks
-
-    def _keep_values(self, slot: TransformerSlot, j: int, state: _CallState):
-        site = (slot.index, j)
-        value_path = f"{slot.path}.transformer_blocks.{j}.attn2.to_v"
+    def _keep_values(self, site: AttentionSite, state: _CallState):
+        value_path = site.path(self.family, self.attention.value)
 
         def hook(module, args, values):
             changed = self._changed_text(value_path, args[0], values)
             if self.text_policy == "columns":
                 return self._at_columns(values, changed)
-            state.values[site] = (values, changed)
+            state.values[site.site] = (values, changed)
             return None
         return hook
 
@@ -428,30 +528,48 @@ class LagPatch:
         index = state.image_index(masks[0].shape[0], batch, masks[0].device)
         return [m.index_select(0, index) for m in masks]
 
-    def _masks_for(self, where: Placement, state: _CallState, batch: int, tokens: int,
-                   device: torch.device) -> Optional[list[torch.Tensor]]:
-        """Per concept (batch, tokens) masks for a layer; None: the change everywhere (M = 1)."""
-        if state.mode == "direct":
-            return None
-        if self.settings.constant is not None:
-            return [torch.full((batch, tokens), float(self.settings.constant), device=device) for _ in self.concepts]
-        if where.role is Role.GLOBAL:
-            return [torch.zeros(batch, tokens, device=device) for _ in self.concepts]
-        if where.role in (Role.AFTER, Role.TEXT):
-            own = state.masks.get(where.site)
-            if own is not None:
-                return own
-            # a negative-only call (ComfyUI split the batch): the last positive masks of this site
-            return self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
+    def _image_masks(self, where: Placement, state: _CallState, batch: int, tokens: int,
+                     x: torch.Tensor) -> list[torch.Tensor]:
+        """Per concept (batch, tokens) masks over a layer's image tokens (lag_layers: the mask each role uses)."""
         masks = None
-        if where.role is Role.BEFORE and self.before_policy == "block":
-            masks = self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
+        if where.role in (Role.AFTER, Role.TEXT):
+            masks = state.masks.get(where.site)
+            if masks is None:   # a negative-only call (ComfyUI split the batch): the last positive masks of the site
+                masks = self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
+        elif where.role is Role.BEFORE:
+            if self.before_policy == "block":
+                masks = self._from_bank(self.bank.by_site.get(where.site), state, batch, tokens)
+            if masks is None:
+                estimate = self._estimate(where, state, x, tokens)
+                if estimate is not None:
+                    masks = [m.index_select(0, state.partner_index(m.device)) for m in estimate]
         size = state.sizes.get(tokens)
         if masks is None and size is not None:
             masks = self._from_bank(self.bank.at(size), state, batch, tokens)
-        if masks is None:   # nothing known yet in this sampling run: the base model
-            return [torch.zeros(batch, tokens, device=device) for _ in self.concepts]
+        if masks is None:   # a layer before every text attention of the run's first call: the base model
+            return [torch.zeros(batch, tokens, device=x.device) for _ in self.concepts]
         return masks
+
+    def _masks_for(self, where: Placement, state: _CallState, batch: int, tokens: int,
+                   x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """Per concept (batch, tokens) masks for a layer; None: the change everywhere (M = 1). In a joint
+        sequence the text tokens (and reference-image tokens) take every concept's change in full."""
+        if state.mode == "direct":
+            return None
+        if self.settings.constant is not None:
+            return [torch.full((batch, tokens), float(self.settings.constant), device=x.device) for _ in self.concepts]
+        if where.role is Role.GLOBAL:
+            return [torch.zeros(batch, tokens, device=x.device) for _ in self.concepts]
+        image = state.image_rows(tokens)
+        masks = self._image_masks(where, state, batch, image.stop - image.start, x)
+        if image.stop - image.start == tokens:
+            return masks
+        joint = []
+        for mask in masks:
+            full = torch.ones(batch, tokens, device=mask.device, dtype=mask.dtype)
+            full[:, image] = mask
+            joint.append(full)
+        return joint
 
     # --- layer changes ------------------------------------------------------------------------
     def _add_deltas(self, path: str, where: Placement, state: _CallState):
@@ -464,10 +582,11 @@ class LagPatch:
                 # moved to where the ResBlock adds the embedding to its feature map (_add_embedding)
                 state.embeddings[where.resblock] = [None if d is None else d(x) for d in deltas]
                 return None
-            spatial = output.dim() == 4
+            conv = isinstance(module, torch.nn.Conv2d)
             batch = output.shape[0]
-            tokens = output.shape[-2] * output.shape[-1] if spatial else output.shape[1] if output.dim() == 3 else 1
-            masks = None if where.role is Role.TEXT else self._masks_for(where, state, batch, tokens, x.device)
+            grid = output.shape[-2:] if conv else output.shape[1:-1]
+            tokens = grid.numel()
+            masks = self._masks_for(where, state, batch, tokens, x)
             # in place when no gradient is recorded (sampling): the layer's fresh output is nobody else's yet,
             # and a new tensor per changed layer was measurable on SDXL's 700 LoRA layers
             in_place = not torch.is_grad_enabled() or not output.requires_grad
@@ -475,9 +594,8 @@ class LagPatch:
             for k, delta in enumerate(deltas):
                 if delta is None:
                     continue
-                mask = None if masks is None else (
-                    masks[k].reshape(batch, 1, *output.shape[-2:]) if spatial
-                    else masks[k].reshape(batch, tokens, 1) if output.dim() == 3 else masks[k].reshape(batch, 1))
+                mask = None if masks is None else masks[k].reshape(batch, 1, *grid) if conv else \
+                    masks[k].reshape(batch, *grid, 1)
                 if in_place and isinstance(delta, LowRankDelta) and delta.add_into(result, x, mask):
                     continue
                 change = delta(x, mask=mask).to(output.dtype)
@@ -495,35 +613,37 @@ class LagPatch:
                 return None
             h = args[0]
             batch, _, height, width = h.shape
-            masks = self._masks_for(where, state, batch, height * width, h.device)
+            masks = self._masks_for(where, state, batch, height * width, h)
             for k, change in enumerate(changes):
                 if change is not None:
                     h = h + masks[k].reshape(batch, 1, height, width).to(h.dtype) * change.to(h.dtype)[..., None, None]
             return (h,) + tuple(args[1:])
         return pre_hook
 
-    def _add_attention_change(self, slot: TransformerSlot, j: int, state: _CallState, heads: int):
+    def _add_attention_change(self, site: AttentionSite, reader: AttentionReader, state: _CallState):
         """out + Σ_k M_k·(attn(q, K+ΔK_k, V+ΔV_k) − attn(q, K, V)): the LoRA's key/value change, inside the mask.
 
-        Without an attn2 replace patch, `out` is the host's own attn(q, K, V), so the change is taken against
-        it, in the model's dtype: one extra cross-attention per concept (measured on SDXL, where 70 blocks
-        made the fp32 pair cost a tenth of a step). A replace patch (IP-Adapter style) makes `out` its own;
-        the base attention is then computed again, in fp32, and the patch's effect stays everywhere."""
-        where = Placement(Role.TEXT, slot=slot, block=j)
-        site = where.site
+        Without a replace patch or attention override, `out` is the host's own attn(q, K, V), so the change is
+        taken against it, in the model's dtype: one extra cross-attention per concept (measured on SDXL, where 70
+        blocks made the fp32 pair cost a tenth of a step). A replace patch (IP-Adapter style) or an attention
+        override makes `out` its own; the base attention is then computed again, in fp32, and the patch's effect
+        stays everywhere."""
+        where = Placement(Role.TEXT, slot=site.slot, block=site.site[1], group=site.site[0])
+        key = site.site
 
         def pre_hook(module, args):
-            keys, changed_keys = state.keys.pop(site, (None, {}))
-            values, changed_values = state.values.pop(site, (None, {}))
+            keys, changed_keys = state.keys.pop(key, (None, {}))
+            values, changed_values = state.values.pop(key, (None, {}))
             concepts = sorted(set(changed_keys) | set(changed_values))
             if keys is None or values is None or not concepts:
                 return None
             out = args[0]
-            queries = state.queries.pop(site)
+            queries = state.queries.pop(key)
             batch, tokens = out.shape[0], out.shape[1]
-            masks = self._masks_for(where, state, batch, tokens, out.device)
-            dtype = torch.float32 if state.attn2_replaced else out.dtype
-            base = attention(queries, keys, values, heads, dtype) if state.attn2_replaced else out
+            masks = self._masks_for(where, state, batch, tokens, out)
+            dtype = torch.float32 if state.attention_replaced else out.dtype
+            heads = reader.heads
+            base = attention(queries, keys, values, heads, dtype) if state.attention_replaced else out
             result = out
             for c in concepts:
                 changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads, dtype)

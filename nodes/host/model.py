@@ -49,16 +49,6 @@ def family_of_model(model) -> ModelFamily:
     return family
 
 
-def lag_family_of_model(model) -> ModelFamily:
-    """The family of a model LAG runs on: one whose text-to-image attention LAG reads (the UNets' attn2 today)."""
-    family = family_of_model(model)
-    if not family.slots:
-        raise PerResError(f"LAG does not run on {family.name} yet: it reads the cross-attention of UNet transformers, "
-                          f"and {family.name} is a diffusion transformer. Apply the residual everywhere with 'PerRes "
-                          "Apply Residuals' (or the stock 'LoraLoaderModelOnly' with the saved file) instead.")
-    return family
-
-
 def unet_config_of(model) -> dict:
     """What ComfyUI detected about the model's denoiser (a DiT's depth among it)."""
     return dict(getattr(model.model.model_config, "unet_config", {}) or {})
