@@ -54,7 +54,13 @@ ATTENTION_AND_FF = [layer for layer in TRANSFORMER_LAYERS if ".attn" in layer or
 TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to_v")
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
                  "transformer_blocks.0.attn1.to_v")
-FAMILIES = {"sd15": "SD1", "sdxl": "SDXL"}
+FAMILIES = {"sd15": "SD1", "sdxl": "SDXL", "anima": "ANIMA", "krea2": "KREA2"}
+# the speed LoRA on a DiT: every attention and MLP layer of every block
+DIT_ATTENTION_AND_MLP = {
+    "Anima": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj", "cross_attn.q_proj",
+              "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj", "mlp.layer1", "mlp.layer2"),
+    "Krea 2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"),
+}
 TARGET = 1.10
 
 
@@ -82,10 +88,19 @@ def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float =
     return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
 
 
+def speed_layers(model, family) -> list[str]:
+    """Every attention and feed-forward (MLP) layer of every block of the loaded model."""
+    if not family.is_dit:
+        return all_blocks(ATTENTION_AND_FF, family)
+    depths = family.depths(model.model.model_config.unet_config)
+    return [f"{group.prefix}.{n}.{layer}" for group in family.block_groups for n in range(depths[group.prefix])
+            for layer in DIT_ATTENTION_AND_MLP[family.name]]
+
+
 def attention_ff_lora(model, family, rank: int = 32) -> str:
     """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of every block."""
     return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors",
-                         all_blocks(ATTENTION_AND_FF, family), rank)
+                         speed_layers(model, family), rank)
 
 
 def merged_lora_model(model, name: str):
@@ -104,7 +119,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
-                        "UNet in bf16 on the CPU")
+                        "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed part only; Krea 2 "
+                        "with its 2 test blocks, fp8 weights), bf16 compute on the CPU")
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
     p.add_argument("--resolution", type=int, default=512, help="speed part: image side in px; default 512")
     p.add_argument("--steps", type=int, default=3, help="speed part: sampling steps per run; default 3")
@@ -121,9 +137,11 @@ def parse_args() -> argparse.Namespace:
 class Setup:
     def __init__(self, opts) -> None:
         self.opts = opts
-        precision = "bf16" if opts.family == "sdxl" and opts.device == "cpu" else "fp32"
+        precision = "bf16" if opts.family != "sd15" and opts.device == "cpu" else "fp32"
         self.model, self.clip, _ = bc.load_model(opts.family, opts.device, opts.threads, precision)
         self.family = family_of(opts.family)   # (the pack's modules load with the host)
+        self.latent = "EmptySD3LatentImage" if self.family.is_dit else "EmptyLatentImage"
+        self.sampling = ("euler", "simple") if self.family.is_dit else ("euler", "normal")
         self.positive = bc.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
         self.negative = bc.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
 
@@ -137,9 +155,9 @@ class Setup:
         return lag_lora_model(self.model, self.clip, name)[0]
 
     def sample(self, patcher, resolution: int, steps: int, callback=None):
-        latent = bc.run_node("EmptyLatentImage", width=resolution, height=resolution, batch_size=1)[0]
+        latent = bc.run_node(self.latent, width=resolution, height=resolution, batch_size=1)[0]
         return bc.run_node("KSampler", model=patcher, seed=self.opts.seed, steps=steps, cfg=7.0,
-                           sampler_name="euler", scheduler="normal", positive=self.positive,
+                           sampler_name=self.sampling[0], scheduler=self.sampling[1], positive=self.positive,
                            negative=self.negative, latent_image=latent, denoise=1.0)[0]["samples"]
 
 
@@ -150,18 +168,21 @@ def speed(setup: Setup) -> None:
     opts, say = setup.opts, bc.say
     name = attention_ff_lora(setup.model, setup.family, opts.rank)
     configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
-    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(all_blocks(ATTENTION_AND_FF, setup.family))} "
+    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(speed_layers(setup.model, setup.family))} "
         f"layers, {opts.resolution}px, "
         f"{opts.steps} euler steps, CFG 7, {opts.repeats} repeats, torch threads {torch.get_num_threads()}; "
         f"{bc.load_note()}")
     clock = bc.StepClock()
     wall = {k: [] for k in configs}
     cpu = {k: [] for k in configs}
+    peaks = {}
     with bc.progress_steps(clock):
         for key, patcher in configs.items():
             mm.load_models_gpu([patcher])
-            seconds, _ = bc.timed(lambda: setup.sample(patcher, opts.resolution, opts.steps))
-            say(f"[warm-up] {key:6s} {seconds:.1f} s")
+            with bc.PeakMemory() as peak:   # each config's first run: its own weights and buffers appear here
+                seconds, _ = bc.timed(lambda: setup.sample(patcher, opts.resolution, opts.steps))
+            peaks[key] = peak
+            say(f"[warm-up] {key:6s} {seconds:.1f} s; {peak.describe()}")
         for r in range(opts.repeats):
             for key in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
                 mm.load_models_gpu([configs[key]])
@@ -180,6 +201,11 @@ def speed(setup: Setup) -> None:
         say(f"  {key:6s} s/step wall: {bc.spread(wall[key])}")
         say(f"         s/step cpu:  {bc.spread(cpu[key])}")
     say(f"  lag/merged = {ratio:.3f} wall, {cpu_ratio:.3f} cpu  (target <= {TARGET}: {bc.verdict(ratio, TARGET)})")
+    # peak memory: CUDA's allocator peak per config; on the CPU the process's peak RSS of each config's first
+    # run (merged first: its weight backups stay resident afterwards, so LAG's figure includes them too)
+    memory = {key: peak.cuda_peak if peak.cuda_peak is not None else peak.peak_rss for key, peak in peaks.items()}
+    memory_ratio = memory["lag"] / memory["merged"]
+    say(f"  peak memory lag/merged = {memory_ratio:.3f}  (target <= {TARGET}: {bc.verdict(memory_ratio, TARGET)})")
     say("=" * 78)
 
 
@@ -331,7 +357,7 @@ def fp32_compute(model):
 def main() -> None:
     opts = parse_args()
     setup = Setup(opts)
-    if opts.part in ("policy", "all"):
+    if opts.part in ("policy", "all") and not setup.family.is_dit:
         with fp32_compute(setup.model):
             text_policy(setup)
             before_policy(setup)

@@ -18,11 +18,12 @@ anima,krea2, in a pass of their own: bf16, Krea 2 with fp8 weights and all 28 bl
   SDXL   1024 px, --sdxl-train-steps (150 by default; fewer on a lent machine, with the 150-step time
          extrapolated), 30-step dpmpp_2m karras. Targets: perres_ckpt peak <= 10 GiB (12 GB cards train SDXL
          with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.10x the merged LoRA.
-  Anima  1024 px, --dit-train-steps (150), 30-step er_sde at cfg 4. Target: perres_ckpt peak <= 14 GiB.
-  Krea 2 1024 px, fp8 weights, all 28 blocks (12.8 B; built on the machine, 26 GB), --dit-train-steps, Turbo's
-         8-step euler at cfg 1. Target: perres_ckpt peak <= 22 GiB (24 GB cards train it with the defaults).
-         One 8-minute call cannot also hold SD1.5 and SDXL: the DiTs are a call of their own, with fewer steps
-         and the 150-step time extrapolated (benchmarks/README.md). No LAG phases on the DiTs (not there yet).
+  Anima  1024 px, --dit-train-steps (150), 30-step er_sde at cfg 4. Targets: perres_ckpt peak <= 14 GiB; LAG
+         LoRA <= 1.10x the merged LoRA.
+  Krea 2 1024 px, fp8 weights, all 28 blocks (12.8 B; built on the machine, 26 GB), --dit-train-steps, 30-step
+         euler at cfg 4. Targets: perres_ckpt peak <= 22 GiB (24 GB cards train it with the defaults); LAG LoRA
+         <= 1.10x the merged LoRA. One 8-minute call cannot also hold SD1.5 and SDXL: the DiTs are a call of
+         their own, with fewer steps and the 150-step time extrapolated (benchmarks/README.md).
 
 Training figures are the node call's wall time (VAE encoding and setup included) and
 torch.cuda.max_memory_allocated during the call. ComfyUI 0.33.0 runs NVIDIA GPUs with dynamic VRAM
@@ -72,7 +73,7 @@ class FamilyPlan:
     plain_150_target_s: Optional[float]  # the paper-scale speed target (SD1.5 on an H100 only)
     cfg: float = 6.0
     latent: str = "EmptyLatentImage"     # the family's empty latent (16 channels for the DiTs)
-    lag: bool = True                     # LAG and LAG LoRA run on it (the UNets; DiT LAG is not there yet)
+    lag: bool = True                     # LAG and LAG LoRA run on it
     precision: str = "fp16"              # the UNets in fp16 as users' GPUs run them; the DiTs in bf16 (Krea 2: fp8)
 
 
@@ -94,6 +95,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dit-resolution", type=int, default=1024, help="Anima and Krea 2 side in px")
     p.add_argument("--dit-train-steps", type=int, default=PAPER_STEPS,
                    help="Anima and Krea 2 training steps (fewer on a lent machine, the 150-step time extrapolated)")
+    p.add_argument("--dit-sample-steps", type=int, default=30, help="Anima and Krea 2 sampling steps")
     p.add_argument("--dit-sample-repeats", type=int, default=None, help="default: --sample-repeats")
     p.add_argument("--krea2-blocks", type=int, default=None,
                    help="blocks of the random Krea 2 (default: all 28 on cuda; the tests' 2 on a CPU)")
@@ -111,7 +113,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if opts.smoke:
         opts.resolution = opts.sdxl_resolution = opts.dit_resolution = 64
         opts.train_steps = opts.sdxl_train_steps = opts.dit_train_steps = 2
-        opts.sample_steps = opts.sdxl_sample_steps = 2
+        opts.sample_steps = opts.sdxl_sample_steps = opts.dit_sample_steps = 2
         opts.sample_repeats = 1
     if opts.sdxl_sample_repeats is None:
         opts.sdxl_sample_repeats = opts.sample_repeats
@@ -139,12 +141,13 @@ def plans(opts: argparse.Namespace) -> list[FamilyPlan]:
                            opts.sdxl_sample_repeats, "dpmpp_2m", "karras", peak_target_gib=10.0,
                            lag_lora_target=1.10, plain_150_target_s=None),
         # Targets: Anima trains with the defaults on a 16 GB card, Krea 2 with fp8 weights on a 24 GB card.
-        "anima": FamilyPlan("anima", opts.dit_resolution, opts.dit_train_steps, 30, opts.dit_sample_repeats,
-                            "er_sde", "simple", peak_target_gib=14.0, lag_lora_target=0.0, plain_150_target_s=None,
-                            cfg=4.0, latent="EmptySD3LatentImage", lag=False, precision="bf16"),
-        "krea2": FamilyPlan("krea2", opts.dit_resolution, opts.dit_train_steps, 8, opts.dit_sample_repeats,
-                            "euler", "simple", peak_target_gib=22.0, lag_lora_target=0.0, plain_150_target_s=None,
-                            cfg=1.0, latent="EmptySD3LatentImage", lag=False, precision="bf16"),
+        # LAG LoRA on the DiTs (issue 30): 30 steps at cfg 4 (cond and uncond batched), within 1.10× the merged LoRA
+        "anima": FamilyPlan("anima", opts.dit_resolution, opts.dit_train_steps, opts.dit_sample_steps,
+                            opts.dit_sample_repeats, "er_sde", "simple", peak_target_gib=14.0, lag_lora_target=1.10,
+                            plain_150_target_s=None, cfg=4.0, latent="EmptySD3LatentImage", precision="bf16"),
+        "krea2": FamilyPlan("krea2", opts.dit_resolution, opts.dit_train_steps, opts.dit_sample_steps,
+                            opts.dit_sample_repeats, "euler", "simple", peak_target_gib=22.0, lag_lora_target=1.10,
+                            plain_150_target_s=None, cfg=4.0, latent="EmptySD3LatentImage", precision="bf16"),
     }
     return [every[name] for name in opts.families]
 

@@ -1,4 +1,5 @@
-"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any LoRA of the model's family), the mask preview."""
+"""LAG sampling nodes: single and multi-concept LAG (PerRes residuals and any LoRA of the model's family), the mask
+preview."""
 from __future__ import annotations
 
 import torch

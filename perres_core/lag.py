@@ -49,19 +49,25 @@ def concept_columns(context_length: int, positions: Sequence[int], prompt_length
     return torch.tensor([j for j in range(context_length) if j % prompt_length in wanted], dtype=torch.long)
 
 
-def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor) -> torch.Tensor:
+def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor,
+                      padding: int = 0) -> torch.Tensor:
     """A_C of Eq. 2 summed over the selected columns and averaged over heads: (B, N).
 
     q: (B, N, heads·d) and k: (B, T, heads·d) as produced by the block's own to_q / to_k (heads merged);
-    columns: indices of the concept tokens, on q's device. The softmax is over all T context tokens, in
-    fp32; only the selected columns are exponentiated.
+    columns: indices of the concept tokens, on q's device. The logits are computed in q's dtype, the model's
+    compute dtype, as the attention itself computes them (a bf16 model's fp32 copy of them would cost a
+    DiT's LAG a tenth of a step on the CPU); the softmax over all T context tokens is in fp32, and only
+    the selected columns are exponentiated. `padding`: zero keys left off after the last of k's (a padded
+    context, Anima's): each adds e⁰ to the softmax's denominator.
     """
     batch, tokens, inner = q.shape
     dim_head = inner // heads
-    qh = q.float().reshape(batch, tokens, heads, dim_head).transpose(1, 2)
-    kh = k.float().reshape(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
-    logits = torch.matmul(qh, kh.transpose(-1, -2)) * dim_head ** -0.5   # (B, h, N, T)
+    qh = q.reshape(batch, tokens, heads, dim_head).transpose(1, 2)
+    kh = k.to(q.dtype).reshape(k.shape[0], k.shape[1], heads, dim_head).transpose(1, 2)
+    logits = torch.matmul(qh, kh.transpose(-1, -2)).float() * dim_head ** -0.5   # (B, h, N, T)
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if padding:
+        log_norm = torch.logaddexp(log_norm, torch.full_like(log_norm, math.log(padding)))
     selected = (logits.index_select(-1, columns) - log_norm).exp().sum(dim=-1)  # (B, h, N)
     return selected.mean(dim=1)
 

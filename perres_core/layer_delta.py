@@ -14,6 +14,8 @@ cheapest tensor: the r-channel intermediate of a low-rank delta.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -136,14 +138,29 @@ class DeltaSum:
 LayerDelta = Union[LowRankDelta, DenseDelta, DeltaSum]
 
 
+def changes_bias(delta: LayerDelta) -> bool:
+    """Whether the change includes a bias change (it then moves a zero input's output too)."""
+    if isinstance(delta, DeltaSum):
+        return any(changes_bias(part) for part in delta.parts)
+    return isinstance(delta, DenseDelta) and delta.is_bias
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """softmax(QKᵀ/√d)·V with merged heads, (B, N, h·d) → (B, N, h·d), computed in `dtype`."""
+              dtype: torch.dtype = torch.float32, padding: int = 0) -> torch.Tensor:
+    """softmax(QKᵀ/√d)·V with merged heads, (B, N, h·d) → (B, N, h·d), computed in `dtype`. `padding`: zero
+    keys and values left off after the last of k and v (a zero-padded context): they add e⁰ each to the
+    softmax's denominator and nothing to its numerator, so one zero column weighted by their number stands for
+    them all."""
     batch, tokens, inner = q.shape
     d = inner // heads
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).reshape(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+    mask = None
+    if padding:
+        k, v = (torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], dim=1) for t in (k, v))
+        mask = torch.zeros(1, 1, 1, k.shape[1], dtype=dtype, device=q.device)
+        mask[..., -1] = math.log(padding)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
     return out.transpose(1, 2).reshape(batch, tokens, inner)

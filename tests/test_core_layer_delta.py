@@ -169,3 +169,18 @@ def test_add_into_is_the_masked_delta_added_in_place():
     torch.testing.assert_close(output, expected)
     conv = LowRankDelta(up, down, geometry=ConvGeometry())
     assert not conv.add_into(torch.zeros(1, 6, 2, 2), torch.zeros(1, 5, 2, 2))   # convs take the other path
+
+
+def test_zero_padding_left_off_the_attention_counts_as_the_padded_columns():
+    """A zero-padded context's zero keys and values (Anima pads to 512 tokens) can be left off LAG's own attention
+    products and counted instead: the same output, the same concept map."""
+    from perres_core.lag import concept_attention
+    from perres_core.layer_delta import attention
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(2, 5, 8, generator=g), torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    padded_k, padded_v = (torch.cat([t, torch.zeros(2, 4, 8)], dim=1) for t in (k, v))
+    torch.testing.assert_close(attention(q, k, v, 2, padding=4), attention(q, padded_k, padded_v, 2))
+    columns = torch.tensor([1, 2])
+    torch.testing.assert_close(concept_attention(q, k, 2, columns, padding=4),
+                               concept_attention(q, padded_k, 2, columns))

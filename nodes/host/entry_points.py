@@ -43,7 +43,8 @@ MODEL_NODES = (TRAIN, SUGGEST, APPLY, LAG)
 # The host modules PerRes imports (here only, each guarded).
 HOST_MODULES = ("comfy.lora", "comfy.lora_convert", "comfy.weight_adapter", "comfy.utils", "comfy.model_management",
                 "comfy.model_sampling", "comfy.model_patcher", "comfy.model_base", "comfy.patcher_extension",
-                "comfy.sd", "comfy.ldm.modules.diffusionmodules.openaimodel", "comfy.ldm.flux.math", "latent_preview", "folder_paths")
+                "comfy.sd", "comfy.ldm.modules.diffusionmodules.openaimodel",
+                "comfy.ldm.flux.math", "latent_preview", "folder_paths")
 
 
 @dataclass(frozen=True)

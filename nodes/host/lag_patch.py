@@ -39,7 +39,7 @@ from .attention_reader import AttentionReader
 from .entry_points import comfy  # the host's modules, imported and checked in one place
 from ...perres_core.lag import MaskSettings, concept_attention, concept_columns, concept_masks
 from ...perres_core.lag_layers import AttentionSite, Placement, Role, Site, attention_sites, mask_sizes, placement
-from ...perres_core.layer_delta import LayerDelta, LowRankDelta, attention
+from ...perres_core.layer_delta import LayerDelta, LowRankDelta, attention, changes_bias
 from ...perres_core.families import SD1, ModelFamily
 
 log = logging.getLogger("perres")
@@ -112,6 +112,14 @@ class _CallState:
             return slice(0, tokens)
         image = next(iter(self.sizes))   # a DiT's one grid of image tokens; reference-image tokens follow it
         return slice(self.text_length, self.text_length + image)
+
+
+def trailing_padding(text: torch.Tensor) -> int:
+    """How many of the text's last tokens are zero in every row: a zero-padded context (Anima pads its LLM
+    adapter's output to 512 tokens). Their keys and values are zero (the projections have no bias), so LAG's
+    own attention products leave them out and count them instead (perres_core.lag, layer_delta.attention)."""
+    used = text.ne(0).any(dim=-1).any(dim=0).nonzero()
+    return text.shape[1] - (int(used[-1]) + 1 if len(used) else 0)
 
 
 class MaskRecorder:
@@ -214,6 +222,9 @@ class LagPatch:
         self.bank = MaskBank()
         self.placements = {path: placement(path, family) for c in concepts for path in c.deltas}
         self.text_sites = {where.site for where in self.placements.values() if where.role is Role.TEXT}
+        # a bias change of a key/value projection makes a zero token's key nonzero: no padding is left out then
+        self._text_bias = any(changes_bias(c.deltas[path]) for c in self.concepts for path in c.deltas
+                              if self.placements[path].role is Role.TEXT)
         self._columns: dict[tuple, torch.Tensor] = {}
         self._signatures: dict[type, inspect.Signature] = {}
         self.prompt_context = prompt_context
@@ -298,7 +309,7 @@ class LagPatch:
             # after the query projection's own change: the attention change is taken with the queries it uses
             handles.append(reader.query.register_forward_hook(self._keep_queries(key, reader, state)))
             handles.append(reader.key.register_forward_hook(self._keep_keys(site, reader, state)))
-            handles.append(reader.value.register_forward_hook(self._keep_values(site, state)))
+            handles.append(reader.value.register_forward_hook(self._keep_values(site, reader, state)))
             if self.text_policy == "attention":
                 handles.append(reader.output.register_forward_pre_hook(self._add_attention_change(site, reader, state)))
 
@@ -372,16 +383,20 @@ class LagPatch:
         uses them against the keys of the positive rows' `text` tokens, each concept with its own key change
         (a LoRA trained its trigger words' attention). Only image × text logits are formed."""
         key_path = site.path(self.family, self.attention.key)
+        length = text.shape[1]
+        padding = 0 if rope is not None else self._padding(reader, text)
+        text = text[:, :length - padding]
         base = reader.project_keys(text)
-        text_rows = slice(0, text.shape[1]) if rope is not None else None
+        text_rows = slice(0, length) if rope is not None else None
         maps = {}
         for c, concept in enumerate(self.concepts):
             if not concept.positions:
                 continue
             delta = concept.deltas.get(key_path)
             keys = base if delta is None else base + delta(text).to(base.dtype)
+            columns = self._columns_for(c, length, text.device)
             maps[c] = concept_attention(queries, reader.keys(keys, rope, text_rows), reader.heads,
-                                        self._columns_for(c, text.shape[1], text.device))
+                                        columns[columns < length - padding], padding)
         return maps
 
     def _text_of(self, state: _CallState, key: Site, tokens: Optional[torch.Tensor],
@@ -488,7 +503,10 @@ class LagPatch:
             if self.text_policy == "columns":
                 keys = self._at_columns(keys, changed)
                 changed = {}
-            state.keys[site.site] = (reader.keys(keys), {c: reader.keys(k) for c, k in changed.items()})
+            padding = self._padding(reader, args[0])
+            used = keys.shape[1] - padding
+            state.keys[site.site] = (reader.keys(keys[:, :used]),
+                                     {c: reader.keys(k[:, :used]) for c, k in changed.items()}, padding)
             return keys
         return hook
 
@@ -508,14 +526,22 @@ class LagPatch:
             projected = projected.index_copy(1, columns, full.index_select(1, columns))
         return projected
 
-    def _keep_values(self, site: AttentionSite, state: _CallState):
+    def _padding(self, reader: AttentionReader, text: torch.Tensor) -> int:
+        """The zero tokens at the end of `text` that LAG's attention products may leave out: only where a zero
+        token's keys and values are zero with every concept's change too (no bias in the layers or the LoRA)."""
+        if reader.key.bias is not None or reader.value.bias is not None or self._text_bias:
+            return 0
+        return trailing_padding(text)
+
+    def _keep_values(self, site: AttentionSite, reader: AttentionReader, state: _CallState):
         value_path = site.path(self.family, self.attention.value)
 
         def hook(module, args, values):
             changed = self._changed_text(value_path, args[0], values)
             if self.text_policy == "columns":
                 return self._at_columns(values, changed)
-            state.values[site.site] = (values, changed)
+            used = values.shape[1] - self._padding(reader, args[0])
+            state.values[site.site] = (values[:, :used], {c: v[:, :used] for c, v in changed.items()})
             return None
         return hook
 
@@ -632,7 +658,7 @@ class LagPatch:
         key = site.site
 
         def pre_hook(module, args):
-            keys, changed_keys = state.keys.pop(key, (None, {}))
+            keys, changed_keys, padding = state.keys.pop(key, (None, {}, 0))
             values, changed_values = state.values.pop(key, (None, {}))
             concepts = sorted(set(changed_keys) | set(changed_values))
             if keys is None or values is None or not concepts:
@@ -643,10 +669,11 @@ class LagPatch:
             masks = self._masks_for(where, state, batch, tokens, out)
             dtype = torch.float32 if state.attention_replaced else out.dtype
             heads = reader.heads
-            base = attention(queries, keys, values, heads, dtype) if state.attention_replaced else out
+            base = attention(queries, keys, values, heads, dtype, padding) if state.attention_replaced else out
             result = out
             for c in concepts:
-                changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads, dtype)
+                changed = attention(queries, changed_keys.get(c, keys), changed_values.get(c, values), heads, dtype,
+                                    padding)
                 result = result + (masks[c].reshape(batch, tokens, 1).to(dtype) * (changed - base)).to(out.dtype)
             return (result,) + tuple(args[1:])
         return pre_hook
