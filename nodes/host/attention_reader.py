@@ -21,6 +21,9 @@ from .entry_points import comfy  # the host's modules, imported and checked in o
 from ...perres_core.families import TextAttention
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
 class AttentionReader:
     """One block's text attention module, with what LAG reads from it."""
 
@@ -35,11 +38,14 @@ class AttentionReader:
         self.key_norm = module.get_submodule(attention.key_norm) if attention.key_norm else None
         self.heads = int(getattr(module, attention.heads))
         self.head_dim = self.query.weight.shape[0] // self.heads
-        self._signature = inspect.signature(module.forward)
+        kind = type(module)
+        if kind not in _SIGNATURES:   # readers are made per denoiser call: read each class's signature once
+            _SIGNATURES[kind] = inspect.signature(kind.forward)
+        self._signature = _SIGNATURES[kind]
 
     def text_and_rope(self, args: tuple, kwargs: dict) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(the text context, the rotary embedding) among the attention module's call arguments."""
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        bound = self._signature.bind_partial(self.module, *args, **kwargs).arguments
         context = bound.get(self.attention.context_argument) if self.attention.context_argument else None
         rope = bound.get(self.attention.rope_argument) if self.attention.rope_argument else None
         return context, rope
