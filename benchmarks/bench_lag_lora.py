@@ -46,7 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from lora_files import TRANSFORMER_LAYERS, build_lora, write_lora  # noqa: E402  (tests/ is on sys.path)
+from lora_files import DIT_BLOCK_LAYERS, TRANSFORMER_LAYERS, build_lora, write_lora  # noqa: E402  (tests/ is on sys.path)
 
 PROMPT = "a photo of ohwx woman on a beach"
 TRIGGER = "ohwx, woman"
@@ -55,12 +55,6 @@ TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
                  "transformer_blocks.0.attn1.to_v")
 FAMILIES = {"sd15": "SD1", "sdxl": "SDXL", "anima": "ANIMA", "krea2": "KREA2"}
-# the speed LoRA on a DiT: every attention and MLP layer of every block
-DIT_ATTENTION_AND_MLP = {
-    "Anima": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj", "cross_attn.q_proj",
-              "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj", "mlp.layer1", "mlp.layer2"),
-    "Krea 2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"),
-}
 TARGET = 1.10
 
 
@@ -94,7 +88,7 @@ def speed_layers(model, family) -> list[str]:
         return all_blocks(ATTENTION_AND_FF, family)
     depths = family.depths(model.model.model_config.unet_config)
     return [f"{group.prefix}.{n}.{layer}" for group in family.block_groups for n in range(depths[group.prefix])
-            for layer in DIT_ATTENTION_AND_MLP[family.name]]
+            for layer in DIT_BLOCK_LAYERS[type(model.model.model_config).__name__]]
 
 
 def attention_ff_lora(model, family, rank: int = 32) -> str:

@@ -21,17 +21,11 @@ import torch
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)
 from dit_training_checks import Checks, error_of, memory_gib  # noqa: E402
+from lora_files import DIT_BLOCK_LAYERS  # noqa: E402
 
 PROMPT = "a photo of ohwx woman and a zkz dog on a beach"
 LAG_DEFAULTS = dict(prompt=PROMPT, concept_words="", strength=1.0, threshold="median", quantile=0.5,
                     start_percent=0.0, end_percent=1.0, outside_window="full residual")
-# per family: the block layers a test LoRA changes (every attention and MLP layer of the blocks)
-BLOCK_LAYERS = {
-    "Anima": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj",
-              "cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj",
-              "mlp.layer1", "mlp.layer2"),
-    "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"),
-}
 # layers that run before their block's concept map is made
 BEFORE_LAYERS = {"Anima": ("self_attn.q_proj", "self_attn.v_proj", "self_attn.output_proj", "cross_attn.q_proj"),
                  "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate")}
@@ -142,12 +136,12 @@ class LagChecks(Checks):
 
     # --- the checks ----------------------------------------------------------------------------
     def ones_and_zeros(self) -> None:
-        layers = self.block_layers(BLOCK_LAYERS[self.family_name])
+        layers = self.block_layers(DIT_BLOCK_LAYERS[self.family_name])
         out = {}
         base = {steps: self.sample(self.model, steps) for steps in (1, 4)}
         for fmt in ("kohya", "peft", "loha", "lokr", "dora"):
             name = self.write_lora(f"dit_{fmt}.safetensors", fmt, layers if fmt in ("kohya", "peft") else
-                                   self.block_layers(BLOCK_LAYERS[self.family_name][:2]), seed=len(out))
+                                   self.block_layers(DIT_BLOCK_LAYERS[self.family_name][:2]), seed=len(out))
             for steps in ((1, 4) if fmt == "kohya" else (1,)):
                 ones, positive = self.lag([(name, "ohwx, woman", 0.8)], constant=1.0)
                 stock = self.sample(self.stock(name, strength=0.8), steps)
@@ -168,7 +162,8 @@ class LagChecks(Checks):
         """The concept maps LAG made against maps from the q and k the host's attention function received."""
 
         # a LoRA that leaves the keys alone: the maps are then the base attention's, which the host computes
-        mlp = self.write_lora("dit_mlp.safetensors", "kohya", self.block_layers(BLOCK_LAYERS[self.family_name][-1:]),
+        mlp = self.write_lora("dit_mlp.safetensors", "kohya",
+                              self.block_layers(DIT_BLOCK_LAYERS[self.family_name][-1:]),
                               seed=41)
         patched, positive = self.lag([(mlp, "ohwx, woman", 1.0)])
         patch = self.pack("nodes.host.lag_patch").LagPatch.of(patched)
@@ -226,7 +221,8 @@ class LagChecks(Checks):
         return t.reshape(b, length, heads, width // heads).transpose(1, 2)
 
     def two_loras(self) -> None:
-        second = self.write_lora("dit_second.safetensors", "kohya", self.block_layers(BLOCK_LAYERS[self.family_name]),
+        second = self.write_lora("dit_second.safetensors", "kohya",
+                                 self.block_layers(DIT_BLOCK_LAYERS[self.family_name]),
                                  seed=21)
         patched, positive = self.lag([(self.lora, "ohwx, woman", 1.0), (second, "zkz, dog", 1.0)])
         result = self.sample(patched, 2, positive=positive)
@@ -247,7 +243,7 @@ class LagChecks(Checks):
 
     def composition(self) -> None:
         other = self.write_lora("dit_stock.safetensors", "kohya",
-                                self.block_layers(BLOCK_LAYERS[self.family_name][-2:]),
+                                self.block_layers(DIT_BLOCK_LAYERS[self.family_name][-2:]),
                                 seed=31)
         stocked = self.stock(other)
         zeros, positive = self.lag([(self.lora, "ohwx", 1.0)], model=stocked, constant=0.0)
@@ -298,7 +294,7 @@ class LagChecks(Checks):
         from workflow_runs import DIT_EXAMPLE_LORAS
 
         for seed, name in enumerate(DIT_EXAMPLE_LORAS[self.family_name]):
-            self.write_lora(name, "kohya", self.block_layers(BLOCK_LAYERS[self.family_name]), seed=51 + seed)
+            self.write_lora(name, "kohya", self.block_layers(DIT_BLOCK_LAYERS[self.family_name]), seed=51 + seed)
         self.release()
         self.example_workflow(self.family_name, "lag_lora", "lag_workflow")
 

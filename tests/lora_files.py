@@ -37,6 +37,16 @@ SDXL_CONV_LAYERS = ("input_blocks.0.0", "input_blocks.1.0.in_layers.2", "input_b
                     "output_blocks.2.2.conv", "out.2", "label_emb.0.0")
 
 
+# Every attention and MLP layer of one DiT block, by the host's model class (comfy.supported_models): what the DiT
+# LAG tests (dit_lag_checks.py) and benchmarks/bench_lag_lora.py put LoRAs on.
+DIT_BLOCK_LAYERS = {
+    "Anima": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.output_proj",
+              "cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.output_proj",
+              "mlp.layer1", "mlp.layer2"),
+    "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"),
+}
+
+
 def attention_layers(blocks=BLOCKS) -> list[str]:
     return [f"{block}.{layer}" for block in blocks for layer in TRANSFORMER_LAYERS]
 
