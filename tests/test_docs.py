@@ -1,5 +1,7 @@
-"""The node help pages and README's node reference are generated, never hand-kept: the committed files
-must equal what tools/make_docs.py makes from the node schemas now. Also: pyproject.toml as the host reads it.
+"""The node help pages and the node reference docs/nodes.md are generated, never hand-kept: the committed files
+must equal what tools/make_docs.py makes from the node schemas now. The README and docs/ link each other: every
+relative link and #anchor resolves and every page is reachable from the README. Also: pyproject.toml as the host
+reads it, and the README's families table against the code.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ def make_docs():
 
 def test_help_pages_and_node_reference_are_up_to_date(host_root):
     tool = make_docs()
-    files = tool.render(tool.pack_node_infos(), tool.read(tool.README))
+    files = tool.render(tool.pack_node_infos())
     committed_pages = {os.path.join(DOCS_DIR, n) for n in os.listdir(DOCS_DIR)}
-    assert committed_pages == set(files) - {tool.README}, "web/docs/ has missing or stale pages"
+    assert committed_pages == set(files) - {tool.NODES_PAGE}, "web/docs/ has missing or stale pages"
     for path, text in files.items():
         assert tool.read(path) == text, (f"{os.path.relpath(path, PACK_DIR)} differs from the node definitions; "
                                          "run tools/make_docs.py")
@@ -130,17 +132,82 @@ def test_readme_families_table_matches_the_families_and_the_lag_nodes(sd15):
         assert row["LAG"].startswith("yes" if lag_accepts(family.name, sd15) else "no"), (family.name, row["LAG"])
 
 
-def test_relative_links_in_readme_and_docs_resolve():
+README = os.path.join(PACK_DIR, "README.md")
+GUIDE_DIR = os.path.join(PACK_DIR, "docs")
+
+
+def guide_pages() -> list[str]:
+    """README.md and every docs/*.md page."""
+    return [README] + [os.path.join(GUIDE_DIR, n) for n in sorted(os.listdir(GUIDE_DIR)) if n.endswith(".md")]
+
+
+def links(text: str) -> list[tuple[str, str]]:
+    """(target, fragment) of every relative Markdown link and <img src> in a page; an empty target is the page
+    itself."""
     import re
 
-    pages = [os.path.join(PACK_DIR, "README.md")]
-    docs = os.path.join(PACK_DIR, "docs")
-    pages += [os.path.join(docs, name) for name in sorted(os.listdir(docs)) if name.endswith(".md")]
-    for page in pages:
-        with open(page, encoding="utf-8") as handle:
-            text = handle.read()
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-            if "://" in target or target.startswith("mailto:"):
-                continue
-            resolved = os.path.normpath(os.path.join(os.path.dirname(page), target))
-            assert os.path.exists(resolved), f"{os.path.relpath(page, PACK_DIR)} links to a missing {target}"
+    found = re.findall(r"\]\(([^)\s]*)\)", text) + re.findall(r"<img [^>]*src=\"([^\"]+)\"", text)
+    pairs = [(target.partition("#")[0], target.partition("#")[2]) for target in found]
+    return [(path, fragment) for path, fragment in pairs if "://" not in path and not path.startswith("mailto:")]
+
+
+def anchors(path: str) -> set[str]:
+    """The #fragments a Markdown page's headings get (outside code blocks); GitHub numbers a repeated title's
+    fragment -1, -2, ..."""
+    import re
+
+    tool = make_docs()
+    found, counts, fenced = set(), {}, False
+    for line in tool.read(path).splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            slug = tool.anchor(line.lstrip("#"))
+            counts[slug] = counts.get(slug, -1) + 1
+            found.add(f"{slug}-{counts[slug]}" if counts[slug] else slug)
+    return found
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    """Every relative link of README.md and docs/*.md names an existing file and, with #fragment, a heading of
+    that Markdown page."""
+    tool = make_docs()
+    for page in guide_pages():
+        for target, fragment in links(tool.read(page)):
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+            where = f"{os.path.relpath(page, PACK_DIR)} links to"
+            assert os.path.exists(resolved), f"{where} a missing {target}"
+            if fragment and resolved.endswith(".md"):
+                assert fragment in anchors(resolved), f"{where} {target}#{fragment}, which has no such heading"
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    tool = make_docs()
+    reached, todo = set(), [README]
+    while todo:
+        page = todo.pop()
+        if page in reached or not os.path.exists(page):
+            continue
+        reached.add(page)
+        todo += [os.path.normpath(os.path.join(os.path.dirname(page), target))
+                 for target, _ in links(tool.read(page)) if target.endswith(".md")]
+    unreached = [os.path.relpath(page, PACK_DIR) for page in guide_pages() if page not in reached]
+    assert not unreached, f"no link leads from README.md to {unreached}"
+
+
+def test_readme_stays_a_guide():
+    """Issue 31: the README is the user's guide; reference and internals live in docs/."""
+    with open(README, encoding="utf-8") as handle:
+        lines = handle.read().count("\n")
+    assert lines <= 420, f"README.md has {lines} lines; move reference text to a page in docs/ and link it"
+
+
+def test_ci_runs_the_test_command_the_readme_gives():
+    """.ci/run runs, in each host's environment, the pytest command the README documents."""
+    command = "python -m pytest -q --durations=10 tests"
+    with open(README, encoding="utf-8") as handle:
+        assert f"`{command}`" in handle.read()
+    with open(os.path.join(PACK_DIR, ".ci", "run"), encoding="utf-8") as handle:
+        ci = handle.read()
+    assert '"$python" -m pytest -q --durations=10 "${selection[@]}" "${pytest_args[@]}"' in ci
+    assert "|| pytest_args=(tests)" in ci  # without arguments: the whole tests/ folder

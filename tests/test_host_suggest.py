@@ -124,7 +124,7 @@ def test_same_seed_same_ranking_and_every_word_sees_the_same_trials(sd15, concep
     # 3 candidates, 4 images, 3 trials: every (image, t, noise) trial is scored once for each of the 3 words
     assert len(trials) == 4 * 3 and all(len(words) == 3 for words in trials.values())
     assert sum(len(t) for _, _, t, _ in seen[:calls]) == class_words.evaluation_count(3, 4, 3) == 36
-    assert class_words.evaluation_count(49, 5, 12) == 5 * (49 * 3 + 5 * 9)  # the README's count of the defaults
+    assert class_words.evaluation_count(49, 5, 12) == 5 * (49 * 3 + 5 * 9)  # the count in docs/class-word.md
 
 
 def test_bad_inputs_are_clear_errors(sd15, concept_images):

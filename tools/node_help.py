@@ -1,7 +1,7 @@
 """What the node schemas cannot say: when to use each PerRes node, the paper's defaults, an example and
 its common errors. tools/make_docs.py joins this text with the schemas (display name, description,
-inputs, outputs, tooltips) into the help pages web/docs/<NodeId>.md and README's "Node reference".
-Edit the text here, then run the script; never edit the generated pages or README section by hand.
+inputs, outputs, tooltips) into the help pages web/docs/<NodeId>.md and the node reference docs/nodes.md.
+Edit the text here, then run the script; never edit the generated pages by hand.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ HELP: dict[str, NodeHelp] = {
              "directories are refused. With `crop` `buckets` each photo keeps its aspect ratio at about "
              "resolution² pixels (sides multiples of 64), and the node shows the buckets, e.g. `3 × 448×576, "
              "2 × 512×512`. Set PerRes Train Residuals' `crop` to `buckets` too, or it centre-crops them again "
-             "(README, 'Photos that are not square'). `masks` holds each image's "
+             "(docs/non-square-photos.md). `masks` holds each image's "
              "alpha channel after the same crop, for training with subject masks: 1 where the image is opaque "
              "(the subject of a cut-out), 0 where it is transparent, and 1 everywhere for images without alpha. "
              "That is the polarity PerRes Train Residuals' `masks` expects, and the inverse of the stock Load "
@@ -72,8 +72,8 @@ HELP: dict[str, NodeHelp] = {
              "**Model families.** The family comes from the model ComfyUI loaded, never from a setting: "
              "SD1.x (16 proj_out 1×1 convs, 1.24 M residual parameters), SDXL and its descendants — Pony, "
              "Illustrious, NoobAI — (11 Linear proj_out layers, 1.19 M), Anima (84 block output layers, 3.10 M) "
-             "and Krea 2 (56, 18.5 M); on the DiTs the rank keeps the paper's share of the model (README, "
-             "\"Anima and Krea 2\"). On SDXL the UNet is also conditioned on "
+             "and Krea 2 (56, 18.5 M); on the DiTs the rank keeps the paper's share of the model "
+             "(docs/model-families.md). On SDXL the UNet is also conditioned on "
              "the pooled text embedding and the image size; the node builds that vector with the host model's "
              "own `encode_adm`, for an uncropped image of the training size (each bucket's with `crop` "
              "`buckets`); on Anima and Krea 2 the host model's own extra_conds makes the conditioning. `resolution` 0 "
@@ -124,8 +124,8 @@ HELP: dict[str, NodeHelp] = {
              "Each step's batch comes from one bucket, masks follow their images, and SDXL's size conditioning "
              "takes each bucket's size. `images` may be a list of batches or of images of any sizes (PerRes Load "
              "Concept Images with `crop` `buckets`, ComfyUI 0.33.0's Load Image (from Folder)). With only "
-             "square photos the result is the centre crop's. README, 'Watching a run and keeping a good step' "
-             "and 'Photos that are not square', has the details.",
+             "square photos the result is the centre crop's. docs/training-runs.md and "
+             "docs/non-square-photos.md have the details.",
         paper="150 steps, batch size 4, learning rate 0.001, rank ratio 0.05 (1.24 M parameters), random "
               "initialization, 512 px, caption 'a photo of a sks dog' (about 3 minutes on one A100). The paper "
               "covers SD1.x only; on SDXL, Anima and Krea 2 PerRes keeps these settings at 1024 px (on the "
@@ -141,8 +141,9 @@ HELP: dict[str, NodeHelp] = {
                 "`initial_residuals`) and `perres_compare_snapshots` (`snapshot_every` 50: steps 50, 100 and "
                 "150 sampled with one seed).",
         errors=[
-            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…)", "Load an SD1.x or SDXL-family checkpoint "
-             "with Load Checkpoint."),
+            ("the model is Flux …; PerRes supports SD1.x (…); SDXL (…); Anima (…); Krea 2 (…)", "Load a model of a "
+             "supported family: an SD1.x or SDXL-family checkpoint with Load Checkpoint, or Anima or Krea 2 with "
+             "Load Diffusion Model."),
             ("the model samples with ModelSamplingContinuousEDM/EDM; PerRes trains ε-prediction and "
              "v-prediction models …", "Train on the ε- or v-prediction checkpoint of the family, or set a "
              "ModelSampling node in front of the trainer to eps or v_prediction."),
@@ -173,7 +174,7 @@ HELP: dict[str, NodeHelp] = {
             ("out of memory on cuda:0 while training at 512 px with batch_size 4 …",
              "Nothing was saved and the model is unchanged. Turn on `gradient_checkpointing` (the default), lower "
              "`batch_size` or `resolution`, or close other programs that use the GPU. The README's Hardware "
-             "section says what fits on which card."),
+             "table says what fits on which card."),
             ("snapshot_prefix '…' contains '..' (before training starts)",
              "Give `snapshot_prefix` as a path under models/loras, e.g. `perres/snapshots/my_dog`."),
             ("… Only the snapshots survive the failure: the 2 snapshot(s) written before it are kept: "
@@ -187,7 +188,8 @@ HELP: dict[str, NodeHelp] = {
     "PerResSaveResiduals": NodeHelp(
         when="Use it after PerRes Train Residuals to keep the concept. A1111/Forge and model sites read the "
              "file as an SD1 or SDXL LoRA too (kohya keys, `ss_base_model_version` and `modelspec.architecture` of "
-             "the family the residual was trained on), and its metadata (`modelspec.trigger_phrase`) carries the trigger words, "
+             "the family the residual was trained on), and its metadata (`modelspec.trigger_phrase`) carries "
+             "the trigger words, "
              "the identifier and class word. This is an output node.",
         example="`filename_prefix` `perres/my_dog` writes `models/loras/perres/my_dog_00001.safetensors`.",
         errors=[
@@ -232,9 +234,10 @@ HELP: dict[str, NodeHelp] = {
         when="Use it when the concept should stay as it is and the rest of the image should change: new "
              "backgrounds, added objects, identity preservation. The residual no longer pulls the background "
              "towards the training photos. Add more concepts with PerRes LAG Concept, and any LoRA of the model's "
-             "family with PerRes LAG LoRA (then `residuals` may stay unconnected). Works on SD1.x and on SDXL, "
+             "family with PerRes LAG LoRA (then `residuals` may stay unconnected). Works on SD1.x; on SDXL, "
              "Pony, Illustrious and NoobAI, where each of a transformer's 2 or 10 cross-attentions makes its own "
-             "mask and the residual's mask comes from all of them (`perres_sdxl_lag_sampling`).",
+             "mask and the residual's mask comes from all of them (`perres_sdxl_lag_sampling`); and on Anima and "
+             "Krea 2, with the masks from each block's text attention.",
         paper="threshold `median` (the upper half of each attention map), strength 1, LAG at every step "
               "(start 0, end 1); DDIM, 50 steps, guidance 6.0 in the sampler.",
         example="PerRes Load Residuals → PerRes LAG Sampling (prompt 'a photo of a sks dog on a mossy rock in a "
@@ -256,7 +259,8 @@ HELP: dict[str, NodeHelp] = {
     ),
     "PerResLAGConcept": NodeHelp(
         when="Use it for two or more concepts in one image. Where two concepts claim the same place, the one "
-             "whose words attend there more than they do on average wins. Chain several nodes through `concepts` and connect the last one to "
+             "whose words attend there more than they do on average wins. Chain several nodes through `concepts` "
+             "and connect the last one to "
              "PerRes LAG Sampling's `extra_concepts`. Train each concept with its own identifier.",
         example="Residuals trained as 'sks dog' and 'olis cat': PerRes LAG Sampling gets the dog, a PerRes LAG "
                 "Concept gets the cat, and the prompt is 'a photo of a sks dog and an olis cat on a beach'. "
@@ -267,16 +271,18 @@ HELP: dict[str, NodeHelp] = {
         ],
     ),
     "PerResLAGLoRA": NodeHelp(
-        when="Use it to keep an ordinary SD1.x or SDXL-family LoRA (a character, an object, a style) to the part of the image "
+        when="Use it to keep an ordinary LoRA of the model's family (SD1.x, the SDXL family, Anima or Krea 2: a "
+             "character, an object, a style) to the part of the image "
              "its trigger words describe: two character LoRAs in one prompt stay apart, and the background "
              "stays the base model's. Chain one node per LoRA through `concepts` into PerRes LAG Sampling's "
              "`extra_concepts`; PerRes residuals and LoRAs mix in one chain. Only the LoRA's UNet part is "
              "applied (like LoraLoaderModelOnly): the text-encoder part is not tied to image locations; add it "
              "with a stock LoRA loader's strength_clip if you want it. Layers that run before a block's "
-             "cross-attention use that block's mask from the previous step, so at the very first step they "
-             "keep the base model. On SDXL each of a transformer's 2 or 10 blocks makes its own mask; SDXL's "
+             "cross-attention use that block's mask from the previous step, and in the first call of a run an "
+             "estimate from the block's own query projection. On SDXL each of a transformer's 2 or 10 blocks "
+             "makes its own mask; SDXL's "
              "label_emb (the pooled-text and size vector) has no image locations and stays the base model's. "
-             "README, 'LAG for any LoRA', has the details and limits.",
+             "README, 'LAG for any LoRA', has the limits; docs/lag-internals.md the rule of each layer.",
         example="Two PerRes LAG LoRA nodes (character_a.safetensors with 'ohwx, woman', character_b.safetensors "
                 "with 'zkz, man') → PerRes LAG Sampling (prompt 'a photo of ohwx woman and zkz man sitting on a "
                 "park bench') → KSampler. See `perres_lag_lora`, and `perres_sdxl_lag_lora` for SDXL.",
