@@ -32,7 +32,7 @@ from .types import LossMap, Residuals
 log = logging.getLogger("perres")
 NAME = "PerRes Train Residuals"
 # On by default: without it, 512 px at batch 4 keeps every UNet activation for the backward pass, far more
-# than the 6–12 GB cards SD1.5 users own (README, "Hardware", has the measurements).
+# than the 6–12 GB cards SD1.5 users own (docs/benchmarks.md has the measurements).
 CHECKPOINTING_DEFAULT = True
 CHECKPOINTING_TOOLTIP = ("Recompute the UNet's activations during the backward pass instead of keeping them: "
                          "much less memory for somewhat more time per step. On by default so the paper's "

@@ -24,7 +24,7 @@ from .training import LatentBucket, PredictFn
 
 PREVIEW_TIMESTEP_SHARE = 0.6
 LOSS_SMOOTHING = 0.9  # an exponential moving average over about the last 10 steps
-DEFAULT_PREVIEW_EVERY = 10  # one batch-1 forward pass per 10 steps (README "Watching a run" has its cost)
+DEFAULT_PREVIEW_EVERY = 10  # one batch-1 forward pass per 10 steps (docs/benchmarks.md has its cost)
 
 
 @dataclass(frozen=True)

@@ -167,21 +167,22 @@ def predicted_noise(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t
     return schedule.noise_from(output, x_t, t)
 
 
-def train_residuals(predict: PredictFn, buckets: Union[torch.Tensor, Sequence[LatentBucket]],
-                    conditioning: Optional[ConditioningLike], schedule: ScheduleLike,
+def train_residuals(predict: PredictFn, buckets: Sequence[LatentBucket], schedule: ScheduleLike,
                     parameters: Iterable[torch.nn.Parameter], settings: TrainSettings,
                     on_step: Optional[StepCallback] = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, grad_scaler: Optional["torch.amp.GradScaler"] = None,
-                    weights: Optional[torch.Tensor] = None) -> list[float]:
+                    dtype: torch.dtype = torch.float32,
+                    grad_scaler: Optional["torch.amp.GradScaler"] = None) -> list[float]:
     """Minimise E‖target − f_θ(x_t, t, c)‖² over the residual parameters only; returns the loss per step.
 
-    buckets: LatentBuckets (conditioning and weights None), or one tensor of clean latents (N, C, h, w) with
-    its `conditioning` (one row per latent or one for all) and optional `weights` (see LatentBucket).
+    buckets: the training latents, one LatentBucket per image size, each with its conditioning and optional loss
+    weights (one bucket when every image has the same size).
     schedule: the model's ᾱ_t and prediction type.
     on_step(step, loss) runs after every optimiser step; it may raise to cancel.
     """
     settings.validate()
-    buckets = as_buckets(buckets, conditioning, weights)
+    buckets = list(buckets)
+    if not buckets:
+        raise PerResError("No training latents were given.")
     schedule = Schedule.of(schedule)
     params = list(parameters)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -222,21 +223,6 @@ def train_residuals(predict: PredictFn, buckets: Union[torch.Tensor, Sequence[La
             raise TrainingDiverged("The residuals contain NaN or Inf after training; nothing was saved. "
                                    "Lower the learning rate.")
     return losses
-
-
-def as_buckets(latents: Union[torch.Tensor, Sequence[LatentBucket]], conditioning: Optional[ConditioningLike],
-               weights: Optional[torch.Tensor] = None) -> list[LatentBucket]:
-    """LatentBuckets as they are, or one bucket of a latent tensor with its conditioning and weights."""
-    if isinstance(latents, torch.Tensor):
-        if conditioning is None:
-            raise PerResError("latents given without their conditioning.")
-        return [LatentBucket(latents, Conditioning.of(conditioning), weights)]
-    buckets = list(latents)
-    if not buckets:
-        raise PerResError("No training latents were given.")
-    if conditioning is not None or weights is not None:
-        raise PerResError("LatentBuckets carry their own conditioning and weights.")
-    return buckets
 
 
 def epsilon_errors(predict: PredictFn, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,

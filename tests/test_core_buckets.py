@@ -94,16 +94,16 @@ def _toy_model():
     return predict, scale
 
 
-def test_one_bucket_trains_exactly_like_a_plain_latent_tensor():
+def test_one_caption_for_a_bucket_trains_exactly_like_one_caption_per_image():
     latents, context = torch.randn(3, 4, 8, 8), torch.randn(1, 77, 8)
     schedule = torch.linspace(0.99, 0.01, 1000)
     settings = TrainSettings(steps=5, batch_size=2, learning_rate=1e-2, seed=3)
     predict, scale = _toy_model()
-    plain = train_residuals(predict, latents, context, schedule, [scale], settings)
+    shared = train_residuals(predict, [LatentBucket(latents, Conditioning(context))], schedule, [scale], settings)
     predict, scale = _toy_model()
-    bucketed = train_residuals(predict, [LatentBucket(latents, Conditioning(context))], None, schedule, [scale],
-                               settings)
-    assert plain == bucketed
+    per_image = train_residuals(predict, [LatentBucket(latents, Conditioning(context.expand(3, -1, -1)))], schedule,
+                                [scale], settings)
+    assert shared == per_image
 
 
 def test_every_batch_comes_from_one_bucket_in_proportion_to_its_images():
@@ -118,7 +118,7 @@ def test_every_batch_comes_from_one_bucket_in_proportion_to_its_images():
         return x_t * scale
     scale = torch.nn.Parameter(torch.tensor(1.0))
     buckets = [LatentBucket(tall, Conditioning(captions[(8, 4)])), LatentBucket(wide, Conditioning(captions[(4, 8)]))]
-    train_residuals(predict, buckets, None, torch.linspace(0.99, 0.01, 1000), [scale],
+    train_residuals(predict, buckets, torch.linspace(0.99, 0.01, 1000), [scale],
                     TrainSettings(steps=200, batch_size=2, learning_rate=1e-4, seed=0))
     assert set(seen) == {(8, 4), (4, 8)}
     assert 0.6 < seen[(8, 4)] / 200 < 0.9, seen   # 3 of the 4 images are tall

@@ -9,7 +9,7 @@ from perres_core.buckets import bucket_images
 from perres_core.images import alpha_mask, matched_masks, prepare_batch
 from perres_core.residual import ResidualSet, check_continuable, steps_trained
 from perres_core.families import SD1
-from perres_core.training import TrainSettings, prediction_loss, loss_weights, train_residuals
+from perres_core.training import LatentBucket, TrainSettings, prediction_loss, loss_weights, train_residuals
 
 
 def trained_masks(masks: torch.Tensor, image_sizes: list[tuple[int, int]], resolution: int,
@@ -125,7 +125,7 @@ class _Tiny(torch.nn.Module):
 def _run(steps: int, start_step: int = 0) -> _Tiny:
     latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     model = _Tiny()
-    train_residuals(model, latents, torch.zeros(1, 77, 8), torch.linspace(0.99, 0.01, 1000),
+    train_residuals(model, [LatentBucket(latents, torch.zeros(1, 77, 8))], torch.linspace(0.99, 0.01, 1000),
                     model.parameters(), TrainSettings(steps=steps, batch_size=2, seed=3, start_step=start_step))
     return model
 

@@ -70,7 +70,8 @@ def plant_word(sd15, images: torch.Tensor, word: str, steps: int = 10, lr: float
 
             with host.frozen_for_backward(unet), host.frozen_for_backward(clip.cond_stage_model):
                 # PerRes's own loop: the plain ε-loss, AdamW; the context argument is unused (see above)
-                training.train_residuals(predict_with_the_trained_word, x0, torch.zeros(1, 1, 1),
+                training.train_residuals(predict_with_the_trained_word,
+                                         [training.LatentBucket(x0, torch.zeros(1, 1, 1))],
                                          pack("nodes.host.model").diffusion_schedule(patcher), [delta],
                                          training.TrainSettings(steps=steps, batch_size=4, learning_rate=lr))
     finally:

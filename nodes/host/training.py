@@ -202,7 +202,7 @@ def train_on_model(model, buckets: Sequence[LatentBucket], residuals: ResidualSe
             try:
                 hooks = residual_hooks(unet, residuals.layers)
                 with frozen_for_backward(unet), hooks, recompute_in_backward(units), differentiable_host_kernels():
-                    return train_residuals(predict, scaled, None, schedule, residuals.parameters(), settings,
+                    return train_residuals(predict, scaled, schedule, residuals.parameters(), settings,
                                            step_done, device=device, dtype=dtype,
                                            grad_scaler=loss_scaler(dtype, device))
             finally:
