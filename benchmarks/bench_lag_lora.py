@@ -23,7 +23,10 @@ for every config. LoRA files are built by tests/lora_files.py with the names koh
                step, for "resolution" (newest mask at the layer's resolution: in a deep SDXL transformer, the
                previous block's of this step), "block" (the block's own mask of the previous step) and
                "estimate" (this call's: the block's query projection on the layer's own input against the
-               concept keys). The first step, where "block" has none, is left out of all three.
+               concept keys) and "earlier mean" (this step's earlier blocks at that resolution, averaged and
+               split at the median). The first step, where "block" has none, is left out. On a DiT
+               (--family anima) the same for the layers before a block's cross-attention (its self-attention):
+               "resolution" is then the previous block's mask of this step; Krea 2 has no such layer.
   depth        (SDXL: transformers of 2 and 10 blocks) over a --policy-steps run with a PerRes-style LoRA
                on proj_out: (1) layers inside a block, own mask against one mask per transformer: how often
                the transformer's mask (the previous step's, the only one ready while its blocks run) equals
@@ -46,7 +49,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from lora_files import DIT_BLOCK_LAYERS, TRANSFORMER_LAYERS, build_lora, write_lora  # noqa: E402  (tests/ is on sys.path)
+from lora_files import (DIT_BEFORE_LAYERS, DIT_BLOCK_LAYERS, TRANSFORMER_LAYERS, build_lora,  # noqa: E402
+                        write_lora)  # (tests/ is on sys.path)
 
 PROMPT = "a photo of ohwx woman on a beach"
 TRIGGER = "ohwx, woman"
@@ -82,13 +86,16 @@ def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float =
     return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
 
 
-def speed_layers(model, family) -> list[str]:
-    """Every attention and feed-forward (MLP) layer of every block of the loaded model."""
-    if not family.is_dit:
-        return all_blocks(ATTENTION_AND_FF, family)
+def dit_layers(model, family, layers_by_model: dict[str, tuple[str, ...]]) -> list[str]:
+    """The loaded DiT's layers (named inside a block, per model class) in every one of its blocks."""
     depths = family.depths(model.model.model_config.unet_config)
     return [f"{group.prefix}.{n}.{layer}" for group in family.block_groups for n in range(depths[group.prefix])
-            for layer in DIT_BLOCK_LAYERS[type(model.model.model_config).__name__]]
+            for layer in layers_by_model[type(model.model.model_config).__name__]]
+
+
+def speed_layers(model, family) -> list[str]:
+    """Every attention and feed-forward (MLP) layer of every block of the loaded model."""
+    return dit_layers(model, family, DIT_BLOCK_LAYERS) if family.is_dit else all_blocks(ATTENTION_AND_FF, family)
 
 
 def attention_ff_lora(model, family, rank: int = 32) -> str:
@@ -113,8 +120,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
-                        "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed part only; Krea 2 "
-                        "with its 2 test blocks, fp8 weights), bf16 compute on the CPU")
+                        "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed, and the before "
+                        "policy; Krea 2 with its 2 test blocks, fp8 weights), bf16 compute on the CPU")
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
     p.add_argument("--resolution", type=int, default=512, help="speed part: image side in px; default 512")
     p.add_argument("--steps", type=int, default=3, help="speed part: sampling steps per run; default 3")
@@ -261,7 +268,9 @@ def mean(values: list[float]) -> float:
 def before_policy(setup: Setup) -> None:
     opts, say = setup.opts, bc.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", all_blocks(BEFORE_LAYERS, setup.family), 8)
+    layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \
+        all_blocks(BEFORE_LAYERS, setup.family)
+    name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", layers, 8)
     patcher = setup.lag(name)
     patch = lag_patch.LagPatch.of(patcher)
     patch.before_policy = "estimate"   # an estimate in every call, logged beside the block's own masks
@@ -278,7 +287,7 @@ def before_policy(setup: Setup) -> None:
     patch._estimate = logged_estimate
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
     order = [entry for entry in log if entry is not None]
-    agree = {"resolution": [], "block": [], "estimate": []}
+    agree = {"resolution": [], "block": [], "estimate": [], "earlier mean": []}
     for i, (call, site, size, own) in enumerate(order):
         if call == 1 or site[1] is None:
             continue
@@ -286,6 +295,11 @@ def before_policy(setup: Setup) -> None:
         newest_at_size = next(m for _, _, z, m in reversed(order[:i]) if z == size)
         agree["block"].append(agreement(previous_step, own))
         agree["resolution"].append(agreement(newest_at_size, own))
+        earlier = [m for c, _, z, m in order[:i] if c == call and z == size]
+        if earlier:   # a running mean of this step's earlier blocks, split at its median
+            mean_map = sum(m.float() for m in earlier) / len(earlier)
+            agree["earlier mean"].append(agreement((mean_map > mean_map.median(dim=-1, keepdim=True).values)
+                                                   .to(own.dtype), own))
         if (call, site) in estimates:
             agree["estimate"].append(agreement(estimates[(call, site)], own))
     say(f"before policy: {opts.policy_resolution}px, {opts.policy_steps} steps, agreement with the block's own "
@@ -351,11 +365,13 @@ def fp32_compute(model):
 def main() -> None:
     opts = parse_args()
     setup = Setup(opts)
-    if opts.part in ("policy", "all") and not setup.family.is_dit:
+    if opts.part in ("policy", "all"):
         with fp32_compute(setup.model):
-            text_policy(setup)
+            if not setup.family.is_dit:   # a DiT's text and depth choices: perres_core/lag_layers.py says why none
+                text_policy(setup)
             before_policy(setup)
-            depth_policy(setup)
+            if not setup.family.is_dit:
+                depth_policy(setup)
     if opts.part in ("speed", "all"):
         speed(setup)
 

@@ -45,7 +45,7 @@ Transformers of several blocks (SDXL: 2 or 10 BasicTransformerBlocks per Spatial
 its own attn2). Every block makes its own mask from its own cross-attention, and the roles above apply per
 block. proj_out, after all the blocks, uses the transformer's mask: the median split of the mean of all its
 blocks' concept attention maps (Eq. 2 summed over the transformer's cross-attentions). Chosen by experiment
-(benchmarks/bench_lag_lora.py --family sdxl --part policy, README "LAG for any LoRA"; the tests' random-weight
+(benchmarks/bench_lag_lora.py --family sdxl --part policy, docs/lag-internals.md; the tests' random-weight
 SDXL at 256 px, 6 steps):
   * inside the blocks, one mask per transformer would have to be the previous step's (the transformer's
     mask of this step exists only after its last block); it equals a block's own mask at only 63.5 % of
@@ -56,9 +56,15 @@ SDXL at 256 px, 6 steps):
     for the last block's mask alone, and is about as steady from step to step (87.4 % against 88.2 %).
     A close call on random weights; the mean is Eq. 2 over all of the transformer's cross-attention and
     does not hang on one layer.
-A DiT block is one site with its own map, used by its own layers only: each block's map is exact and costs a few
-image × text logits, and Krea 2 has nothing before its joint attention, so no neighbour's or earlier step's map
-is needed there.
+A DiT block is one site with its own map, used by its own layers: each block's map is exact and costs a few
+image × text logits. Krea 2 has nothing before its joint attention (its query projection makes the map, and the
+key, value and gate projections of the same input follow), so there every layer has the map of its own block
+and call. Anima's self-attention runs before its cross-attention, and the same experiment decided its mask
+(bench_lag_lora.py --family anima --part policy; the random Anima, 256 px, 6 steps, 140 block-steps): the same
+block's mask of the previous step agreed with the block's own mask at 95.4 %, this call's estimate at 66.7 %,
+the previous block's mask of this step at 48.6 %, a running mean of this step's earlier blocks (split at its
+median) at 49.9 %. Neighbouring blocks' maps are no better than chance, so the rule is the UNets' one:
+previous step, and the estimate only in the first call.
 """
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 """LAG on one diffusion-transformer family, measured in a process of its own (test_host_dit_lag.py runs it and
 asserts on what it prints).
 
-`python dit_lag_checks.py FAMILY HOST_ROOT WORKDIR` loads the random model of FAMILY as dit_training_checks.py does
-(Anima in bf16, Krea 2 with fp8 weights; both compute in bf16), writes LoRA files on the blocks' attention and MLP
+`python dit_lag_checks.py FAMILY HOST_ROOT WORKDIR` loads the random model of FAMILY through the stock loaders with
+fp32 weights and compute (test_host_dit_lag.py says why), writes LoRA files on the blocks' attention and MLP
 layers in the formats the host's loader reads for it (kohya names, diffusers/PEFT names, LoHa, LoKr, DoRA), and
 prints one line `RESULT {json}` of numbers and messages: how far LAG with masks of ones is from
 LoraLoaderModelOnly at 1 and 4 steps, whether masks of zeros are the base model bit for bit, how far the concept
 maps are from the maps of the q and k the host hands its attention function, two LoRAs' mask overlap, LAG on a
-stock-LoRA model and under another attention override, a PerRes residual through PerRes LAG Sampling, the mask
+stock-LoRA model and under another attention override, quantile and soft masks, the schedule window, a LoRA on
+layers with no image locations, concept words of weighted and long prompts, what a joint sequence's text tokens
+get (Krea 2), a PerRes residual through PerRes LAG Sampling, the mask
 preview, and the refusal of another family's LoRA. Nothing is judged here.
 """
 from __future__ import annotations
@@ -21,18 +23,15 @@ import torch
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS_DIR)
 from dit_training_checks import Checks, error_of, memory_gib  # noqa: E402
-from lora_files import DIT_BLOCK_LAYERS  # noqa: E402
+from lora_files import DIT_BEFORE_LAYERS, DIT_BLOCK_LAYERS, build_lora, write_lora  # noqa: E402
 
 PROMPT = "a photo of ohwx woman and a zkz dog on a beach"
 LAG_DEFAULTS = dict(prompt=PROMPT, concept_words="", strength=1.0, threshold="median", quantile=0.5,
                     start_percent=0.0, end_percent=1.0, outside_window="full residual")
-# layers that run before their block's concept map is made
-BEFORE_LAYERS = {"Anima": ("self_attn.q_proj", "self_attn.v_proj", "self_attn.output_proj", "cross_attn.q_proj"),
-                 "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate")}
 BLOCKS = {"Anima": (0, 13, 27), "Krea2": (0, 1)}
-# ΔW's entries as a share of W's spread: a weight merge rounds W + ΔW to the stored dtype (bf16: 2⁻⁸ of |W|, fp8
-# e4m3: 2⁻⁴), so the test LoRAs must change W by much more than that for the stock loader's merge to keep them
-DELTA_SCALE = {"Anima": 0.1, "Krea2": 0.1}
+# ΔW's entries about a tenth of W's (build_lora: scale·√(rank / fan-in) of W's spread, fan-in 2048 and up): far
+# above the rounding of a weight merge, and small enough that the random models stay finite
+LORA_SCALE = 2.5
 
 
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,59 +46,14 @@ class LagChecks(Checks):
         self.family_name = family
         self.positive = self.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
         self.negative = self.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
-        self.names: dict[str, list[str]] = {}
-        import comfy.lora
-
-        for name, target in comfy.lora.model_lora_keys_unet(self.model.model, {}).items():
-            self.names.setdefault(target, []).append(name)
 
     # --- LoRA files ------------------------------------------------------------------------------
-    def key_of(self, path: str, fmt: str) -> str:
-        """The name a `fmt` file gives the layer at `path`, from the host's key map."""
-        names = self.names[f"diffusion_model.{path}.weight"]
-        kohya = "lora_unet_" + path.replace(".", "_")
-        if fmt in ("kohya", "loha", "lokr", "dora"):
-            return kohya
-        return sorted(n for n in names if not n.startswith("lora_unet_"))[0]   # diffusers / ai-toolkit names
-
     def write_lora(self, file_name: str, fmt: str, layers: list[str], seed: int, rank: int = 4) -> str:
-        from safetensors.torch import save_file
-
-        generator = torch.Generator().manual_seed(seed)
-        denoiser = self.model.model.diffusion_model
-        tensors = {}
-        for path in layers:
-            weight = denoiser.get_submodule(path).weight
-            out_f, in_f = weight.shape
-            size = DELTA_SCALE[self.family_name] * float(weight.detach().float().std())
-            key = self.key_of(path, fmt)
-
-            def randn(*shape: int) -> torch.Tensor:
-                return torch.randn(shape, generator=generator)
-            if fmt in ("kohya", "dora"):
-                tensors.update({f"{key}.lora_down.weight": randn(rank, in_f) / rank ** 0.5,
-                                f"{key}.lora_up.weight": randn(out_f, rank) * size,
-                                f"{key}.alpha": torch.tensor(float(rank))})
-                if fmt == "dora":
-                    norm = weight.detach().float().norm(dim=1, keepdim=True)
-                    tensors[f"{key}.dora_scale"] = norm * (1 + 0.1 * randn(out_f, 1))
-            elif fmt == "peft":
-                tensors.update({f"{key}.lora_A.weight": randn(rank, in_f) / rank ** 0.5,
-                                f"{key}.lora_B.weight": randn(out_f, rank) * size})
-            elif fmt == "loha":
-                factor = (size / rank ** 0.5) ** 0.5
-                tensors.update({f"{key}.hada_w1_a": randn(out_f, rank) * factor,
-                                f"{key}.hada_w1_b": randn(rank, in_f) * factor,
-                                f"{key}.hada_w2_a": randn(out_f, rank),
-                                f"{key}.hada_w2_b": randn(rank, in_f) / rank ** 0.5,
-                                f"{key}.alpha": torch.tensor(float(rank))})
-            elif fmt == "lokr":   # kohya_ss's LoKr for Anima: a small Kronecker factor and a low-rank big one
-                tensors.update({f"{key}.lokr_w1": randn(4, 4), f"{key}.lokr_w2_a": randn(out_f // 4, rank) * size,
-                                f"{key}.lokr_w2_b": randn(rank, in_f // 4) / rank ** 0.5 / 4,
-                                f"{key}.alpha": torch.tensor(float(rank))})
-        os.makedirs(os.path.dirname(self.lora_path(file_name)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, self.lora_path(file_name))
-        return file_name
+        """A random LoRA in `fmt` on `layers`, under models/loras; LoKr in its low-rank form, as kohya_ss writes it
+        for Anima."""
+        tensors = build_lora(self.model, fmt, seed=seed, rank=rank, scale=LORA_SCALE, layers=layers,
+                             low_rank_kronecker=True)
+        return write_lora(os.path.dirname(self.lora_path(file_name)), file_name, tensors)
 
     def block_layers(self, parts) -> list[str]:
         return [f"blocks.{n}.{part}" for n in BLOCKS[self.family_name] for part in parts]
@@ -111,17 +65,20 @@ class LagChecks(Checks):
                              scheduler="simple", positive=positive or self.positive, negative=self.negative,
                              latent_image=latent, denoise=1.0)[0]["samples"].float()
 
-    def lag(self, chain, model=None, constant=None, **settings):
+    def lag(self, chain, model=None, constant=None, window=(0.0, 1.0, "full"), prompt=PROMPT, **settings):
+        """(patched model, positive) for LoRAs [(name, trigger words, strength)]: through PerRes LAG Sampling with
+        its defaults, else through the function it calls with mask `settings` and a schedule `window` (start, end,
+        what steps outside it use)."""
         concepts = None
         for name, words, strength in chain:
             concepts = self.run_node("PerResLAGLoRA", lora_name=name, trigger_words=words, strength=strength,
                                      concepts=concepts)[0]
-        if constant is None and not settings:
+        if constant is None and not settings and window == (0.0, 1.0, "full") and prompt == PROMPT:
             return self.run_node("PerResLAGSampling", model=model or self.model, clip=self.clip,
                                  extra_concepts=concepts, **LAG_DEFAULTS)
         mask_settings = self.pack("perres_core.lag").MaskSettings(constant=constant, **settings)
-        return self.pack("nodes.lag_nodes").build_lag_model(model or self.model, self.clip, PROMPT, concepts,
-                                                            mask_settings)
+        return self.pack("nodes.lag_nodes").build_lag_model(model or self.model, self.clip, prompt, concepts,
+                                                            mask_settings, *window)
 
     def stock(self, name: str, model=None, strength: float = 1.0):
         return self.run_node("LoraLoaderModelOnly", model=model or self.model, lora_name=name,
@@ -149,8 +106,8 @@ class LagChecks(Checks):
             zeros, positive = self.lag([(name, "ohwx, woman", 0.8)], constant=0.0)
             out[f"{fmt}_zeros_identical"] = bool(torch.equal(self.sample(zeros, 1, positive=positive), base[1]))
         # masks of ones because the attention says so (quantile 0), for a LoRA on the layers before the map
-        before = self.write_lora("dit_before.safetensors", "kohya", self.block_layers(BEFORE_LAYERS[self.family_name]),
-                                 seed=11)
+        before = self.write_lora("dit_before.safetensors", "kohya",
+                                 self.block_layers(DIT_BEFORE_LAYERS[self.family_name]), seed=11)
         for steps in (1, 4):
             ones, positive = self.lag([(before, "ohwx, woman", 1.0)], mode="quantile", quantile=0.0)
             out[f"before_{steps}"] = self.relative(self.sample(ones, steps, positive=positive),
@@ -269,6 +226,102 @@ class LagChecks(Checks):
                                            over_sample),
             "override_calls": len(calls)}
 
+    def mask_settings(self) -> None:
+        """Quantile and soft masks, the schedule window, and a LoRA on layers with no image locations."""
+        patch_of = self.pack("nodes.host.lag_patch").LagPatch.of
+        found = {}
+        patched, positive = self.lag([(self.lora, "ohwx, woman", 1.0)], mode="quantile", quantile=0.25)
+        self.sample(patched, 1, positive=positive)
+        found["quantile_shares"] = [float(masks[0].mean()) for masks in patch_of(patched).bank.by_site.values()]
+        patched, positive = self.lag([(self.lora, "ohwx, woman", 1.0)], mode="soft")
+        soft = self.sample(patched, 1, positive=positive)
+        values = torch.cat([masks[0].flatten().float() for masks in patch_of(patched).bank.by_site.values()])
+        found["soft"] = {"min": float(values.min()), "max": float(values.max()),
+                         "fractional": float(((values > 0) & (values < 1)).float().mean()),
+                         "finite": bool(torch.isfinite(soft).all())}
+        # one step runs at sampling progress 0: a window from 0.5 to 1 leaves it out
+        base, stock = self.sample(self.model, 1), self.sample(self.stock(self.lora), 1)
+        for outside in ("base", "full"):
+            patched, positive = self.lag([(self.lora, "ohwx, woman", 1.0)], window=(0.5, 1.0, outside))
+            result = self.sample(patched, 1, positive=positive)
+            found[f"outside_{outside}"] = {"base_identical": bool(torch.equal(result, base)),
+                                           "stock": self.relative(result, stock, base)}
+        # a LoRA on the timestep embedding (and Anima's LLM adapter, Krea 2's text MLP) besides one block layer
+        global_layers = {"Anima": ["t_embedder.1.linear_1", "llm_adapter.blocks.0.self_attn.q_proj"],
+                         "Krea2": ["tproj.1", "txtmlp.1"]}[self.family_name]
+        name = self.write_lora("dit_global.safetensors", "kohya", global_layers, seed=61)
+        lag_concepts = self.pack("nodes.host.lag_concepts")
+        _, notes = lag_concepts.lora_deltas(self.model, lag_concepts.load_lora_file(name), 1.0, name)
+        patched, positive = self.lag([(name, "ohwx, woman", 1.0)])
+        found["global"] = {"notes": notes,
+                           "base_identical": bool(torch.equal(self.sample(patched, 1, positive=positive), base)),
+                           "stock_effect": max_difference(self.sample(self.stock(name), 1), base)}
+        self.result["settings"] = found
+
+    def prompt_positions(self) -> None:
+        """Where LAG finds the concept words among the denoiser's text tokens, for weighted and long prompts: the
+        tokens there must be the words' own ids with the prompt's weights."""
+        text_tokens, lag_nodes = self.pack("nodes.host.text_tokens"), self.pack("nodes.lag_nodes")
+        family = self.pack("nodes.host.model").family_of_model(self.model)
+        key = family.text_attention.prompt_tokens
+        # the text encoder drops a template's opening tokens (Krea 2), Anima's denoiser sees every T5 token
+        plain_tokens = sum(len(c) for c in text_tokens.prompt_token_chunks(self.clip, PROMPT, key))
+        offset = 0 if family.text_attention.padded_to else plain_tokens - self.positive[0][0].shape[1]
+        words = ["ohwx", "woman"]
+        ids = {i for w in words for spelling in text_tokens.word_spellings(self.clip, w, key) for i in spelling}
+        # the concept words are the prompts' only tokens of weight 1.2: where LAG must find them
+        filler = ", ".join(["a quiet street with old houses and a garden"] * 30)
+        prompts = {"weighted": "a photo of (ohwx woman:1.2) and a zkz dog on a beach",
+                   "long": f"{filler}, and a photo of an (ohwx:1.2) (woman:1.2) on a beach"}
+        found = {}
+        for label, prompt in prompts.items():
+            tokenized = self.clip.tokenize(prompt)[key]
+            flat = [(int(t[0]), float(t[1])) for chunk in tokenized for t in chunk]
+            chunks = text_tokens.prompt_token_chunks(self.clip, prompt, key)
+            warnings = self.pack("nodes.node_warnings").NodeWarnings("test", None)
+            positions = lag_nodes.locate_concept(self.clip, chunks, words, warnings, key, offset)
+            found[label] = {"positions": positions, "tokens": len(flat),
+                            "ids_match": all(flat[p + offset][0] in ids for p in positions),
+                            "weighted": [i - offset for i, (_, weight) in enumerate(flat) if weight == 1.2]}
+        if family.text_attention.padded_to:   # Anima: sample the long prompt (its encoder is small)
+            patched, positive = self.lag([(self.lora, "ohwx, woman", 1.0)], prompt=prompts["long"])
+            result = self.sample(patched, 1, positive=positive)
+            patch = self.pack("nodes.host.lag_patch").LagPatch.of(patched)
+            found["long"].update(lag_positions=patch.concepts[0].positions, finite=bool(torch.isfinite(result).all()),
+                                 shares=[float(m[0].mean()) for m in patch.bank.by_site.values()])
+        self.result["prompts"] = found
+
+    def text_tokens_of_a_joint_sequence(self) -> None:
+        """Krea 2: what a LoRA on the key projection gives the text and the image tokens of block 0's joint
+        attention, read at the attention's QK norm (after every hook on the projections)."""
+        if self.family_name != "Krea2":
+            return
+        name = self.write_lora("dit_keys.safetensors", "kohya", self.block_layers(("attn.wk",)), seed=71)
+        patched, positive = self.lag([(name, "ohwx, woman", 1.0)])
+        keys: list[torch.Tensor] = []
+        handle = self.model.model.diffusion_model.blocks[0].attn.qknorm.register_forward_pre_hook(
+            lambda module, args: keys.append(args[1].detach().float().clone()))
+        try:
+            runs = {}
+            for label, model in (("base", self.model), ("stock", self.stock(name)), ("lag", patched)):
+                keys.clear()
+                self.sample(model, 1, positive=positive)
+                runs[label] = keys[:]
+        finally:
+            handle.remove()
+        patch = self.pack("nodes.host.lag_patch").LagPatch.of(patched)
+        text, image = patch.prompt_length, next(iter(patch.bank.by_site.values()))[0].shape[1]
+        # the positive prompt's call: its sequence is the prompt's text tokens, then the image tokens
+        (base, stock, lag), = [(b, s, g) for b, s, g in zip(runs["base"], runs["stock"], runs["lag"])
+                               if b.shape[2] == text + image]
+        rows_base = (lag - base).abs().amax(dim=(1, 3))[:, text:]    # (batch, image tokens)
+        rows_stock = (lag - stock).abs().amax(dim=(1, 3))[:, text:]
+        effect = (stock - base).abs().amax(dim=(1, 3))[:, text:]
+        self.result["joint_text"] = {
+            "text": self.relative(lag[:, :, :text], stock[:, :, :text], base[:, :, :text]),
+            "image_as_base": float((rows_base < 1e-3 * effect).float().mean()),
+            "image_as_stock": float((rows_stock < 1e-3 * effect).float().mean())}
+
     def residuals_and_refusals(self) -> None:
         _, residuals, _, _ = self.train(steps=1, identifier="ohwx", class_word="woman")
         patched, positive = self.run_node("PerResLAGSampling", model=self.model, clip=self.clip, residuals=residuals,
@@ -302,7 +355,8 @@ class LagChecks(Checks):
 def main(family: str, host_root: str, workdir: str) -> None:
     checks = LagChecks(family, host_root, workdir)
     with torch.inference_mode():
-        for check in (checks.ones_and_zeros, checks.maps_are_the_attentions, checks.two_loras, checks.composition):
+        for check in (checks.ones_and_zeros, checks.maps_are_the_attentions, checks.two_loras, checks.composition,
+                      checks.mask_settings, checks.prompt_positions, checks.text_tokens_of_a_joint_sequence):
             check()
     checks.residuals_and_refusals()
     checks.example_lag_workflow()

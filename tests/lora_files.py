@@ -45,6 +45,10 @@ DIT_BLOCK_LAYERS = {
               "mlp.layer1", "mlp.layer2"),
     "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate", "attn.wo", "mlp.gate", "mlp.up", "mlp.down"),
 }
+# those of them that run before their block's concept map is made (Anima: its self-attention and the cross-attention's
+# query; Krea 2: the joint attention's projections, whose query projection makes the map)
+DIT_BEFORE_LAYERS = {"Anima": ("self_attn.q_proj", "self_attn.v_proj", "self_attn.output_proj", "cross_attn.q_proj"),
+                     "Krea2": ("attn.wq", "attn.wk", "attn.wv", "attn.gate")}
 
 
 def attention_layers(blocks=BLOCKS) -> list[str]:
@@ -89,13 +93,17 @@ def names_of(model) -> dict[str, list[str]]:
     return _NAMES[id(model.model)]
 
 
+def is_dit(model) -> bool:
+    return not hasattr(model.model.diffusion_model, "input_blocks")
+
+
 def alias(model, path: str, fmt: str) -> str:
-    """The name a `fmt` file gives the UNet layer at `path`, from the host's key map."""
+    """The name a `fmt` file gives the denoiser layer at `path`, from the host's key map."""
     names = names_of(model).get(f"diffusion_model.{path}.weight", [])
     ldm = "lora_unet_" + path.replace(".", "_")
-    if fmt == "peft":
-        wanted = [k for k in names if k.startswith("unet.")]
-    elif is_sdxl(model):   # sd-scripts' SDXL UNet keeps the LDM module names
+    if fmt == "peft":   # diffusers/PEFT names: the UNet's "unet.", a DiT's diffusers or ai-toolkit names
+        wanted = [k for k in names if k.startswith("unet.") or is_dit(model) and not k.startswith("lora_unet_")]
+    elif is_sdxl(model) or is_dit(model):   # sd-scripts' SDXL UNet and the DiT trainers keep the module names
         wanted = [ldm]
     else:   # SD1.x kohya names derive from the diffusers layer names, not the LDM ones
         wanted = [k for k in names if k.startswith("lora_unet_") and k != ldm] or [ldm]
@@ -105,8 +113,11 @@ def alias(model, path: str, fmt: str) -> str:
 
 
 def build_lora(model, fmt: str, seed: int = 0, rank: int = 4, scale: float = 0.3,
-               layers: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """A random LoRA of format `fmt` whose ΔW is about `scale` times as large as each layer's W."""
+               layers: list[str] | None = None, low_rank_kronecker: bool = False) -> dict[str, torch.Tensor]:
+    """A random LoRA of format `fmt` whose ΔW entries are about `scale`·√(rank / fan-in) times W's spread.
+
+    low_rank_kronecker: LoKr's large factor as two rank-`rank` matrices (lokr_w2_a·lokr_w2_b, with alpha), as
+    kohya_ss writes LoKr for Anima; else one full lokr_w2."""
     generator = torch.Generator().manual_seed(seed)
     unet = model.model.diffusion_model
     tensors: dict[str, torch.Tensor] = {}
@@ -141,11 +152,13 @@ def build_lora(model, fmt: str, seed: int = 0, rank: int = 4, scale: float = 0.3
         elif fmt == "lokr":
             flat = in_f * (kernel[0] * kernel[1] if kernel else 1)
             a, b = 4, 4
-            w1 = randn(a, b)
-            w2 = randn(out_f // a, flat // b) * size
-            if kernel:
-                w2 = w2.reshape(out_f // a, flat // b)
-            tensors.update({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2})
+            tensors[f"{name}.lokr_w1"] = randn(a, b)
+            if low_rank_kronecker:
+                tensors.update({f"{name}.lokr_w2_a": randn(out_f // a, rank) * size,
+                                f"{name}.lokr_w2_b": randn(rank, flat // b) / (rank ** 0.5 * b),
+                                f"{name}.alpha": torch.tensor(float(rank))})
+            else:
+                tensors[f"{name}.lokr_w2"] = randn(out_f // a, flat // b) * size
         else:
             raise ValueError(fmt)
     return tensors

@@ -92,3 +92,46 @@ def test_the_example_lag_workflow_runs_through_the_executor(measured):
     assert workflow["success"], workflow["failure"]
     assert sorted(workflow["outputs"].values()) == ["PerResLAGMaskPreview", "SaveImage"], workflow["outputs"]
     assert not workflow["warnings"], workflow["warnings"]
+
+
+def test_quantile_and_soft_masks_the_schedule_window_and_layers_without_image_locations(measured):
+    """quantile 0.25 leaves a quarter of every block's image tokens to the base model; soft masks are the maps scaled
+    to [0, 1]; a step outside start/end runs as the base model or the merged LoRA, as outside_window says; a LoRA's
+    timestep-embedding, LLM-adapter or text-MLP layers are left to the base model, and the node says so."""
+    config_name, result = measured
+    found = result["settings"]
+    assert found["quantile_shares"] and all(share == 0.75 for share in found["quantile_shares"]), found
+    soft = found["soft"]
+    assert soft["finite"] and 0 <= soft["min"] and soft["max"] == 1 and soft["fractional"] > 0.5, soft
+    assert found["outside_base"]["base_identical"], found["outside_base"]
+    assert found["outside_full"]["stock"]["error"] < MERGE_PRECISION, found["outside_full"]
+    glob = found["global"]
+    assert glob["stock_effect"] > 1e-2 and glob["base_identical"], glob
+    assert any("layers with no image locations" in note and "LAG leaves them to the base model" in note
+               for note in glob["notes"]), glob["notes"]
+
+
+def test_concept_words_are_found_in_weighted_and_long_prompts(measured):
+    """`(ohwx woman:1.2)` and the words after 300 tokens of other text: LAG's positions are the words' tokens (where
+    the tokenizer reads weights, exactly the tokens of weight 1.2); Anima samples the long prompt with them."""
+    config_name, result = measured
+    for label, found in result["prompts"].items():
+        assert found["positions"] and found["ids_match"], (label, found)
+        if found["weighted"]:   # Anima's T5 tokenizer reads weights; Krea 2's Qwen template keeps the text as written
+            assert found["positions"] == found["weighted"], (label, found)
+    assert min(result["prompts"]["long"]["positions"]) > 250, result["prompts"]["long"]
+    if config_name == "Anima":
+        long = result["prompts"]["long"]
+        assert long["weighted"] and long["lag_positions"] == long["positions"] and long["finite"], long
+        assert all(share == 0.5 for share in long["shares"]), long
+
+
+def test_a_joint_sequence_gives_its_text_tokens_the_full_change(measured):
+    """Krea 2 (text and image tokens in one sequence): a LoRA's change reaches every text token in full, as the LoRA
+    merged would, and each image token either in full (inside its mask) or not at all (median: half of them)."""
+    config_name, result = measured
+    if config_name != "Krea2":
+        pytest.skip("Anima's text reaches its blocks as cross-attention context: no text tokens in the sequence")
+    found = result["joint_text"]
+    assert found["text"]["effect"] > 1e-2 and found["text"]["error"] < MERGE_PRECISION, found
+    assert found["image_as_base"] == found["image_as_stock"] == 0.5, found
