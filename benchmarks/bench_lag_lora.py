@@ -132,7 +132,7 @@ class Setup:
                            negative=self.negative, latent_image=latent, denoise=1.0)[0]["samples"]
 
 
-def speed(setup: Setup, record: h.Record) -> None:
+def speed(setup: Setup) -> dict[str, h.Series]:
     import comfy.model_management as mm
 
     opts, say = setup.opts, h.say
@@ -146,6 +146,11 @@ def speed(setup: Setup, record: h.Record) -> None:
         runs = h.interleaved({key: (lambda p=p: setup.sample(p, opts.resolution, opts.steps))
                               for key, p in configs.items()}, opts.repeats, clock=clock,
                              before=lambda key: mm.load_models_gpu([configs[key]]))
+    return runs
+
+
+def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
+    say = h.say
     merged, lag = runs["merged"], runs["lag"]
     for key, series in runs.items():
         say(f"  {key:6s} s/step wall: {h.spread(series.steps)}")
@@ -312,12 +317,13 @@ def main() -> None:
             text_policy(setup)
             before_policy(setup)
             depth_policy(setup)
+    runs = speed(setup) if opts.part in ("speed", "all") else {}
     record = h.Record(f"bench_lag_lora{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
                       "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through PerRes LAG "
                       "LoRA; and the mask policies' experiment", opts.device,
                       note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px")
-    if opts.part in ("speed", "all"):
-        speed(setup, record)
+    if runs:
+        report_speed(runs, record)
     record.finish(opts.json or h.default_json("bench_lag_lora", opts.family))
 
 

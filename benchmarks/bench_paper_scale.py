@@ -49,11 +49,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def train_node(model, clip, vae, images, resolution: int, batch: int, steps: int, checkpointing: bool, seed: int = 0):
-    return bc.train_perres(model, clip, vae, images, steps, batch, resolution, seed,
-                           gradient_checkpointing=checkpointing)
-
-
 def precision(opts: argparse.Namespace) -> str:
     return opts.precision or ("fp32" if opts.family == "sd15" else "bf16")
 
@@ -61,17 +56,17 @@ def precision(opts: argparse.Namespace) -> str:
 def measure(name: str, model, clip, vae, images, latents, conditioning, opts) -> dict:
     """Seconds per step and extra peak memory of one trainer."""
     clock = h.StepClock()
-    with h.optimizer_steps(clock), h.TrainingPeak(model.model.diffusion_model) as peak, \
-            h.Measure(memory=False) as run:
+    with h.optimizer_steps(clock), h.TrainingPeak(model.model.diffusion_model) as peak:
         if name == "bound":
             run_bound(model, latents, conditioning, opts.batch, opts.steps, seed=0, clock=clock)
         else:
-            train_node(model, clip, vae, images, opts.resolution, opts.batch, opts.steps + 1, name == "ckpt")
+            bc.train_perres(model, clip, vae, images, opts.steps + 1, opts.batch, opts.resolution,
+                            gradient_checkpointing=name == "ckpt")
     # the bound restarts its clock after its warm-up step; the node's intervals between optimizer steps are 2..N
     durations = clock.durations()
     return {"seconds_per_step": h.median(durations), "step_seconds": durations,
-            "cpu_seconds_per_step": h.median(clock.cpu_durations()), "total_seconds": run.seconds,
-            "extra_peak_bytes": peak.extra_bytes, "cuda_peak_allocated_bytes": peak.cuda_total_peak}
+            "cpu_seconds_per_step": h.median(clock.cpu_durations()), "total_seconds": peak.seconds,
+            "extra_peak_bytes": peak.extra_bytes, "cuda_peak_allocated_bytes": peak.cuda_peak}
 
 
 def run_one(opts: argparse.Namespace) -> dict:
@@ -84,7 +79,7 @@ def run_one(opts: argparse.Namespace) -> dict:
         model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
     # ones once (nodes/host/training.frozen_for_backward); that one-off copy must not count as a peak.
-    train_node(model, clip, vae, make_images(1, 64), 64, 1, 1, False)
+    bc.train_perres(model, clip, vae, make_images(1, 64), 1, 1, 64, gradient_checkpointing=False)
     result = measure(opts.only, model, clip, vae, images, latents, conditioning, opts)
     result["unet_dtype"] = str(model.model.get_dtype())
     return result
@@ -134,6 +129,7 @@ def main() -> None:
         f"device {opts.device}, fresh child processes per trainer; {h.load_note()}")
     results = run_children(opts)
     bound, plain, ckpt = (results[n] for n in TRAINERS)
+    bc.set_threads(opts.threads)  # the record names the children's torch threads
     record = h.Record(f"bench_paper_scale{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
                       "per training step and peak memory above the loaded model: the frozen-UNet bound, "
                       "PerRes without and with gradient checkpointing", opts.device,
@@ -150,8 +146,8 @@ def main() -> None:
     cpu = {name: results[name]["cpu_seconds_per_step"] for name in TRAINERS}
     record.ratio("plain/bound", per_step["plain"] / per_step["bound"], 1.10,
                  "PerRes step / bound, no checkpointing",
-                 detail=f"({per_step['plain']:.2f} vs {per_step['bound']:.2f} s/step)")
-    say(f"  plain/bound cpu = {cpu['plain'] / cpu['bound']:.3f}")
+                 detail=f"({per_step['plain']:.2f} vs {per_step['bound']:.2f} s/step; "
+                        f"cpu {cpu['plain'] / cpu['bound']:.3f})")
     record.ratio("extra peak plain/ckpt", plain["extra_peak_bytes"] / max(ckpt["extra_peak_bytes"], 1), 3,
                  "extra peak memory, checkpointing off / on", compare=">=",
                  detail=f"({h.gib(plain['extra_peak_bytes'])[:-4]} vs {h.gib(ckpt['extra_peak_bytes'])})")

@@ -227,8 +227,8 @@ def main() -> None:
         on = "on" if checkpointing else "off"
         record.ratio(f"perres/bound, checkpointing {on}", perres.step / bound.step, 1.10,
                      f"PerRes step / bound, checkpointing {on} both",
-                     detail=f"({perres.step:.2f} vs {bound.step:.2f} s/step)")
-        say(f"      perres/bound cpu = {perres.cpu_step / bound.cpu_step:.3f}")
+                     detail=f"({perres.step:.2f} vs {bound.step:.2f} s/step; "
+                            f"cpu {perres.cpu_step / bound.cpu_step:.3f})")
         record.figure(f"seconds_per_step_checkpointing_{on}", {"perres": perres.step, "bound": bound.step})
         report_glue(breakdown, checkpointing)
     if stock_failure is not None:

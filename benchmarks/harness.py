@@ -405,21 +405,18 @@ def default_json(benchmark: str, family: str = "sd15") -> str:
     return os.path.join(PACK_DIR, "bench_out", comfy_version(""), f"{name}.json")
 
 
-class TrainingPeak:
-    """Peak memory of the training steps alone, above what was in use when the UNet first ran.
+class TrainingPeak(Measure):
+    """Peak memory of the training steps alone, above what was in use when `unet` first ran.
 
-    The baseline is taken at the first UNet forward of the phase, so the loaded model, the latents and
-    everything before (the VAE encoding a training node does first) are excluded: what remains is the
-    memory the steps themselves add (activations kept for backward, gradients, optimizer state). On CUDA
-    it is torch's allocator peak; on the CPU the resident set size, sampled every 5 ms.
+    The baseline is taken at the first forward of the phase, so the loaded model, the latents and everything
+    before (the VAE encoding a training node does first) are excluded: what remains is the memory the steps
+    themselves add (activations kept for backward, gradients, optimizer state). On CUDA it is torch's allocator
+    peak; on the CPU the resident set size, sampled every 5 ms.
     """
 
     def __init__(self, unet) -> None:
-        self.unet = unet
-        self.baseline: Optional[int] = None
-        self.cuda_total_peak: Optional[int] = None
-        self._rss = Measure(interval=0.005)
-        self._handle = None
+        super().__init__(interval=0.005)
+        self.unet, self.baseline, self._handle = unet, None, None
 
     def _on_first_forward(self, *_args) -> None:
         import torch
@@ -430,24 +427,17 @@ class TrainingPeak:
             torch.cuda.reset_peak_memory_stats()
             self.baseline = torch.cuda.memory_allocated()
         else:
-            self.baseline = rss_bytes()
-            self._rss.peak_rss = self.baseline
+            self.baseline = self.peak_rss = rss_bytes()
 
     def __enter__(self) -> "TrainingPeak":
         self._handle = self.unet.register_forward_pre_hook(self._on_first_forward)
-        self._rss.__enter__()
+        super().__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        import torch
         self._handle.remove()
-        self._rss.__exit__(*exc)
-        if cuda_active():
-            self.cuda_total_peak = torch.cuda.max_memory_allocated()
+        super().__exit__(*exc)
 
     @property
     def extra_bytes(self) -> int:
-        if self.baseline is None:
-            return 0
-        peak = self.cuda_total_peak if self.cuda_total_peak is not None else self._rss.peak_rss
-        return max(0, peak - self.baseline)
+        return 0 if self.baseline is None else max(0, self.peak - self.baseline)
