@@ -1,4 +1,5 @@
-"""Shared plumbing of the PerRes benchmarks: the real ComfyUI host in-process, timers, memory.
+"""Shared plumbing of the PerRes benchmarks: the real ComfyUI host in-process, its models, the nodes they run
+(timing and the records are harness.py's).
 
 The host is started exactly as the tests start it (tests/comfy_host.py): ComfyUI's root goes on
 sys.path and the pack is loaded with nodes.load_custom_node. The pack root itself is never put on
@@ -6,15 +7,9 @@ sys.path, because the pack's `nodes/` folder would shadow ComfyUI's `nodes` modu
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
-import statistics
 import sys
 import tempfile
-import threading
-import time
-from typing import Callable, Iterator, Optional
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 TESTS_DIR = os.path.join(os.path.dirname(BENCH_DIR), "tests")
@@ -22,15 +17,9 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # the tests' helper modules (comfy_host, sd15_checkpoint), not the pack
 
 from comfy_host import PACK_DIR, compute_in_bf16, find_comfyui, pack, run_node, start_host  # noqa: E402,F401
+from harness import say  # noqa: E402
 
 CHECKPOINT_NAME = "sd15_random_arch.safetensors"  # sd15_checkpoint.CHECKPOINT_NAME; that module imports torch
-
-
-def say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 _STARTED: dict[str, str] = {}  # the workdir of the host this process started (it starts once)
 
 
@@ -79,8 +68,9 @@ def start(device: str, precision: str = "fp32", attention: str = "default", dyna
     start_host(root, workdir)
     _STARTED["workdir"] = workdir
     import comfy.model_management as mm
+    import torch
     say(f"ComfyUI {comfy_version(root)} at {root}; torch device {mm.get_torch_device()}; "
-        f"torch {torch_version()}, {torch_threads()} CPU threads; dynamic VRAM {dynamic_vram_state()}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; dynamic VRAM {dynamic_vram_state()}; "
         f"pack {PACK_DIR}")
     return workdir
 
@@ -125,14 +115,6 @@ def _enable_dynamic_vram(control) -> str:
     return "on"
 
 
-def say_settings(opts, compares: str) -> None:
-    """The lines every benchmark's summary starts with: the host, every option it ran with, what it compares."""
-    say(f"  host: ComfyUI {comfy_version('')}, torch {torch_version()}, {torch_threads()} threads, "
-        f"dynamic VRAM {dynamic_vram_state()}")
-    say("  settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(opts).items())))
-    say(f"  compares: {compares}")
-
-
 def comfy_version(root: str = "") -> str:
     """The version of the host in this process, else of the ComfyUI at `root` (or the one find_comfyui finds)."""
     try:
@@ -147,16 +129,6 @@ def comfy_version(root: str = "") -> str:
         return found.group(1) if found else "?"
     except OSError:
         return "?"
-
-
-def torch_version() -> str:
-    import torch
-    return torch.__version__
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def checkpoint(workdir: str) -> str:
@@ -180,272 +152,11 @@ def pack_module(relative: str):
     return pack(relative)
 
 
-def cuda_active() -> bool:
-    """True once this process uses a CUDA device (the benchmarks never initialise CUDA on the CPU)."""
-    import torch
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
-def sync() -> None:
-    import torch
-    if cuda_active():
-        torch.cuda.synchronize()
-
-
-class StepClock:
-    """Wall-clock and process-CPU timestamps of events (optimizer or sampler steps).
-
-    CPU time is reported next to wall time because it is far less sensitive to other processes
-    competing for the same cores. With one torch thread it is the CPU time of the calling thread
-    (all CPU ops, forward and backward, run there), else of the whole process.
-    """
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-        self.cpu_stamps: list[float] = []
-
-    def tick(self, *_args, **_kwargs) -> None:
-        sync()
-        self.stamps.append(time.perf_counter())
-        self.cpu_stamps.append(cpu_time())
-
-    def reset(self) -> None:
-        self.stamps.clear()
-        self.cpu_stamps.clear()
-
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-
-    def cpu_durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
-
-
-@contextlib.contextmanager
-def optimizer_steps(clock: StepClock) -> Iterator[None]:
-    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(clock.tick)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-class Segments:
-    """Where a training step's time goes: marks at UNet forward start/end and optimizer step start/end.
-
-    Segment names: 'glue' (optimizer step end -> next UNet forward: batch drawing, noise, host code),
-    'forward', 'loss+backward' (forward end -> optimizer step start), 'optimizer', and 'between UNet
-    calls' when one step runs the UNet more than once. Only whole steps after the first optimizer
-    step are counted, so setup and the warm-up step are excluded.
-    """
-
-    NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
-             ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
-             ("fwd_end", "fwd_start"): "between UNet calls"}
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, float, float]] = []
-
-    def mark(self, label: str) -> None:
-        sync()
-        self.marks.append((label, time.perf_counter(), cpu_time()))
-
-    def reset(self) -> None:
-        self.marks.clear()
-
-    def per_step(self) -> dict[str, tuple[float, float]]:
-        """Segment -> (wall, cpu) seconds per step."""
-        ends = [i for i, (label, _, _) in enumerate(self.marks) if label == "opt_end"]
-        if len(ends) < 2:
-            return {}
-        marks = self.marks[ends[0]:ends[-1] + 1]
-        totals: dict[str, list[float]] = {}
-        for (a, wa, ca), (b, wb, cb) in zip(marks, marks[1:]):
-            name = self.NAMES.get((a, b), f"{a}->{b}")
-            acc = totals.setdefault(name, [0.0, 0.0])
-            acc[0] += wb - wa
-            acc[1] += cb - ca
-        steps = len(ends) - 1
-        return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
-
-
-@contextlib.contextmanager
-def segment_marks(segments: Segments, unet) -> Iterator[None]:
-    """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    handles = [
-        unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
-        unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
-        register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
-        register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def progress_steps(clock: StepClock) -> Iterator[None]:
-    """Tick `clock` on every comfy.utils.ProgressBar update (KSampler calls it once per sampling step)."""
-    import comfy.utils
-    previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: clock.tick())
-    try:
-        yield
-    finally:
-        comfy.utils.set_progress_bar_global_hook(previous)
-
-
-def cpu_time() -> float:
-    """CPU seconds: of this thread when torch runs single-threaded, else of the whole process."""
-    import torch
-    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
-
-
-def rss_bytes() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-class PeakMemory:
-    """Peak resident memory (sampled every 20 ms) of a phase on the CPU, or peak allocated CUDA memory."""
-
-    def __init__(self, interval: float = 0.02) -> None:
-        self.interval = interval
-        self.start_rss = 0
-        self.peak_rss = 0
-        self.cuda_peak: Optional[int] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_rss = max(self.peak_rss, rss_bytes())
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-        if cuda_active():
-            torch.cuda.reset_peak_memory_stats()
-        self.start_rss = self.peak_rss = rss_bytes()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, rss_bytes())
-        if cuda_active():
-            self.cuda_peak = torch.cuda.max_memory_allocated()
-
-    def describe(self) -> str:
-        gib = 1024 ** 3
-        text = f"peak RSS {self.peak_rss / gib:.2f} GiB (+{(self.peak_rss - self.start_rss) / gib:.2f} GiB in phase)"
-        if self.cuda_peak is not None:
-            text += f", peak CUDA allocated {self.cuda_peak / gib:.2f} GiB"
-        return text
-
-
-class TrainingPeak:
-    """Peak memory of the training steps alone, above what was in use when the UNet first ran.
-
-    The baseline is taken at the first UNet forward of the phase, so the loaded model, the latents and
-    everything before (the VAE encoding a training node does first) are excluded: what remains is the
-    memory the steps themselves add (activations kept for backward, gradients, optimizer state). On CUDA
-    it is torch's allocator peak; on the CPU the resident set size, sampled every 5 ms.
-    """
-
-    def __init__(self, unet) -> None:
-        self.unet = unet
-        self.baseline: Optional[int] = None
-        self.cuda_total_peak: Optional[int] = None
-        self._rss = PeakMemory(interval=0.005)
-        self._handle = None
-
-    def _on_first_forward(self, *_args) -> None:
-        import torch
-        if self.baseline is not None:
-            return
-        if cuda_active():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-        else:
-            self.baseline = rss_bytes()
-            self._rss.peak_rss = self.baseline
-
-    def __enter__(self) -> "TrainingPeak":
-        self._handle = self.unet.register_forward_pre_hook(self._on_first_forward)
-        self._rss.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        self._handle.remove()
-        self._rss.__exit__(*exc)
-        if cuda_active():
-            self.cuda_total_peak = torch.cuda.max_memory_allocated()
-
-    @property
-    def extra_bytes(self) -> int:
-        if self.baseline is None:
-            return 0
-        peak = self.cuda_total_peak if self.cuda_total_peak is not None else self._rss.peak_rss
-        return max(0, peak - self.baseline)
-
-
-def gib(num_bytes: Optional[float]) -> str:
-    return "n/a" if num_bytes is None else f"{num_bytes / 1024 ** 3:.2f} GiB"
-
-
-def process_peak_rss() -> str:
-    """ru_maxrss of the whole process (kB on Linux)."""
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GiB"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def spread(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    return f"median {median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "OK" if ratio <= target else "OVER TARGET"
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t0, out
-
-
 def set_threads(threads: int) -> None:
     """torch.set_num_threads(threads) unless 0; on a machine shared with other jobs 1 gives steadier numbers."""
     import torch
     if threads:
         torch.set_num_threads(threads)
-
-
-def load_note() -> str:
-    """The 1-minute load average against the core count, to flag a busy machine in the output."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return "load average unknown"
-    cores = os.cpu_count() or 1
-    busy = " (BUSY: other processes compete for the cores; trust the CPU-time ratios more)" if load > cores + 0.5 else ""
-    return f"load average {load:.2f} on {cores} cores{busy}"
 
 
 def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default",
@@ -531,3 +242,24 @@ def run_stock_trainer(values: dict):
         if hasattr(cls, "execute") and hasattr(cls, "define_schema"):
             return cls.execute(**values)
         return getattr(cls(), cls.FUNCTION)(**values)
+
+
+def make_images(batch: int, resolution: int):
+    """`batch` seeded random images with a red square in the middle (the training benchmarks' concept)."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(batch, resolution, resolution, 3, generator=g) * 0.3
+    lo, hi = resolution // 4, 3 * resolution // 4
+    images[:, lo:hi, lo:hi, 0] = 0.9
+    return images
+
+
+def train_perres(model, clip, vae, images, steps: int, batch: int, resolution: int, seed: int = 0,
+                 node=None, **inputs):
+    """One PerRes Train Residuals call on the benchmarks' concept ("sks dog"); `inputs` override the node's
+    defaults (gradient_checkpointing, preview_every, ...); `node` replaces run_node (bench_preview's node id)."""
+    return (node or (lambda **kw: run_node("PerResTrainResiduals", **kw)))(
+        model=model, clip=clip, vae=vae, images=images, identifier="sks", class_word="dog", steps=steps,
+        batch_size=batch, learning_rate=1e-3, rank_ratio=0.05, resolution=resolution, seed=seed, init="random",
+        **inputs)
+

@@ -1,17 +1,11 @@
 """Sampling cost of the residual: base model vs. PerRes Apply Residuals (global) vs. PerRes LAG Sampling.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32), the same seed, steps,
-resolution, conditioning and stock KSampler (euler / normal, CFG 7, so cond and uncond are batched):
-
-  base    the checkpoint's MODEL as loaded;
-  global  PerResApplyResiduals(strength 1): W + ΔW as a ComfyUI weight patch (merged when loaded);
-  lag     PerResLAGSampling (median masks): hooks on attn2.to_q/to_k and proj_out in every block.
-
-The residual is a randomly initialised ResidualSet (the values do not affect the cost). Each config
-is run once untimed (load + warm-up), then --repeats times, interleaved, in a rotating order. Before
-each timed run the config's model is loaded outside the timer (for `global` this is where the weight
-patch is merged; that switch cost is printed separately). Per-step times come from the progress
-callback KSampler calls after every sampling step; the first step of each run is dropped.
+One run on the tests' random SD1.5 checkpoint (fp32), the same seed, steps, resolution, conditioning and stock
+KSampler (euler / normal, CFG 7) for base (the checkpoint's MODEL), global (PerResApplyResiduals, a weight patch
+merged when loaded) and lag (PerResLAGSampling, median masks). Each config runs once untimed, then --repeats times
+in a rotating order, its model loaded outside the timer; per-step times from KSampler's progress callback, first
+step dropped. Targets: global/base <= 1.01, lag/global <= 1.05 (also from the CPU time inside LAG's hooks, which
+other processes hardly move). benchmarks/README.md has the details.
 
 Run from the pack root:  python benchmarks/bench_lag.py [--resolution 128] [--steps 4] [--repeats 5]
 """
@@ -20,36 +14,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import harness as h  # noqa: E402
 
 PROMPT = "a photo of a sks dog on the beach"
 
 
 class HookMeter:
-    """Wall and CPU time spent inside the LAG hooks (contention-proof share of the LAG cost).
+    """CPU time spent inside the LAG hooks (a share of the LAG cost that other processes hardly move).
 
     Wraps the hook factories of the LagPatch instance (benchmark-side only; the pack is untouched).
     """
 
     def __init__(self) -> None:
-        self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
 
     def reset(self) -> None:
-        self.wall.clear()
         self.cpu.clear()
 
     def _timed(self, fn, bucket: str):
         def timed(*args, **kwargs):
-            w0, c0 = time.perf_counter(), bc.cpu_time()
+            start = h.cpu_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.wall[bucket] = self.wall.get(bucket, 0.0) + time.perf_counter() - w0
-                self.cpu[bucket] = self.cpu.get(bucket, 0.0) + bc.cpu_time() - c0
+                self.cpu[bucket] = self.cpu.get(bucket, 0.0) + h.cpu_time() - start
         return timed
 
     def factory(self, factory, bucket: str):
@@ -76,29 +67,29 @@ def weight_state(unet) -> str:
 def wrapper_setup_cost(unet, repeats: int = 20) -> float:
     """Seconds per UNet call that LagPatch.diffusion_model spends finding blocks and (un)registering 48 hooks."""
     host_model = bc.pack_module("nodes.host.model")
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        handles = []
-        for _slot, transformer in host_model.transformer_modules(unet, bc.pack_module("perres_core.families").SD1):
-            attn2 = transformer.transformer_blocks[0].attn2
-            handles.append(attn2.to_q.register_forward_hook(lambda *a: None))
-            handles.append(attn2.to_k.register_forward_hook(lambda *a: None))
-            handles.append(transformer.proj_out.register_forward_hook(lambda *a: None))
-        for handle in handles:
-            handle.remove()
-    return (time.perf_counter() - t0) / repeats
+    sd1 = bc.pack_module("perres_core.families").SD1
+
+    def register_and_remove() -> None:
+        for _ in range(repeats):
+            handles = []
+            for _slot, transformer in host_model.transformer_modules(unet, sd1):
+                attn2 = transformer.transformer_blocks[0].attn2
+                handles.append(attn2.to_q.register_forward_hook(lambda *a: None))
+                handles.append(attn2.to_k.register_forward_hook(lambda *a: None))
+                handles.append(transformer.proj_out.register_forward_hook(lambda *a: None))
+            for handle in handles:
+                handle.remove()
+    return h.measured(register_and_remove)[0] / repeats
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.arguments(__doc__)
     p.add_argument("--resolution", type=int, default=128, help="image side in px (latent = /8); default 128")
     p.add_argument("--batch", type=int, default=1, help="latent batch size; default 1")
     p.add_argument("--steps", type=int, default=4, help="sampling steps per run; default 4")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per config, interleaved; default 5")
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="also run one extra LAG sampling under cProfile and write the stats to FILE")
     return p.parse_args()
@@ -107,9 +98,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     opts = parse_args()
     model, clip, vae = bc.load_sd15(opts.device, opts.threads)
-    import torch
     import comfy.model_management as mm
-    say = bc.say
+    say = h.say
 
     residual = bc.pack_module("perres_core.residual")
     residuals = residual.ResidualSet.create(bc.pack_module("perres_core.families").SD1.layer_shapes(),
@@ -123,61 +113,39 @@ def main() -> None:
                                       start_percent=0.0, end_percent=1.0, outside_window="full residual")
     negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
     latent = bc.run_node("EmptyLatentImage", width=opts.resolution, height=opts.resolution, batch_size=opts.batch)[0]
-    configs = {"base": model, "global": global_model, "lag": lag_model}
+    patchers = {"base": model, "global": global_model, "lag": lag_model}
     meter = HookMeter()
     meter.install(bc.pack_module("nodes.host.lag_patch").LagPatch.of(lag_model))
-    hook_wall, hook_cpu, states = [], {}, {}
+    hook_cpu: dict[str, list[float]] = {}
+    states: dict[str, str] = {}
 
     def sample(patcher):
         return bc.run_node("KSampler", model=patcher, seed=opts.seed, steps=opts.steps, cfg=opts.cfg,
                            sampler_name="euler", scheduler="normal", positive=positive, negative=negative,
-                           latent_image=latent, denoise=1.0)[0]
+                           latent_image=latent, denoise=1.0)[0]["samples"]
 
-    def load(patcher) -> float:
-        seconds, _ = bc.timed(lambda: mm.load_models_gpu([patcher]))
-        return seconds
+    def load(name: str) -> None:
+        """Outside the timer: for global this is where the weight patch is merged (once per switch, not per step)."""
+        mm.load_models_gpu([patchers[name]])
+        states.setdefault(name, weight_state(model.model.diffusion_model))
+        meter.reset()
+
+    def hook_time(name: str, _run) -> str:
+        if name == "lag":
+            for bucket, value in meter.cpu.items():
+                hook_cpu.setdefault(bucket, []).append(value / opts.steps)
+        return ""
 
     say(f"settings: {opts.resolution}px (latent {opts.resolution // 8}), batch {opts.batch}, {opts.steps} euler steps, "
-        f"cfg {opts.cfg}, {opts.repeats} repeats, fp32, device {opts.device}, torch threads {torch.get_num_threads()}; "
-        f"{bc.load_note()}")
-    clock = bc.StepClock()
-    steps = {name: [] for name in configs}
-    cpu_steps = {name: [] for name in configs}
-    totals = {name: [] for name in configs}
-    switches = {name: [] for name in configs}
-    outputs = {}
-    with bc.progress_steps(clock):
-        for name, patcher in configs.items():     # warm-up: first load, allocator, caches
-            load(patcher)
-            states[name] = weight_state(model.model.diffusion_model)
-            say(f"[loaded]  {name:6s} UNet state: {states[name]}")
-            seconds, out = bc.timed(lambda: sample(patcher))
-            outputs[name] = out["samples"]
-            say(f"[warm-up] {name:6s} {seconds:.2f} s")
-        order = list(configs)
-        for r in range(opts.repeats):
-            for name in order[r % 3:] + order[:r % 3]:
-                patcher = configs[name]
-                switches[name].append(load(patcher))
-                clock.reset()
-                meter.reset()
-                seconds, _ = bc.timed(lambda: sample(patcher))
-                if name == "lag":
-                    for bucket, value in meter.cpu.items():
-                        hook_cpu.setdefault(bucket, []).append(value / opts.steps)
-                    hook_wall.append(sum(v for k, v in meter.wall.items() if not k.startswith(" ")) / opts.steps)
-                durations = clock.durations()
-                steps[name] += durations            # steps 2..S (step 1 dropped)
-                cpu_steps[name] += clock.cpu_durations()
-                totals[name].append(seconds)
-                say(f"[repeat {r + 1}] {name:6s} total {seconds:.3f} s; steps 2..{opts.steps} wall "
-                    f"{' '.join(f'{d:.3f}' for d in durations)} | cpu "
-                    f"{' '.join(f'{d:.3f}' for d in clock.cpu_durations())}; load before it {switches[name][-1]:.3f} s")
-
+        f"cfg {opts.cfg}, {opts.repeats} repeats, fp32, device {opts.device}; {h.load_note()}")
+    clock = h.StepClock()
+    with h.progress_steps(clock):
+        runs = h.interleaved({name: (lambda p=p: sample(p)) for name, p in patchers.items()}, opts.repeats,
+                             clock=clock, before=load, after=hook_time)
     if opts.profile:
         import cProfile
         import pstats
-        load(lag_model)
+        load("lag")
         profiler = cProfile.Profile()
         profiler.enable()
         sample(lag_model)
@@ -185,47 +153,47 @@ def main() -> None:
         profiler.dump_stats(opts.profile)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
-    step_median = {name: bc.median(v) for name, v in steps.items()}
-    cpu_median = {name: bc.median(v) for name, v in cpu_steps.items()}
-    total_median = {name: bc.median(v) for name, v in totals.items()}
-    say("")
-    say("=" * 78)
-    bc.say_settings(opts, "per sampling step, KSampler with the base model, PerRes Apply Residuals and PerRes "
-                            "LAG Sampling (same seed, latent, CFG); and the time inside LAG's hooks")
-    say(f"LAG SAMPLING  {opts.resolution}px  batch {opts.batch}  {opts.steps} steps  cfg {opts.cfg}  fp32  "
-        f"device {opts.device}  torch threads {torch.get_num_threads()}")
-    say(f"  {bc.load_note()}")
-    for name in configs:
-        say(f"  {name:6s} s/step wall: {bc.spread(steps[name])}")
-        say(f"         s/step cpu:  {bc.spread(cpu_steps[name])}")
-        say(f"         run total:   {bc.spread(totals[name])}")
-        say(f"         load/switch before the run (untimed above): {bc.spread(switches[name])}")
-    g_b, l_g = step_median["global"] / step_median["base"], step_median["lag"] / step_median["global"]
-    say(f"  global/base = {g_b:.3f}   (per-step medians; target <= 1.01: {bc.verdict(g_b, 1.01)})")
-    say(f"  lag/global  = {l_g:.3f}   (per-step medians; target <= 1.05: {bc.verdict(l_g, 1.05)})")
-    say(f"  cpu time:      global/base = {cpu_median['global'] / cpu_median['base']:.3f}, "
-        f"lag/global = {cpu_median['lag'] / cpu_median['global']:.3f}")
-    same = "identical" if states["global"] == states["base"] else "DIFFERENT"
-    say(f"  global vs base: loaded UNet state {same} ({states['global']}); only the 16 merged proj_out weights "
-        f"differ, so the per-step work is the same and global/base differs from 1 only by noise")
-    say(f"  by run totals: global/base = {total_median['global'] / total_median['base']:.3f}, "
-        f"lag/global = {total_median['lag'] / total_median['global']:.3f}")
+    record = h.Record("bench_lag", opts, "per sampling step, KSampler with the base model, PerRes Apply Residuals "
+                      "and PerRes LAG Sampling (same seed, latent, CFG); and the time inside LAG's hooks", opts.device,
+                      note=f"{opts.resolution} px, {opts.steps} steps")
+    for name, series in runs.items():
+        say(f"  {name:6s} s/step wall: {h.spread(series.steps)}")
+        say(f"         s/step cpu:  {h.spread(series.cpu_steps)}")
+        say(f"         run total:   {h.spread(series.totals)}")
+        say(f"         load/switch before the run (untimed above): {h.spread(series.before)}")
+    base, glob, lag = runs["base"], runs["global"], runs["lag"]
+    same = states["global"] == states["base"]
+    record.ratio("global/base", glob.step / base.step, 1.01, "global Apply / base model",
+                 detail=f"(per-step medians; cpu {glob.cpu_step / base.cpu_step:.3f})")
+    record.ratio("lag/global", lag.step / glob.step, 1.05, "LAG / global Apply, raw per-step medians",
+                 detail=f"(per-step medians; cpu {lag.cpu_step / glob.cpu_step:.3f})")
+    say(f"  global vs base: loaded UNet state {'identical' if same else 'DIFFERENT'} ({states['global']}); only "
+        f"the 16 merged proj_out weights differ, so the per-step work is the same and global/base differs from 1 "
+        f"only by noise")
+    say(f"  by run totals: global/base = {h.median(glob.totals) / h.median(base.totals):.3f}, "
+        f"lag/global = {h.median(lag.totals) / h.median(glob.totals):.3f}")
     setup = wrapper_setup_cost(model.model.diffusion_model)
-    lag_cpu = cpu_median["lag"]
-    inside = sum(bc.median(v) for k, v in hook_cpu.items() if not k.startswith(" "))
+    lag_cpu = lag.cpu_step
+    inside = sum(h.median(v) for k, v in hook_cpu.items() if not k.startswith(" "))
     say(f"  LAG hook cost per sampling step (CPU, median over runs; lag step CPU median {lag_cpu:.3f} s):")
     for bucket in sorted(hook_cpu, key=lambda b: (b.startswith(" "), b.startswith("res"))):
         values = hook_cpu[bucket]
-        say(f"    {bucket:42s} {bc.median(values) * 1000:8.1f} ms  ({bc.median(values) / lag_cpu:6.2%})")
+        say(f"    {bucket:42s} {h.median(values) * 1000:8.1f} ms  ({h.median(values) / lag_cpu:6.2%})")
     say(f"    {'wrapper: find blocks + (un)register hooks':42s} {setup * 1000:8.1f} ms  ({setup / lag_cpu:6.2%})")
     extra = inside + setup
-    say(f"  => LAG-only work is {extra / lag_cpu:.2%} of a LAG step: lag/global from hook time = "
-        f"{lag_cpu / (lag_cpu - extra):.3f} (contention-proof estimate; target <= 1.05)")
-    diff_gb = (outputs["global"] - outputs["base"]).abs().max().item()
-    diff_lg = (outputs["lag"] - outputs["global"]).abs().max().item()
+    record.ratio("lag/global from hook time", lag_cpu / (lag_cpu - extra), 1.05,
+                 "LAG / global Apply, from the time spent in LAG's hooks",
+                 detail=f"(LAG-only work is {extra / lag_cpu:.2%} of a LAG step; contention-proof estimate)")
+    diff_gb = (glob.output - base.output).abs().max().item()
+    diff_lg = (lag.output - glob.output).abs().max().item()
     say(f"  sanity: max |global - base| = {diff_gb:.3g}, max |lag - global| = {diff_lg:.3g} (both should be > 0)")
-    say(f"  process peak RSS (ru_maxrss): {bc.process_peak_rss()}")
-    say("=" * 78)
+    say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
+    record.figure("seconds_per_step", {name: series.step for name, series in runs.items()})
+    record.figure("cpu_seconds_per_step", {name: series.cpu_step for name, series in runs.items()})
+    record.figure("hook_share_of_lag_step", extra / lag_cpu)
+    record.figure("unet_state_identical_base_global", same)
+    record.figure("sanity_max_abs_diff", {"global_base": diff_gb, "lag_global": diff_lg})
+    record.finish(opts.json or h.default_json("bench_lag"))
 
 
 if __name__ == "__main__":

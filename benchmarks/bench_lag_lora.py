@@ -1,42 +1,19 @@
 """LAG for any LoRA: the sampling cost next to the merged LoRA, and the experiment behind its mask policies.
 
-One run, the tests' random-weight checkpoint of --family (SD1.5 in fp32, or SDXL with its UNet in bf16),
-the stock KSampler (euler / normal, CFG 7, so cond and uncond are batched), the same seed and conditioning
-for every config. LoRA files are built by tests/lora_files.py with the names kohya's scripts write.
+One run on the tests' random checkpoint of --family (SD1.5 fp32; SDXL and the DiTs in bf16 on the CPU), stock
+KSampler, the same seed and conditioning for every config; LoRA files from tests/lora_files.py (kohya names).
+--part speed   a rank-32 LoRA on every attention and feed-forward (MLP) layer of every block, merged by
+               LoraLoaderModelOnly vs PerRes LAG LoRA + PerRes LAG Sampling (median masks); per-step medians of
+               interleaved repeats and each config's peak memory. Targets: lag/merged <= 1.10 in time and memory.
+--part policy  the mask-policy choices of perres_core/lag_layers.py: "text" (UNets; a LoRA on attn2.to_k/to_v:
+               the merged change kept inside the finest mask, leaked outside it), "before" (how often the mask a
+               layer before the text attention gets equals the block's own: the previous step's, another
+               block's, this call's estimate, a running mean of earlier blocks; UNets and Anima, whose
+               self-attention runs before its cross-attention) and "depth" (SDXL: one mask per transformer
+               against each block's own). Random weights' masks are not real ones: rerun the
+               policy part with real weights before trusting it. benchmarks/README.md has the details.
 
---part speed   a rank-32 LoRA on every attention and feed-forward layer of every BasicTransformerBlock
-               (attn1/attn2 to_q, to_k, to_v, to_out; ff.net.0.proj, ff.net.2: 160 layers on SD1.5, 700 on
-               SDXL):
-                 merged  LoraLoaderModelOnly (strength 1): weights merged when the model loads;
-                 lag     PerRes LAG LoRA + PerRes LAG Sampling (median masks).
-               Each config runs once untimed (load, warm-up), then --repeats times interleaved; per-step
-               times come from KSampler's progress callback (first step dropped), wall and process CPU.
-               Target: lag/merged <= 1.10.
---part policy  the two mask-policy choices of perres_core/lag_layers.py, at --policy-resolution:
-  text         a LoRA on attn2.to_k/to_v only, one sampling step. "attention" adds the LoRA's change of the
-               attention output inside the mask; "columns" adds ΔK, ΔV only at the trigger words' token
-               columns. Inside the finest mask: how much of the merged LoRA's change is kept
-               (1 - |lag - merged| / |merged - base|, 1 is all); outside: how much leaks (|lag - base| /
-               |merged - base|, 0 is none).
-  before       over a --policy-steps run, for every block and step: how often the mask a layer before the
-               block's cross-attention module gets (proj_in, attn1) equals the block's own mask of the same
-               step, for "resolution" (newest mask at the layer's resolution: in a deep SDXL transformer, the
-               previous block's of this step), "block" (the block's own mask of the previous step) and
-               "estimate" (this call's: the block's query projection on the layer's own input against the
-               concept keys) and "earlier mean" (this step's earlier blocks at that resolution, averaged and
-               split at the median). The first step, where "block" has none, is left out. On a DiT
-               (--family anima) the same for the layers before a block's cross-attention (its self-attention):
-               "resolution" is then the previous block's mask of this step; Krea 2 has no such layer.
-  depth        (SDXL: transformers of 2 and 10 blocks) over a --policy-steps run with a PerRes-style LoRA
-               on proj_out: (1) layers inside a block, own mask against one mask per transformer: how often
-               the transformer's mask (the previous step's, the only one ready while its blocks run) equals
-               each block's own mask of the step; (2) proj_out, "mean" (median split of the mean of all
-               blocks' concept attention) against "last" (the last block's own mask): how often each equals
-               the blocks' own masks (mean over blocks), and how often it equals itself one step earlier.
-The masks of random-weight models are not those of a real SD1.5 or SDXL; rerun the policy part with real
-weights (COMFYUI_PATH host with the checkpoint) before trusting its numbers beyond these models.
-
-Run from the pack root:  python benchmarks/bench_lag_lora.py [--family sd15|sdxl] [--part speed|policy|all]
+Run from the pack root:  python benchmarks/bench_lag_lora.py [--family sd15|sdxl|anima|krea2] [--part speed|policy|all]
                          [--resolution 512]
 """
 from __future__ import annotations
@@ -45,10 +22,10 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import harness as h  # noqa: E402
 from lora_files import (DIT_BEFORE_LAYERS, DIT_BLOCK_LAYERS, TRANSFORMER_LAYERS, build_lora,  # noqa: E402
                         write_lora)  # (tests/ is on sys.path)
 
@@ -59,6 +36,7 @@ TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
                  "transformer_blocks.0.attn1.to_v")
 FAMILIES = {"sd15": "SD1", "sdxl": "SDXL", "anima": "ANIMA", "krea2": "KREA2"}
+FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL bf16", "anima": "Anima bf16", "krea2": "Krea 2 fp8"}
 TARGET = 1.10
 
 
@@ -117,7 +95,7 @@ def lag_lora_model(model, clip, name: str):
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.arguments(__doc__)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed, and the before "
@@ -130,8 +108,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--policy-resolution", type=int, default=256)
     p.add_argument("--policy-steps", type=int, default=6)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
     return p.parse_args()
 
 
@@ -162,58 +138,44 @@ class Setup:
                            negative=self.negative, latent_image=latent, denoise=1.0)[0]["samples"]
 
 
-def speed(setup: Setup) -> None:
+def speed(setup: Setup) -> dict[str, h.Series]:
     import comfy.model_management as mm
-    import torch
 
-    opts, say = setup.opts, bc.say
+    opts, say = setup.opts, h.say
     name = attention_ff_lora(setup.model, setup.family, opts.rank)
     configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
     say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(speed_layers(setup.model, setup.family))} "
-        f"layers, {opts.resolution}px, "
-        f"{opts.steps} euler steps, CFG 7, {opts.repeats} repeats, torch threads {torch.get_num_threads()}; "
-        f"{bc.load_note()}")
-    clock = bc.StepClock()
-    wall = {k: [] for k in configs}
-    cpu = {k: [] for k in configs}
-    peaks = {}
-    with bc.progress_steps(clock):
-        for key, patcher in configs.items():
-            mm.load_models_gpu([patcher])
-            with bc.PeakMemory() as peak:   # each config's first run: its own weights and buffers appear here
-                seconds, _ = bc.timed(lambda: setup.sample(patcher, opts.resolution, opts.steps))
-            peaks[key] = peak
-            say(f"[warm-up] {key:6s} {seconds:.1f} s; {peak.describe()}")
-        for r in range(opts.repeats):
-            for key in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
-                mm.load_models_gpu([configs[key]])
-                clock.reset()
-                seconds, _ = bc.timed(lambda: setup.sample(configs[key], opts.resolution, opts.steps))
-                wall[key] += clock.durations()
-                cpu[key] += clock.cpu_durations()
-                say(f"[repeat {r + 1}] {key:6s} total {seconds:.1f} s; steps 2..: "
-                    f"{' '.join(f'{d:.2f}' for d in clock.durations())} s wall")
-    ratio = bc.median(wall["lag"]) / bc.median(wall["merged"])
-    cpu_ratio = bc.median(cpu["lag"]) / bc.median(cpu["merged"])
-    say("=" * 78)
-    bc.say_settings(opts, "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through "
-                            "PerRes LAG LoRA; and the mask policies' experiment")
-    for key in configs:
-        say(f"  {key:6s} s/step wall: {bc.spread(wall[key])}")
-        say(f"         s/step cpu:  {bc.spread(cpu[key])}")
-    say(f"  lag/merged = {ratio:.3f} wall, {cpu_ratio:.3f} cpu  (target <= {TARGET}: {bc.verdict(ratio, TARGET)})")
+        f"layers, {opts.resolution}px, {opts.steps} euler steps, CFG 7, {opts.repeats} repeats; {h.load_note()}")
+    clock = h.StepClock()
+    with h.progress_steps(clock):
+        # each config's untimed first run measures its peak memory: its own weights and buffers appear there
+        runs = h.interleaved({key: (lambda p=p: setup.sample(p, opts.resolution, opts.steps))
+                              for key, p in configs.items()}, opts.repeats, clock=clock,
+                             before=lambda key: mm.load_models_gpu([configs[key]]))
+    return runs
+
+
+def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
+    say = h.say
+    merged, lag = runs["merged"], runs["lag"]
+    for key, series in runs.items():
+        say(f"  {key:6s} s/step wall: {h.spread(series.steps)}")
+        say(f"         s/step cpu:  {h.spread(series.cpu_steps)}")
+    record.ratio("lag/merged", lag.step / merged.step, TARGET, "LAG LoRA / merged LoRA",
+                 detail=f"({lag.step:.2f} vs {merged.step:.2f} s/step; {lag.cpu_step / merged.cpu_step:.3f} cpu)")
     # peak memory: CUDA's allocator peak per config; on the CPU the process's peak RSS of each config's first
     # run (merged first: its weight backups stay resident afterwards, so LAG's figure includes them too)
-    memory = {key: peak.cuda_peak if peak.cuda_peak is not None else peak.peak_rss for key, peak in peaks.items()}
-    memory_ratio = memory["lag"] / memory["merged"]
-    say(f"  peak memory lag/merged = {memory_ratio:.3f}  (target <= {TARGET}: {bc.verdict(memory_ratio, TARGET)})")
-    say("=" * 78)
+    record.ratio("peak memory lag/merged", lag.warmup.peak / merged.warmup.peak, TARGET,
+                 "LAG LoRA / merged LoRA, peak memory",
+                 detail=f"({h.gib(lag.warmup.peak)[:-4]} vs {h.gib(merged.warmup.peak)})")
+    record.figure("seconds_per_step", {"merged": merged.step, "lag": lag.step})
+    record.figure("cpu_seconds_per_step", {"merged": merged.cpu_step, "lag": lag.cpu_step})
 
 
 def text_policy(setup: Setup) -> None:
     import torch
 
-    opts, say = setup.opts, bc.say
+    opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     name = setup.lora(f"bench_{setup.family.name}_text_only.safetensors", all_blocks(TEXT_LAYERS, setup.family), 8,
                       scale=0.1)
@@ -227,9 +189,7 @@ def text_policy(setup: Setup) -> None:
         patcher = setup.lag(name)
         patch = lag_patch.LagPatch.of(patcher)
         patch.text_policy = policy
-        t0 = time.perf_counter()
-        result = setup.sample(patcher, res, 1)
-        seconds = time.perf_counter() - t0
+        seconds, result = h.measured(lambda p=patcher: setup.sample(p, res, 1))
         finest = max(patch.recorder.averages().items(), key=lambda item: item[0][0] * item[0][1])[1][0]
         # (SDXL's finest transformers sit at half the latent's size)
         finest = torch.nn.functional.interpolate(finest[None, None], size=result.shape[-2:], mode="nearest")[0, 0]
@@ -238,7 +198,7 @@ def text_policy(setup: Setup) -> None:
         leak = (result - base).abs()[~inside].mean() / change.abs()[~inside].mean()
         say(f"  {policy:9s} kept inside {kept:6.3f}   leak outside {leak:6.3f}   ({seconds:.1f} s)")
         del patcher
-    torch.cuda.empty_cache() if bc.cuda_active() else None
+    torch.cuda.empty_cache() if h.cuda_active() else None
 
 
 def logged_masks(patch) -> list:
@@ -266,7 +226,7 @@ def mean(values: list[float]) -> float:
 
 
 def before_policy(setup: Setup) -> None:
-    opts, say = setup.opts, bc.say
+    opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \
         all_blocks(BEFORE_LAYERS, setup.family)
@@ -309,7 +269,7 @@ def before_policy(setup: Setup) -> None:
 
 
 def depth_policy(setup: Setup) -> None:
-    opts, say = setup.opts, bc.say
+    opts, say = setup.opts, h.say
     if all(slot.depth == 1 for slot in setup.family.slots):
         say(f"depth policy: every {setup.family.name} transformer has one block; nothing to choose")
         return
@@ -372,8 +332,14 @@ def main() -> None:
             before_policy(setup)
             if not setup.family.is_dit:
                 depth_policy(setup)
-    if opts.part in ("speed", "all"):
-        speed(setup)
+    runs = speed(setup) if opts.part in ("speed", "all") else {}
+    record = h.Record(f"bench_lag_lora{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+                      "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through PerRes LAG "
+                      "LoRA; and the mask policies' experiment", opts.device,
+                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px")
+    if runs:
+        report_speed(runs, record)
+    record.finish(opts.json or h.default_json("bench_lag_lora", opts.family))
 
 
 if __name__ == "__main__":

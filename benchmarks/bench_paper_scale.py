@@ -1,36 +1,13 @@
 """Training at the paper's setting (512 px, batch 4): memory and time with and without gradient checkpointing.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32 on the CPU; with --family sdxl the
-random SDXL checkpoint, its UNet in bf16), three trainers:
-
-  bound    the frozen UNet called directly, forward + backward + AdamW on the residuals (no ComfyUI
-           code in the loop, no checkpointing): the least a training step can cost.
-  plain    the PerResTrainResiduals node with gradient_checkpointing off.
-  ckpt     the PerResTrainResiduals node with gradient_checkpointing on (its default).
-
-For each: seconds per step (the interval between optimizer steps, warm-up step excluded) and the
-training's extra peak memory (above what was in use when the UNet first ran: the loaded model and the
-latents are excluded, so is the VAE encoding the node does first). Each trainer runs in fresh child
-processes, so one trainer's freed-but-kept heap cannot hide the next one's peak. On the CPU, memory
-comes from a second child per trainer that runs with glibc's mmap threshold fixed at 128 KiB
-(MALLOC_MMAP_THRESHOLD_): every larger block freed goes back to the OS at once, so the resident set
-follows the live tensors. With glibc's default (dynamic) threshold freed blocks stay in the heap and the
-resident set overstates what is live (at 512 px: checkpointing 3.1 GiB instead of 1.2), but the fixed
-threshold's page faults slow the steps, so seconds per step come from the default child. Ratios and targets:
-
-  plain extra peak / ckpt extra peak   >= 3     (checkpointing must cut the extra peak at least 3x)
-  ckpt s/step / plain s/step           <= 1.4   (and cost at most 1.4x per step)
-  plain s/step / bound s/step          <= 1.10  (without it, PerRes adds at most 10 % to the bound)
-
-On this 2-core CPU VM, 512 px needs about 13 GiB of memory in all without checkpointing and about
-30 s per step (six child processes, about 15 minutes): run nothing else meanwhile. `--resolution 256`
-is a quicker look.
-
-SDXL at its own 1024 px, batch 4, takes many minutes per step on this CPU; `--family sdxl --resolution 512
---batch 1` is what it measures in reasonable time (benchmarks/README.md has the figures). The DiTs the same way:
-`--family anima --resolution 256 --batch 1` (Anima at its exact 2 B size, bf16) and `--family krea2` (Krea 2's
-exact block at its width with 2 of its 28 blocks, fp8 weights) run in minutes; the bound is then the frozen
-DiT's forward + backward.
+Three trainers on the tests' random checkpoint (SD1.5 fp32; --family sdxl|anima|krea2: the larger models in bf16),
+each in fresh child processes: bound (the frozen denoiser's forward + backward + AdamW on the residuals, no
+ComfyUI code in the loop), plain (PerResTrainResiduals, gradient_checkpointing off) and ckpt (on, its default).
+Seconds per step come from a child with glibc's default allocator, the training's extra peak memory (above the
+loaded model and latents) on the CPU from a child with a fixed 128 KiB mmap threshold, so that RSS follows the
+live tensors. Targets: plain/ckpt extra peak >= 3, ckpt/plain s/step <= 1.4, plain/bound s/step <= 1.10.
+benchmarks/README.md ("Hardware" in docs/benchmarks.md) has the details and the figures; 512 px needs about
+13 GiB and 15 minutes on the 2-core VM, `--resolution 256` is a quicker look.
 
 Run from the pack root:
     python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
@@ -41,17 +18,18 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from bench_training import make_images, run_bound  # noqa: E402
+import harness as h  # noqa: E402
+from bench_common import make_images  # noqa: E402
+from bench_training import run_bound  # noqa: E402
 
 TRAINERS = ("bound", "plain", "ckpt")
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.arguments(__doc__)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own); anima, "
@@ -64,20 +42,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
     p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per trainer (plus 1 warm-up); default 2")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
     p.add_argument("--attention", default="pytorch", choices=["pytorch", "default"],
                    help="pytorch: torch's fused attention, as ComfyUI runs on NVIDIA GPUs (default); default: "
                         "ComfyUI's CPU choice, sub-quadratic attention that keeps the N×N scores for backward")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE as JSON")
     p.add_argument("--only", choices=TRAINERS, default=None, help=argparse.SUPPRESS)  # one child's trainer
     return p.parse_args()
-
-
-def train_node(model, clip, vae, images, resolution: int, batch: int, steps: int, checkpointing: bool, seed: int = 0):
-    return bc.run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
-                       class_word="dog", steps=steps, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
-                       resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
 
 
 def precision(opts: argparse.Namespace) -> str:
@@ -86,19 +55,18 @@ def precision(opts: argparse.Namespace) -> str:
 
 def measure(name: str, model, clip, vae, images, latents, conditioning, opts) -> dict:
     """Seconds per step and extra peak memory of one trainer."""
-    clock = bc.StepClock()
-    with bc.optimizer_steps(clock), bc.TrainingPeak(model.model.diffusion_model) as peak:
-        t0 = time.perf_counter()
+    clock = h.StepClock()
+    with h.optimizer_steps(clock), h.TrainingPeak(model.model.diffusion_model) as peak:
         if name == "bound":
             run_bound(model, latents, conditioning, opts.batch, opts.steps, seed=0, clock=clock)
-            durations = clock.durations()  # the bound restarts its clock after its warm-up step
         else:
-            train_node(model, clip, vae, images, opts.resolution, opts.batch, opts.steps + 1, name == "ckpt")
-            durations = clock.durations()  # intervals between optimizer steps: steps 2..N
-        total = time.perf_counter() - t0
-    return {"seconds_per_step": bc.median(durations), "step_seconds": durations,
-            "cpu_seconds_per_step": bc.median(clock.cpu_durations()), "total_seconds": total,
-            "extra_peak_bytes": peak.extra_bytes, "cuda_peak_allocated_bytes": peak.cuda_total_peak}
+            bc.train_perres(model, clip, vae, images, opts.steps + 1, opts.batch, opts.resolution,
+                            gradient_checkpointing=name == "ckpt")
+    # the bound restarts its clock after its warm-up step; the node's intervals between optimizer steps are 2..N
+    durations = clock.durations()
+    return {"seconds_per_step": h.median(durations), "step_seconds": durations,
+            "cpu_seconds_per_step": h.median(clock.cpu_durations()), "total_seconds": peak.seconds,
+            "extra_peak_bytes": peak.extra_bytes, "cuda_peak_allocated_bytes": peak.cuda_peak}
 
 
 def run_one(opts: argparse.Namespace) -> dict:
@@ -111,7 +79,7 @@ def run_one(opts: argparse.Namespace) -> dict:
         model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
     # ones once (nodes/host/training.frozen_for_backward); that one-off copy must not count as a peak.
-    train_node(model, clip, vae, make_images(1, 64), 64, 1, 1, False)
+    bc.train_perres(model, clip, vae, make_images(1, 64), 1, 1, 64, gradient_checkpointing=False)
     result = measure(opts.only, model, clip, vae, images, latents, conditioning, opts)
     result["unet_dtype"] = str(model.model.get_dtype())
     return result
@@ -144,52 +112,52 @@ def run_children(opts: argparse.Namespace) -> dict:
             timing["extra_peak_bytes_default_malloc"] = timing["extra_peak_bytes"]
             timing["extra_peak_bytes"] = memory["extra_peak_bytes"]
         results[name] = r = timing
-        bc.say(f"  {name:5s}: {r['seconds_per_step']:.2f} s/step (steps "
-               f"{', '.join(f'{d:.2f}' for d in r['step_seconds'])}), extra peak {bc.gib(r['extra_peak_bytes'])}"
-               + (f" (RSS with glibc's default threshold: {bc.gib(r['extra_peak_bytes_default_malloc'])})"
-                  if opts.device == "cpu" else ""))
+        h.say(f"  {name:5s}: {r['seconds_per_step']:.2f} s/step (steps "
+              f"{', '.join(f'{d:.2f}' for d in r['step_seconds'])}), extra peak {h.gib(r['extra_peak_bytes'])}"
+              + (f" (RSS with glibc's default threshold: {h.gib(r['extra_peak_bytes_default_malloc'])})"
+                 if opts.device == "cpu" else ""))
     return results
 
 
 def main() -> None:
     opts = parse_args()
     if opts.only:
-        bc.say("RESULT " + json.dumps(run_one(opts)))
+        h.say("RESULT " + json.dumps(run_one(opts)))
         return
-    say = bc.say
+    say = h.say
     say(f"settings: {opts.resolution} px, batch {opts.batch}, {opts.steps} timed steps (+1 warm-up) per trainer, "
-        f"device {opts.device}, fresh child processes per trainer; {bc.load_note()}")
+        f"device {opts.device}, fresh child processes per trainer; {h.load_note()}")
     results = run_children(opts)
     bound, plain, ckpt = (results[n] for n in TRAINERS)
-    ratios = {
-        "memory_cut": plain["extra_peak_bytes"] / max(ckpt["extra_peak_bytes"], 1),
-        "checkpointing_time_cost": ckpt["seconds_per_step"] / plain["seconds_per_step"],
-        "plain_over_bound": plain["seconds_per_step"] / bound["seconds_per_step"],
-        "checkpointing_cpu_cost": ckpt["cpu_seconds_per_step"] / plain["cpu_seconds_per_step"],
-        "plain_over_bound_cpu": plain["cpu_seconds_per_step"] / bound["cpu_seconds_per_step"],
-    }
-    say("")
-    say("=" * 78)
-    bc.say_settings(opts, "per training step and peak memory above the loaded model: the frozen-UNet bound, "
-                            "PerRes without and with gradient checkpointing")
-    say(f"PAPER SCALE  {opts.family}  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}  device {opts.device}")
+    bc.set_threads(opts.threads)  # the record names the children's torch threads
+    record = h.Record(f"bench_paper_scale{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+                      "per training step and peak memory above the loaded model: the frozen-UNet bound, "
+                      "PerRes without and with gradient checkpointing", opts.device,
+                      note=f"{opts.resolution} px, batch {opts.batch}")
+    record.data["host"]["dynamic_vram"] = "off (the children start the host without it)"
+    say(f"PAPER SCALE  {opts.family}  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}")
     say(f"  {'trainer':22s} {'s/step':>8s} {'cpu s/step':>11s} {'extra peak':>12s}")
     labels = {"bound": "frozen-UNet bound", "plain": "PerRes, no checkpoint", "ckpt": "PerRes, checkpointing"}
     for name in TRAINERS:
         r = results[name]
         say(f"  {labels[name]:22s} {r['seconds_per_step']:8.2f} {r['cpu_seconds_per_step']:11.2f} "
-            f"{bc.gib(r['extra_peak_bytes']):>12s}")
-    say(f"  extra peak plain / ckpt = {ratios['memory_cut']:.2f}   (target >= 3: "
-        f"{'OK' if ratios['memory_cut'] >= 3 else 'UNDER TARGET'})")
-    say(f"  s/step ckpt / plain     = {ratios['checkpointing_time_cost']:.3f} wall, "
-        f"{ratios['checkpointing_cpu_cost']:.3f} cpu  (target <= 1.4: {bc.verdict(ratios['checkpointing_time_cost'], 1.4)} wall)")
-    say(f"  s/step plain / bound    = {ratios['plain_over_bound']:.3f} wall, "
-        f"{ratios['plain_over_bound_cpu']:.3f} cpu  (target <= 1.10: {bc.verdict(ratios['plain_over_bound'], 1.10)} wall)")
-    say(f"  ({bc.load_note()}; on a busy machine trust the cpu ratios more)")
-    say("=" * 78)
-    if opts.json:
-        with open(opts.json, "w", encoding="utf-8") as handle:
-            json.dump({"settings": vars(opts), "results": results, "ratios": ratios}, handle, indent=2)
+            f"{h.gib(r['extra_peak_bytes']):>12s}")
+    per_step = {name: results[name]["seconds_per_step"] for name in TRAINERS}
+    cpu = {name: results[name]["cpu_seconds_per_step"] for name in TRAINERS}
+    record.ratio("plain/bound", per_step["plain"] / per_step["bound"], 1.10,
+                 "PerRes step / bound, no checkpointing",
+                 detail=f"({per_step['plain']:.2f} vs {per_step['bound']:.2f} s/step; "
+                        f"cpu {cpu['plain'] / cpu['bound']:.3f})")
+    record.ratio("extra peak plain/ckpt", plain["extra_peak_bytes"] / max(ckpt["extra_peak_bytes"], 1), 3,
+                 "extra peak memory, checkpointing off / on", compare=">=",
+                 detail=f"({h.gib(plain['extra_peak_bytes'])[:-4]} vs {h.gib(ckpt['extra_peak_bytes'])})")
+    record.ratio("ckpt/plain", per_step["ckpt"] / per_step["plain"], 1.4, "step time, checkpointing on / off",
+                 detail=f"wall, {cpu['ckpt'] / cpu['plain']:.3f} CPU ({per_step['ckpt']:.2f} vs "
+                        f"{per_step['plain']:.2f} s/step)")
+    say(f"  ({h.load_note()}; on a busy machine trust the cpu ratios more)")
+    record.figure("trainers", {name: {**r, "extra_peak_gib": r["extra_peak_bytes"] / h.GIB}
+                               for name, r in results.items()})
+    record.finish(opts.json or h.default_json("bench_paper_scale", opts.family))
 
 
 if __name__ == "__main__":

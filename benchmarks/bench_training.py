@@ -1,24 +1,12 @@
 """Per-step training time: PerRes Train Residuals vs. the plain-UNet bound vs. ComfyUI's TrainLoraNode.
 
-One run, one model (the tests' random-weight SD1.5 checkpoint, fp32; with --family anima or krea2 the random
-DiT through the stock loaders, bf16 compute), one batch and resolution, and one row per gradient-checkpointing
-setting (--checkpointing off,on: both by default), each comparing
-
-  (a) perres  the PerResTrainResiduals node executed as ComfyUI executes it (inference mode, real
-              ModelPatcher), with that gradient_checkpointing; VAE/CLIP encoding and the first (warm-up)
-              optimizer step are excluded;
-  (b) bound   the frozen UNet module called directly, forward + backward + AdamW on the same 16
-              residual modules through the pack's own proj_out hooks, base weights requires_grad=False,
-              with the same modules recomputed in backward when that row checkpoints,
-
-and, once per run,
-  (c) stock   ComfyUI's TrainLoraNode (comfy_extras/nodes_train.py), rank 8, in the run's precision, on
-              latents from VAEEncode and conditioning from CLIPTextEncode (target: PerRes at most 0.20× its
-              step on SD1.5, 0.5× on the DiTs, where every layer it trains is far wider).
-
-Per-step times come from a process-wide torch optimizer step post-hook, so all three are timed the
-same way: the duration between consecutive optimizer steps (steps 2..N of each run). bound and
-perres alternate for --rounds rounds to spread noise; medians are reported.
+One run on the tests' random checkpoint (SD1.5 fp32; --family anima|krea2: the random DiT, bf16 compute), one
+row per gradient-checkpointing setting (--checkpointing off,on): (a) perres, the node as ComfyUI executes it;
+(b) bound, the frozen UNet called directly, forward + backward + AdamW on the same residual modules through the
+pack's own hooks, recomputing the same modules when the row checkpoints; and once (c) stock, ComfyUI's
+TrainLoraNode. Per-step times are the intervals between optimizer steps (a process-wide optimizer hook; the
+warm-up step excluded); bound and perres alternate for --rounds rounds, medians compared. Targets: perres/bound
+<= 1.10; perres/stock <= 0.20 (0.5 on the DiTs). benchmarks/README.md has the details.
 
 Run from the pack root:  python benchmarks/bench_training.py [--family sd15] [--resolution 64] [--batch 4] [--steps 5]
 """
@@ -27,16 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import harness as h  # noqa: E402
+from bench_common import make_images  # noqa: E402,F401  (bench_paper_scale and older callers import it from here)
 
 CAPTION = "a photo of a sks dog"
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = h.arguments(__doc__)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="the tests' random model: sd15 (default, fp32), sdxl, anima or krea2 (bf16)")
     p.add_argument("--resolution", type=int, default=64, help="image side in px (latent = /8); default 64")
@@ -49,8 +38,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stock-rank", type=int, default=8)
     p.add_argument("--stock-no-checkpointing", action="store_true",
                    help="TrainLoraNode with gradient_checkpointing=False (its default is True)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave torch's default)")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="also profile one extra PerRes node run with cProfile and write the stats to FILE")
     opts = p.parse_args()
@@ -61,16 +48,7 @@ def parse_args() -> argparse.Namespace:
     return opts
 
 
-def make_images(batch: int, resolution: int):
-    import torch
-    g = torch.Generator().manual_seed(1)
-    images = torch.rand(batch, resolution, resolution, 3, generator=g) * 0.3
-    lo, hi = resolution // 4, 3 * resolution // 4
-    images[:, lo:hi, lo:hi, 0] = 0.9
-    return images
-
-
-def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: bc.StepClock,
+def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: h.StepClock,
               checkpointing: bool = False):
     """Plain frozen-denoiser forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
     model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector; the DiTs' block outputs, with their
@@ -130,9 +108,9 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
 
 def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int, seed: int,
                checkpointing: bool = True):
-    return bc.run_node("PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
-                       class_word="dog", steps=steps + 1, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
-                       resolution=resolution, seed=seed, init="random", gradient_checkpointing=checkpointing)
+    """The PerRes node for steps + 1 optimizer steps: the intervals between them are the `steps` timed ones."""
+    return bc.train_perres(model, clip, vae, images, steps + 1, batch, resolution, seed,
+                           gradient_checkpointing=checkpointing)
 
 
 def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int,
@@ -149,11 +127,14 @@ def precision(opts: argparse.Namespace) -> str:
     return "fp32" if opts.family == "sd15" else "bf16"
 
 
+def row(checkpointing: bool) -> str:
+    return f"checkpointing {'on' if checkpointing else 'off'}"
+
+
 def main() -> None:
     opts = parse_args()
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts))
-    import torch
-    say = bc.say
+    say = h.say
     images = make_images(opts.batch, opts.resolution)
     latents = {"samples": bc.image_latents(model, vae, images)}  # one latent per image, as PerRes encodes them
     positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
@@ -162,77 +143,61 @@ def main() -> None:
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
         f"load device {model.load_device}; images {tuple(images.shape)}, latents {tuple(latents['samples'].shape)}")
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} timed steps "
-        f"(+1 warm-up) x {opts.rounds} rounds, {precision(opts)}, device {opts.device}, torch threads "
-        f"{torch.get_num_threads()}; "
-        f"{bc.load_note()}")
+        f"(+1 warm-up) x {opts.rounds} rounds, {precision(opts)}, device {opts.device}; {h.load_note()}")
 
-    def fmt(values):
-        return " ".join(f"{d:.3f}" for d in values)
-
-    def row(checkpointing: bool) -> str:
-        return f"checkpointing {'on' if checkpointing else 'off'}"
-
-    clock = bc.StepClock()
-    segments = bc.Segments()
+    clock, segments = h.StepClock(), h.Segments()
     # keyed by (kind, checkpointing): kind is "bound", "perres" or "stock"
+    rows: dict[bool, dict[str, h.Series]] = {}
     breakdown: dict[tuple, list[dict]] = {}
-    wall: dict[tuple, list[float]] = {}
-    cpu: dict[tuple, list[float]] = {}
-    perres_totals: dict[bool, list[float]] = {}
-    perres_outside: dict[bool, list[float]] = {}
-    mem: dict[tuple, bc.PeakMemory] = {}
-    stock_key, stock_total, stock_failure = ("stock", not opts.stock_no_checkpointing), None, None
-    with bc.optimizer_steps(clock), bc.segment_marks(segments, model.model.diffusion_model):
+    memory: dict[tuple, h.Measure] = {}
+    outside: dict[bool, list[float]] = {}
+    stock_key, stock, stock_failure = ("stock", not opts.stock_no_checkpointing), None, None
+    with h.optimizer_steps(clock), h.segment_marks(segments, model.model.diffusion_model):
         for checkpointing in opts.checkpointing:
-            for r in range(opts.rounds):
-                # alternate which one goes first, so drifting machine load does not favour either
-                for name in (("bound", "perres") if r % 2 == 0 else ("perres", "bound")):
-                    key = (name, checkpointing)
-                    clock.reset()
-                    segments.reset()
-                    t0 = time.perf_counter()
-                    with bc.PeakMemory() as m:
-                        if name == "bound":
-                            params = run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps,
-                                               seed=r, clock=clock, checkpointing=checkpointing)
-                        else:
-                            run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=r,
-                                       checkpointing=checkpointing)
-                    total = time.perf_counter() - t0
-                    mem.setdefault(key, m)
-                    # bound: the clock restarts after its warm-up step; perres runs steps+1 optimizer steps, and
-                    # the intervals between them are steps 2..N
-                    durations, cpu_durations = clock.durations(), clock.cpu_durations()
-                    breakdown.setdefault(key, []).append(segments.per_step())
-                    wall.setdefault(key, []).extend(durations)
-                    cpu.setdefault(key, []).extend(cpu_durations)
-                    note = f"({params} trained params)" if name == "bound" else \
-                        f"(node call {total:.2f} s, {total - sum(durations):.2f} s of it outside the timed steps)"
-                    if name == "perres":
-                        perres_totals.setdefault(checkpointing, []).append(total)
-                        perres_outside.setdefault(checkpointing, []).append(total - sum(durations))
-                    say(f"[{row(checkpointing)}, round {r + 1}] {name:6s} s/step wall {fmt(durations)} | "
-                        f"cpu {fmt(cpu_durations)}  {note}")
+            seeds = {"bound": 0, "perres": 0}
+
+            def trainer(name: str, checkpointing: bool = checkpointing):
+                def run():
+                    seeds[name] += 1  # the round's seed, as in every earlier run of this benchmark
+                    if name == "bound":
+                        return run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps,
+                                         seed=seeds[name] - 1, clock=clock, checkpointing=checkpointing)
+                    return run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution,
+                                      seed=seeds[name] - 1, checkpointing=checkpointing)
+                return run
+
+            def collect(name: str, run: h.Measure, checkpointing: bool = checkpointing) -> str:
+                breakdown.setdefault((name, checkpointing), []).append(segments.per_step())
+                memory.setdefault((name, checkpointing), run)
+                segments.reset()
+                if name == "bound":
+                    return ""
+                # the bound restarts its clock after its warm-up step; perres runs steps+1 optimizer steps
+                outside.setdefault(checkpointing, []).append(run.seconds - sum(clock.durations()))
+                return f"(node call {run.seconds:.2f} s, {outside[checkpointing][-1]:.2f} s outside the timed steps)"
+
+            segments.reset()
+            rows[checkpointing] = h.interleaved({"bound": trainer("bound"), "perres": trainer("perres")},
+                                                opts.rounds, clock=clock, after=collect, warmup=False,
+                                                label=row(checkpointing), memory=True)
 
         if opts.stock_steps > 0:
             clock.reset()
             segments.reset()
-            t0 = time.perf_counter()
             try:
-                with bc.PeakMemory() as m:
+                with h.Measure() as stock:
                     run_stock(model, latents, positive, opts.batch, opts.stock_steps, opts.stock_rank,
                               stock_key[1], seed=0, training_dtype=precision(opts))
             except Exception as error:  # the host's trainer cannot train every model (Anima on 0.33.0)
                 stock_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                stock = None
                 say(f"[stock] TrainLoraNode failed: {stock_failure}")
             else:
-                stock_total = time.perf_counter() - t0
-                mem[stock_key] = m
-                wall[stock_key] = clock.durations()
+                memory[stock_key] = stock
                 breakdown[stock_key] = [segments.per_step()]
-                cpu[stock_key] = clock.cpu_durations()
-                say(f"[stock] TrainLoraNode call {stock_total:.2f} s for {opts.stock_steps} steps; between "
-                    f"optimizer steps: wall {fmt(wall[stock_key])} | cpu {fmt(cpu[stock_key])}")
+                stock_steps, stock_cpu = clock.durations(), clock.cpu_durations()
+                say(f"[stock] TrainLoraNode call {stock.seconds:.2f} s for {opts.stock_steps} steps; between "
+                    f"optimizer steps: wall {' '.join(f'{d:.3f}' for d in stock_steps)}")
 
     if opts.profile:
         import cProfile
@@ -245,63 +210,66 @@ def main() -> None:
         profiler.dump_stats(opts.profile)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
 
-    say("")
-    say("=" * 78)
-    bc.say_settings(opts, "per optimizer step, the PerRes node vs the frozen-UNet bound with the same gradient "
-                            "checkpointing (one row per setting), and the PerRes node vs ComfyUI's TrainLoraNode")
-    say(f"TRAINING  {opts.family}  ComfyUI {bc.comfy_version('')}  resolution {opts.resolution}px  batch {opts.batch}  "
-        f"{precision(opts)}  "
-        f"device {opts.device}  torch threads {torch.get_num_threads()}")
-    say(f"  {bc.load_note()}")
-    for checkpointing in opts.checkpointing:
-        perres_key, bound_key = ("perres", checkpointing), ("bound", checkpointing)
-        perres, bound = bc.median(wall[perres_key]), bc.median(wall[bound_key])
-        perres_cpu, bound_cpu = bc.median(cpu[perres_key]), bc.median(cpu[bound_key])
+    record = h.Record(f"bench_training{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+                      "per optimizer step, the PerRes node vs the frozen-UNet bound with the same gradient "
+                      "checkpointing (one row per setting), and the PerRes node vs ComfyUI's TrainLoraNode",
+                      opts.device, note=f"{opts.resolution} px, batch {opts.batch}")
+    for checkpointing, runs in rows.items():
+        bound, perres = runs["bound"], runs["perres"]
         say(f"  -- {row(checkpointing)} (PerRes node and bound alike)")
-        say(f"  (b) bound  s/step wall: {bc.spread(wall[bound_key])}")
-        say(f"                    cpu:  {bc.spread(cpu[bound_key])}")
-        say(f"  (a) perres s/step wall: {bc.spread(wall[perres_key])}")
-        say(f"                    cpu:  {bc.spread(cpu[perres_key])}")
-        say(f"      perres node call total: {bc.spread(perres_totals[checkpointing])}")
+        say(f"  (b) bound  s/step wall: {h.spread(bound.steps)}")
+        say(f"                    cpu:  {h.spread(bound.cpu_steps)}")
+        say(f"  (a) perres s/step wall: {h.spread(perres.steps)}")
+        say(f"                    cpu:  {h.spread(perres.cpu_steps)}")
+        say(f"      perres node call total: {h.spread(perres.totals)}")
         say(f"      outside the timed steps (VAE+CLIP encode, setup, warm-up step, copy-out): "
-            f"{bc.spread(perres_outside[checkpointing])}")
-        say(f"  perres/bound = {perres / bound:.3f} wall, {perres_cpu / bound_cpu:.3f} cpu   "
-            f"(target <= 1.10: {bc.verdict(perres / bound, 1.10)} wall)")
+            f"{h.spread(outside[checkpointing])}")
+        on = "on" if checkpointing else "off"
+        record.ratio(f"perres/bound, checkpointing {on}", perres.step / bound.step, 1.10,
+                     f"PerRes step / bound, checkpointing {on} both",
+                     detail=f"({perres.step:.2f} vs {bound.step:.2f} s/step; "
+                            f"cpu {perres.cpu_step / bound.cpu_step:.3f})")
+        record.figure(f"seconds_per_step_checkpointing_{on}", {"perres": perres.step, "bound": bound.step})
         report_glue(breakdown, checkpointing)
     if stock_failure is not None:
         say(f"  -- (c) stock: TrainLoraNode could not train this model here: {stock_failure}")
-    if stock_total is not None:
-        stock = stock_total / opts.stock_steps
+    target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
+    if stock is not None:
+        per_step = stock.seconds / opts.stock_steps
         say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {row(stock_key[1])}, every "
             f"layer trained; {opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} "
             f"UNet samples per step (calc_cond_batch)")
-        say(f"      s/step wall: {stock:.3f} (node total / steps: setup and warm-up step included)")
-        say(f"      between optimizer steps wall: {bc.spread(wall[stock_key])}")
-        say(f"                              cpu:  {bc.spread(cpu[stock_key])}")
-        matching = ("perres", stock_key[1])
-        if matching in wall:
-            perres = bc.median(wall[matching])
-            target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
-            say(f"  perres/stock ({row(stock_key[1])} both) = {perres / stock:.3f} wall (stock = total/steps)   "
-                f"(target <= {target:.2f}: {bc.verdict(perres / stock, target)})")
-            if wall[stock_key]:
-                say(f"  perres/stock between-step = {perres / bc.median(wall[stock_key]):.3f} wall, "
-                    f"{bc.median(cpu[matching]) / bc.median(cpu[stock_key]):.3f} cpu")
+        say(f"      s/step wall: {per_step:.3f} (node total / steps: setup and warm-up step included)")
+        say(f"      between optimizer steps wall: {h.spread(stock_steps)}")
+        say(f"                              cpu:  {h.spread(stock_cpu)}")
+        record.figure("stock_seconds_per_step", per_step)
+        perres = rows.get(stock_key[1], {}).get("perres")
+        if perres is not None:
+            record.ratio(f"perres/stock, {row(stock_key[1])}", perres.step / per_step, target,
+                         f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
+                         detail=f"(stock {per_step:.1f} s/step)")
+            if stock_steps:
+                say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
+                    f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
+    elif stock_failure is not None:
+        record.ratio(f"perres/stock, {row(stock_key[1])}", None, target,
+                     f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
+                     note=f"TrainLoraNode cannot train this model here ({stock_failure})")
     say("  where a step goes (median per step over runs, wall / cpu seconds):")
     for key, runs in breakdown.items():
         runs = [b for b in runs if b]
-        if not runs:
-            continue
         parts = []
         for seg in ("glue", "forward", "between UNet calls", "loss+backward", "optimizer"):
             values = [b[seg] for b in runs if seg in b]
             if values:
-                parts.append(f"{seg} {bc.median([v[0] for v in values]):.3f}/{bc.median([v[1] for v in values]):.3f}")
-        say(f"    {key[0]:6s} {row(key[1]):17s}: " + ", ".join(parts))
-    for key, peak in mem.items():
+                parts.append(f"{seg} {h.median([v[0] for v in values]):.3f}/{h.median([v[1] for v in values]):.3f}")
+        if parts:
+            say(f"    {key[0]:6s} {row(key[1]):17s}: " + ", ".join(parts))
+    for key, peak in memory.items():
         say(f"  memory {key[0]:6s} {row(key[1]):17s}: {peak.describe()}")
-    say(f"  process peak RSS (ru_maxrss): {bc.process_peak_rss()}")
-    say("=" * 78)
+        record.figure(f"peak_rss_growth_bytes_{key[0]}_{row(key[1]).replace(' ', '_')}", peak.peak_rss - peak.start_rss)
+    say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
+    record.finish(opts.json or h.default_json("bench_training", opts.family))
 
 
 def report_glue(breakdown: dict, checkpointing: bool) -> None:
@@ -309,12 +277,12 @@ def report_glue(breakdown: dict, checkpointing: bool) -> None:
     glue, work = {}, {}
     for name in ("bound", "perres"):
         runs = [b for b in breakdown.get((name, checkpointing), []) if b]
-        glue[name] = bc.median([b["glue"][1] for b in runs if "glue" in b])
-        work[name] = bc.median([sum(v[1] for k, v in b.items() if k != "glue") for b in runs])
+        glue[name] = h.median([b["glue"][1] for b in runs if "glue" in b])
+        work[name] = h.median([sum(v[1] for k, v in b.items() if k != "glue") for b in runs])
     if all(v == v and v > 0 for v in (*glue.values(), *work.values())):  # v == v: not NaN
-        bc.say(f"  perres glue costs {glue['perres'] * 1000:.1f} ms/step vs {glue['bound'] * 1000:.1f} ms for the "
-               f"bound: perres/bound from the breakdown (bound's UNet+backward+optimizer work, perres's glue) = "
-               f"{(work['bound'] + glue['perres']) / (work['bound'] + glue['bound']):.3f} (contention-proof estimate)")
+        h.say(f"  perres glue costs {glue['perres'] * 1000:.1f} ms/step vs {glue['bound'] * 1000:.1f} ms for the "
+              f"bound: perres/bound from the breakdown (bound's UNet+backward+optimizer work, perres's glue) = "
+              f"{(work['bound'] + glue['perres']) / (work['bound'] + glue['bound']):.3f} (contention-proof estimate)")
 
 
 if __name__ == "__main__":

@@ -1,36 +1,19 @@
 """The paper-scale GPU check: one command, one table, one JSON file.
 
-For each family asked for (--families sd15,sdxl), on the tests' random-weight checkpoint of that family with
-ComfyUI running the UNet in fp16 (--fp16-unet, what users' GPUs run), at batch 4 (the DiTs, --families
-anima,krea2, in a pass of their own: bf16, Krea 2 with fp8 weights and all 28 blocks on a GPU):
+For each family of --families (sd15, sdxl; or anima, krea2 in a pass of their own), on the tests' random model with
+ComfyUI's --fp16-unet (the DiTs bf16, Krea 2 with fp8 weights and all 28 blocks on a GPU), at batch 4: PerRes
+Train Residuals without (perres_plain) and with (perres_ckpt) gradient checkpointing, ComfyUI's TrainLoraNode
+(stock_lora, its own defaults), and sampling with the base model, Apply, LAG and a rank-32 LoRA merged and
+through LAG LoRA. Training figures are the node call's wall time and torch.cuda.max_memory_allocated.
 
-  perres_plain   PerRes Train Residuals, gradient_checkpointing off
-  perres_ckpt    PerRes Train Residuals, gradient_checkpointing on (the default)
-  stock_lora     ComfyUI's TrainLoraNode on the same images, steps and batch (its own defaults otherwise:
-                 rank 8, every layer, bf16 training dtype — it offers no fp16 — gradient checkpointing on)
-  sampling       the base model, PerRes Apply Residuals, PerRes LAG Sampling, and a rank-32 LoRA on every
-                 attention and feed-forward layer merged by LoraLoaderModelOnly and through PerRes LAG LoRA;
-                 one warm-up run each, then --sample-repeats timed runs (medians)
+  SD1.5  512 px, 150 steps, 50 DDIM steps at CFG 6: perres_plain 150 steps <= 30 s on an H100, perres_ckpt peak
+         <= 6 GiB, LAG <= 1.05x Apply, LAG LoRA <= 1.25x merged.
+  SDXL   1024 px, 30 dpmpp_2m karras steps: perres_ckpt peak <= 10 GiB, LAG <= 1.05x, LAG LoRA <= 1.10x.
+  Anima, Krea 2  1024 px, 30 steps at CFG 4: perres_ckpt peak <= 14 / 22 GiB, LAG LoRA <= 1.10x.
 
-  SD1.5  512 px, 150 training steps, 50-step DDIM (CFG 6, the paper's sampler).
-         Targets: perres_plain 150 steps <= 30 s on an H100; perres_ckpt peak <= 6 GiB (8 GB cards train with
-         the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.25x the merged LoRA.
-  SDXL   1024 px, --sdxl-train-steps (150 by default; fewer on a lent machine, with the 150-step time
-         extrapolated), 30-step dpmpp_2m karras. Targets: perres_ckpt peak <= 10 GiB (12 GB cards train SDXL
-         with the defaults); LAG <= 1.05x Apply; LAG LoRA <= 1.10x the merged LoRA.
-  Anima  1024 px, --dit-train-steps (150), 30-step er_sde at cfg 4. Targets: perres_ckpt peak <= 14 GiB; LAG
-         LoRA <= 1.10x the merged LoRA.
-  Krea 2 1024 px, fp8 weights, all 28 blocks (12.8 B; built on the machine, 26 GB), --dit-train-steps, 30-step
-         euler at cfg 4. Targets: perres_ckpt peak <= 22 GiB (24 GB cards train it with the defaults); LAG LoRA
-         <= 1.10x the merged LoRA. One 8-minute call cannot also hold SD1.5 and SDXL: the DiTs are a call of
-         their own, with fewer steps and the 150-step time extrapolated (benchmarks/README.md).
-
-Training figures are the node call's wall time (VAE encoding and setup included) and
-torch.cuda.max_memory_allocated during the call. ComfyUI 0.33.0 runs NVIDIA GPUs with dynamic VRAM
-(comfy-aimdo) by default; --dynamic-vram on does the same, off runs the classic ModelPatcher, and the JSON
-says which was used. Every phase is timed on its own: one that fails is recorded with its error and the
-others still run; the JSON is rewritten after every phase, so a run cut short keeps what it measured;
-with --deadline the phases that would start later are recorded as skipped.
+Every phase is measured on its own: one that fails is recorded with its error and the others still run; the JSON
+is rewritten after every phase; with --deadline later phases are recorded as skipped; --dynamic-vram on|off picks
+ComfyUI 0.33.0's dynamic VRAM or the classic ModelPatcher. benchmarks/README.md has the details.
 
     python custom_nodes/PerRes/benchmarks/gpu_check.py --families sd15,sdxl --json gpu_check.json
     python benchmarks/gpu_check.py --device cpu --smoke          # the same code paths, tiny, on a CPU
@@ -39,18 +22,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import harness as h  # noqa: E402
+from bench_common import make_images  # noqa: E402
 from bench_lag_lora import attention_ff_lora, family_of, lag_lora_model, merged_lora_model  # noqa: E402
-from bench_training import make_images  # noqa: E402
 
 CAPTION = "a photo of a sks dog"
 PROMPT = "a photo of a sks dog on the beach"
@@ -152,26 +136,6 @@ def plans(opts: argparse.Namespace) -> list[FamilyPlan]:
     return [every[name] for name in opts.families]
 
 
-class CudaPeak:
-    """Wall time and torch.cuda.max_memory_allocated of a phase (None on the CPU)."""
-
-    def __enter__(self) -> "CudaPeak":
-        import torch
-        self.peak = None
-        if bc.cuda_active():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-        bc.sync()
-        self.seconds = time.perf_counter() - self.t0
-        if bc.cuda_active():
-            self.peak = torch.cuda.max_memory_allocated()
-
-
 def free_memory(unload: bool = False) -> None:
     import gc
     import comfy.model_management as mm
@@ -198,9 +162,9 @@ class Report:
         """Run one measurement into section[name]: its figures, {"error": ...} or {"skipped": ...}."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             section[name] = {"skipped": "the --deadline had passed"}
-            bc.say(f"[gpu_check] {name}: skipped, past the deadline")
+            h.say(f"[gpu_check] {name}: skipped, past the deadline")
         else:
-            bc.say(f"[gpu_check] {name} ...")
+            h.say(f"[gpu_check] {name} ...")
             try:
                 section[name] = measure()
             except Exception as error:  # one broken phase must not cost the figures of the others
@@ -215,14 +179,12 @@ def train_perres(model, clip, vae, images, plan: FamilyPlan, batch: int, checkpo
                  held: Optional[dict] = None) -> dict:
     """One PerRes Train Residuals call; the trained residuals go to held["residuals"] (not into the JSON)."""
     free_memory()
-    with CudaPeak() as phase:
-        _, residuals, loss, _ = bc.run_node(
-            "PerResTrainResiduals", model=model, clip=clip, vae=vae, images=images, identifier="sks",
-            class_word="dog", steps=plan.train_steps, batch_size=batch, learning_rate=1e-3, rank_ratio=0.05,
-            resolution=plan.resolution, seed=0, init="random", gradient_checkpointing=checkpointing)
+    with h.Measure(memory=False) as phase:
+        _, residuals, loss, _ = bc.train_perres(model, clip, vae, images, plan.train_steps, batch, plan.resolution,
+                                                gradient_checkpointing=checkpointing)
     if held is not None:
         held["residuals"] = residuals
-    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.peak,
+    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.cuda_peak,
             "gradient_checkpointing": checkpointing, "final_loss": loss["loss"][-1]}
 
 
@@ -232,10 +194,11 @@ def train_stock(model, vae, clip, images, plan: FamilyPlan, batch: int) -> dict:
     values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": positive,
                                       "steps": plan.train_steps, "batch_size": batch, "seed": 0})
     free_memory()
-    with CudaPeak() as phase:
+    with h.Measure(memory=False) as phase:
         bc.run_stock_trainer(values)
     settings = {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
-    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.peak, "settings": settings}
+    return {"seconds": phase.seconds, "steps": plan.train_steps, "peak_allocated": phase.cuda_peak,
+            "settings": settings}
 
 
 def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
@@ -254,16 +217,13 @@ def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
         lora = attention_ff_lora(model, family_of(plan.family))
         configs.update({"lag": (lag_model, lag_positive), "lora_merged": (merged_lora_model(model, lora), positive),
                         "lora_lag": lag_lora_model(model, clip, lora)})
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for repeat in range(plan.sample_repeats + 1):  # repeat 0 loads and warms up, untimed
-        for name, (patcher, pos) in configs.items():
-            with CudaPeak() as phase:
-                bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=plan.cfg,
-                            sampler_name=plan.sampler, scheduler=plan.scheduler, positive=pos, negative=negative,
-                            latent_image=latent, denoise=1.0)
-            if repeat:
-                times[name].append(phase.seconds)
-    return {name: {"seconds": bc.median(values), "runs": values} for name, values in times.items()}
+    def sample(patcher, pos):
+        return bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=plan.cfg,
+                           sampler_name=plan.sampler, scheduler=plan.scheduler, positive=pos, negative=negative,
+                           latent_image=latent, denoise=1.0)
+    runs = h.interleaved({name: (lambda c=config: sample(*c)) for name, config in configs.items()},
+                         plan.sample_repeats, label=plan.family)  # untimed first runs load and warm up
+    return {name: {"seconds": h.median(series.totals), "runs": series.totals} for name, series in runs.items()}
 
 
 def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> None:
@@ -304,7 +264,7 @@ def check_family(plan: FamilyPlan, opts: argparse.Namespace, report: Report) -> 
 
 def load(plan: FamilyPlan, opts: argparse.Namespace, held: dict) -> dict:
     """Start the host (first family only), build or reuse the cached checkpoint, and load it."""
-    with CudaPeak() as phase:
+    with h.Measure(memory=False) as phase:
         held["objects"] = bc.load_model(plan.family, opts.device, threads=0, precision=plan.precision,
                                         dynamic_vram=opts.dynamic_vram, krea2_blocks=opts.krea2_blocks)
     model = held["objects"][0]
@@ -355,55 +315,51 @@ def phase_row(name: str, entry: Optional[dict]) -> str:
 
 def report_family(plan: FamilyPlan, section: dict, batch: int) -> None:
     loaded = section.get("load") or {}
-    bc.say(f"  {plan.family.upper()} at {plan.resolution} px, batch {batch}, {plan.train_steps} training steps, "
+    h.say(f"  {plan.family.upper()} at {plan.resolution} px, batch {batch}, {plan.train_steps} training steps, "
            f"UNet {loaded.get('unet_dtype', '?')} (compute {loaded.get('compute_dtype', '?')}), "
            f"patcher {loaded.get('patcher', '?')}")
-    bc.say(phase_row("load checkpoint", section.get("load")))
-    bc.say(phase_row("PerRes train, checkpointing off", section.get("perres_plain")))
-    bc.say(phase_row("PerRes train, checkpointing on", section.get("perres_ckpt")))
+    h.say(phase_row("load checkpoint", section.get("load")))
+    h.say(phase_row("PerRes train, checkpointing off", section.get("perres_plain")))
+    h.say(phase_row("PerRes train, checkpointing on", section.get("perres_ckpt")))
     sampling = section.get("sampling") or {}
     label = f"{plan.sampler} {plan.sample_steps} steps"
     if "base" not in sampling:
-        bc.say(phase_row(f"{label}, sampling", sampling))
+        h.say(phase_row(f"{label}, sampling", sampling))
     for name in ("base", "apply", "lag", "lora_merged", "lora_lag"):
         if name in sampling:
-            bc.say(phase_row(f"{label}, {name}", sampling[name]))
-    bc.say(phase_row("ComfyUI TrainLoraNode (its defaults)", section.get("stock_lora")))
+            h.say(phase_row(f"{label}, {name}", sampling[name]))
+    h.say(phase_row("ComfyUI TrainLoraNode (its defaults)", section.get("stock_lora")))
     for name, entry in section.get("targets", {}).items():
         if entry["value"] is None:
-            bc.say(f"  {name:40s}       n/a    (target <= {entry['target']}: not measured here)")
+            h.say(f"  {name:40s}       n/a    (target <= {entry['target']}: not measured here)")
             continue
         verdict = "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
-        bc.say(f"  {name:40s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
-
-
-def device_name(device: str) -> str:
-    import torch
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+        h.say(f"  {name:40s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     opts = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = {k: v for k, v in vars(opts).items() if k != "json"}
-    bc.say(f"[gpu_check] settings: {json.dumps(settings)}")
+    h.say(f"[gpu_check] settings: {json.dumps(settings)}")
     report = Report(opts.json, {"settings": settings, "families": {}}, opts.deadline)
     family_plans = plans(opts)
     for plan in family_plans:
         check_family(plan, opts, report)
     import torch
-    header = {"device": device_name(opts.device), "comfyui": bc.comfy_version(""), "torch": torch.__version__,
-              "dynamic_vram": bc.dynamic_vram_state()}
+    header = {"device": h.device_name(opts.device), "comfyui": bc.comfy_version(""), "torch": torch.__version__,
+              "dynamic_vram": bc.dynamic_vram_state(),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
     report.data = {**header, **report.data}
     report.save()
-    bc.say("")
-    bc.say("=" * 100)
-    bc.say(f"GPU CHECK  {header['device']}  ComfyUI {header['comfyui']}  torch {header['torch']}  "
+    h.say("")
+    h.say("=" * 100)
+    h.say(f"GPU CHECK  {header['device']}  ComfyUI {header['comfyui']}  torch {header['torch']}  "
            f"dynamic VRAM {header['dynamic_vram']}")
     for plan in family_plans:
         report_family(plan, report.data["families"][plan.family], opts.batch)
-    bc.say("=" * 100)
-    bc.say(f"wrote {opts.json}")
+    h.say("=" * 100)
+    h.say(f"wrote {opts.json}")
     return report.data
 
 

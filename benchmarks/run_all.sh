@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark on every tested host (.ci/comfyui-hosts), one after the other, at settings small enough
-# for the 2-core development VM (about 27 minutes a host); logs in bench_out/<version>/<script>.log and
-# each script's summary block in bench_out/summary.txt. Run it on an otherwise idle machine: the ratios
+# for the 2-core development VM (about 27 minutes a host); logs in bench_out/<version>/<script>.log, each
+# script's record in bench_out/<version>/<script>.json (docs/figures/README.md) and its summary block in
+# bench_out/summary.txt. Run it on an otherwise idle machine: the ratios
 # are measured within one run, but two benchmarks at once would share the cores.
 #
 #   bash benchmarks/run_all.sh                 # every host, every script

@@ -1,0 +1,443 @@
+"""The one timing harness of the benchmarks and gpu_check.py: clocks, peak memory, warm-up and interleaved
+repeats with medians, and the record every benchmark prints as its summary and writes as JSON.
+
+Every measurement goes through `Measure` (wall and CPU seconds, peak memory of a block of work) or a
+`StepClock` (per-step times ticked by the optimizer or the sampler's progress bar); `interleaved` runs
+configs once untimed and then in a rotating order; `Record` holds the host, the settings, the date and each
+ratio against its target (docs/figures/README.md describes the JSON; tools/render_figures.py renders it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+log = logging.getLogger("perres.bench")
+GIB = 1024 ** 3
+SCHEMA = "perres-benchmark/1"
+
+
+def say(text: str = "") -> None:
+    """One line of a benchmark's output on stdout (the summary blocks are what run_all.sh collects)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its docstring as help, --device, --threads and --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="where to write the record (default bench_out/<ComfyUI version>/<script>[-<family>].json)")
+    return p
+
+
+def cuda_active() -> bool:
+    """True once this process uses a CUDA device (the benchmarks never initialise CUDA on the CPU)."""
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def sync() -> None:
+    import torch
+    if cuda_active():
+        torch.cuda.synchronize()
+
+
+def cpu_time() -> float:
+    """CPU seconds: of this thread when torch runs single-threaded (every CPU op runs there), else of the process.
+
+    Reported beside wall time because other processes competing for the cores disturb it far less."""
+    import torch
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+
+def rss_bytes() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"median {median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f}, n={len(values)})"
+
+
+def gib(num_bytes: Optional[float]) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / GIB:.2f} GiB"
+
+
+def process_peak_rss() -> str:
+    """ru_maxrss of the whole process (kB on Linux)."""
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GiB"
+
+
+def load_note() -> str:
+    """The 1-minute load average against the core count, to flag a busy machine in the output."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "load average unknown"
+    cores = os.cpu_count() or 1
+    busy = " (BUSY: other processes compete for the cores; trust the CPU-time ratios more)" \
+        if load > cores + 0.5 else ""
+    return f"load average {load:.2f} on {cores} cores{busy}"
+
+
+class Measure:
+    """Wall and CPU seconds and peak memory of the block it wraps (`with Measure() as m: ...`).
+
+    Peak memory: on CUDA torch's allocator peak (`cuda_peak`); on the CPU the resident set size sampled every
+    `interval` seconds by a thread (`peak_rss`), left out with memory=False where only time matters.
+    """
+
+    def __init__(self, memory: bool = True, interval: float = 0.02) -> None:
+        self.memory, self.interval = memory, interval
+        self.seconds = self.cpu_seconds = 0.0
+        self.start_rss = self.peak_rss = 0
+        self.cuda_peak: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+
+    def __enter__(self) -> "Measure":
+        import torch
+        if cuda_active():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if self.memory:
+            self.start_rss = self.peak_rss = rss_bytes()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        self.wall_start, self.cpu_start = time.perf_counter(), cpu_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+        sync()
+        self.wall_end, self.cpu_end = time.perf_counter(), cpu_time()
+        self.seconds, self.cpu_seconds = self.wall_end - self.wall_start, self.cpu_end - self.cpu_start
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+        if cuda_active():
+            self.cuda_peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def peak(self) -> int:
+        """CUDA's allocator peak where there is one, else the process's peak resident set."""
+        return self.cuda_peak if self.cuda_peak is not None else self.peak_rss
+
+    def describe(self) -> str:
+        text = f"peak RSS {gib(self.peak_rss)} (+{gib(self.peak_rss - self.start_rss)} in phase)" if self.memory \
+            else ""
+        if self.cuda_peak is not None:
+            text += f"{', ' if text else ''}peak CUDA allocated {gib(self.cuda_peak)}"
+        return text
+
+
+def measured(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of fn(), time only."""
+    with Measure(memory=False) as m:
+        out = fn()
+    return m.seconds, out
+
+
+class StepClock:
+    """Wall-clock and CPU timestamps of events (optimizer or sampler steps); durations are between ticks."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
+
+    def tick(self, *_args, **_kwargs) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(cpu_time())
+
+    def reset(self) -> None:
+        self.stamps.clear()
+        self.cpu_stamps.clear()
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    def cpu_durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
+
+
+@contextlib.contextmanager
+def optimizer_steps(clock: StepClock) -> Iterator[None]:
+    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    handle = register_optimizer_step_post_hook(clock.tick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def progress_steps(clock: StepClock) -> Iterator[None]:
+    """Tick `clock` on every comfy.utils.ProgressBar update (KSampler calls it once per sampling step)."""
+    import comfy.utils
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: clock.tick())
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+
+
+class Segments:
+    """Where a training step's time goes: marks at UNet forward start/end and optimizer step start/end.
+
+    Segment names: 'glue' (optimizer step end -> next UNet forward: batch drawing, noise, host code),
+    'forward', 'loss+backward' (forward end -> optimizer step start), 'optimizer', and 'between UNet
+    calls' when one step runs the UNet more than once. Only whole steps after the first optimizer
+    step are counted, so setup and the warm-up step are excluded.
+    """
+
+    NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
+             ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
+             ("fwd_end", "fwd_start"): "between UNet calls"}
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float]] = []
+
+    def mark(self, label: str) -> None:
+        sync()
+        self.marks.append((label, time.perf_counter(), cpu_time()))
+
+    def reset(self) -> None:
+        self.marks.clear()
+
+    def per_step(self) -> dict[str, tuple[float, float]]:
+        """Segment -> (wall, cpu) seconds per step."""
+        ends = [i for i, (label, _, _) in enumerate(self.marks) if label == "opt_end"]
+        if len(ends) < 2:
+            return {}
+        marks = self.marks[ends[0]:ends[-1] + 1]
+        totals: dict[str, list[float]] = {}
+        for (a, wa, ca), (b, wb, cb) in zip(marks, marks[1:]):
+            name = self.NAMES.get((a, b), f"{a}->{b}")
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += wb - wa
+            acc[1] += cb - ca
+        steps = len(ends) - 1
+        return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
+
+
+@contextlib.contextmanager
+def segment_marks(segments: Segments, unet) -> Iterator[None]:
+    """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    handles = [
+        unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
+        unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
+        register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
+        register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclasses.dataclass
+class Series:
+    """The runs of one config: per-step wall and CPU seconds (from the StepClock), run totals, the untimed
+    warm-up run's Measure and output."""
+    steps: list[float] = dataclasses.field(default_factory=list)
+    cpu_steps: list[float] = dataclasses.field(default_factory=list)
+    totals: list[float] = dataclasses.field(default_factory=list)
+    before: list[float] = dataclasses.field(default_factory=list)
+    warmup: Optional[Measure] = None
+    output: Any = None
+
+    @property
+    def step(self) -> float:
+        return median(self.steps)
+
+    @property
+    def cpu_step(self) -> float:
+        return median(self.cpu_steps)
+
+
+def interleaved(configs: dict[str, Callable[[], Any]], repeats: int, clock: Optional[StepClock] = None,
+                before: Optional[Callable[[str], Any]] = None, after: Optional[Callable[[str, Measure], str]] = None,
+                warmup: bool = True, label: str = "", memory: bool = False) -> dict[str, Series]:
+    """Run each config once untimed (first load, allocator, caches; its peak memory measured), then `repeats`
+    rounds in an order rotated each round, so drifting machine load favours none of them.
+
+    `before(name)` runs outside the timer before every run (loading the config's model; its seconds are kept);
+    the clock is reset before each timed run and its step durations kept; `after(name, measure)` collects what
+    else a benchmark reads from the run and returns text for the run's log line. With `memory` the timed runs
+    sample peak memory too (a thread, which costs a little time).
+    """
+    series = {name: Series() for name in configs}
+    names = list(configs)
+    prefix = f"{label}, " if label else ""
+    if warmup:
+        for name, run in configs.items():
+            if before is not None:
+                before(name)
+            with Measure() as m:
+                series[name].output = run()
+            series[name].warmup = m
+            say(f"[{prefix}warm-up] {name:8s} {m.seconds:.2f} s; {m.describe()}")
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            entry = series[name]
+            if before is not None:
+                entry.before.append(measured(lambda: before(name))[0])
+            if clock is not None:
+                clock.reset()
+            with Measure(memory=memory) as m:
+                output = configs[name]()
+            if entry.output is None:
+                entry.output = output
+            entry.totals.append(m.seconds)
+            note = after(name, m) if after is not None else ""
+            steps = ""
+            if clock is not None:
+                entry.steps += clock.durations()
+                entry.cpu_steps += clock.cpu_durations()
+                steps = (f"; s/step wall {' '.join(f'{d:.3f}' for d in clock.durations())} | cpu "
+                         f"{' '.join(f'{d:.3f}' for d in clock.cpu_durations())}")
+            say(f"[{prefix}round {r + 1}] {name:8s} total {m.seconds:.2f} s{steps}{'  ' + note if note else ''}")
+    return series
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name, or the CPU's model and core count."""
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"CPU{' (' + model + ')' if model else ''}, {os.cpu_count()} cores"
+
+
+def verdict(value: float, target: float, compare: str = "<=") -> str:
+    ok = {"<=": value <= target, "<": value < target, ">=": value >= target}[compare]
+    return "OK" if ok else ("OVER TARGET" if compare.startswith("<") else "UNDER TARGET")
+
+
+class Record:
+    """What one run of a benchmark measured: printed as its summary (between two rules of '=') and written as
+    JSON with the host, the settings, the date and each ratio against its target."""
+
+    def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "") -> None:
+        import torch
+        from bench_common import comfy_version, dynamic_vram_state
+        settings = {k: v for k, v in sorted(vars(opts).items()) if k != "json"}
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA, "benchmark": benchmark, "source": "measured",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "host": {"comfyui": comfy_version(""), "torch": torch.__version__, "device": device_name(device),
+                     "torch_threads": torch.get_num_threads(), "dynamic_vram": dynamic_vram_state(),
+                     "load": load_note()},
+            "settings": json.loads(json.dumps(settings, default=str)), "note": note, "compares": compares,
+            "ratios": {}, "figures": {}}
+        say("")
+        say("=" * 78)
+        host = self.data["host"]
+        say(f"  host: ComfyUI {host['comfyui']}, torch {host['torch']}, {host['device']}, {host['torch_threads']} "
+            f"threads, dynamic VRAM {host['dynamic_vram']}; {host['load']}")
+        say("  settings: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items()))
+        say(f"  compares: {compares}")
+
+    def ratio(self, key: str, value: Optional[float], target: float, label: str, compare: str = "<=",
+              detail: str = "", note: str = "") -> None:
+        """One ratio against its target: printed as `key = value detail (target ...)`, kept for the JSON.
+        `label` names it in the docs' tables; `note` stands in the table where there is no value."""
+        self.data["ratios"][key] = {"label": label, "value": value, "target": target, "compare": compare,
+                                    "detail": detail, "note": note}
+        if value is None:
+            say(f"  {key} = n/a  ({note or 'not measured'})")
+        else:
+            say(f"  {key} = {value:.3f}{' ' + detail if detail else ''}   "
+                f"(target {compare} {target}: {verdict(value, target, compare)})")
+
+    def figure(self, key: str, value: Any) -> None:
+        self.data["figures"][key] = value
+
+    def finish(self, path: Optional[str]) -> None:
+        """Close the summary and write the JSON to `path`."""
+        say("=" * 78)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle, indent=2, default=str)
+                handle.write("\n")
+            say(f"wrote {path}")
+
+
+def default_json(benchmark: str, family: str = "sd15") -> str:
+    """bench_out/<ComfyUI version>/<benchmark>[-<family>].json in the pack (ignored by git; run_all.sh's folder)."""
+    from bench_common import PACK_DIR, comfy_version
+    name = benchmark if family == "sd15" else f"{benchmark}-{family}"
+    return os.path.join(PACK_DIR, "bench_out", comfy_version(""), f"{name}.json")
+
+
+class TrainingPeak(Measure):
+    """Peak memory of the training steps alone, above what was in use when `unet` first ran.
+
+    The baseline is taken at the first forward of the phase, so the loaded model, the latents and everything
+    before (the VAE encoding a training node does first) are excluded: what remains is the memory the steps
+    themselves add (activations kept for backward, gradients, optimizer state). On CUDA it is torch's allocator
+    peak; on the CPU the resident set size, sampled every 5 ms.
+    """
+
+    def __init__(self, unet) -> None:
+        super().__init__(interval=0.005)
+        self.unet, self.baseline, self._handle = unet, None, None
+
+    def _on_first_forward(self, *_args) -> None:
+        import torch
+        if self.baseline is not None:
+            return
+        if cuda_active():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            self.baseline = self.peak_rss = rss_bytes()
+
+    def __enter__(self) -> "TrainingPeak":
+        self._handle = self.unet.register_forward_pre_hook(self._on_first_forward)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        super().__exit__(*exc)
+
+    @property
+    def extra_bytes(self) -> int:
+        return 0 if self.baseline is None else max(0, self.peak - self.baseline)
