@@ -36,7 +36,7 @@ TEXT_LAYERS = ("transformer_blocks.0.attn2.to_k", "transformer_blocks.0.attn2.to
 BEFORE_LAYERS = ("proj_in", "transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k",
                  "transformer_blocks.0.attn1.to_v")
 FAMILIES = {"sd15": "SD1", "sdxl": "SDXL", "anima": "ANIMA", "krea2": "KREA2"}
-FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL bf16", "anima": "Anima bf16", "krea2": "Krea 2 fp8"}
+FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL bf16", "anima": "Anima bf16", "krea2": "Krea 2 (its 2 test blocks) fp8"}
 TARGET = 1.10
 
 

@@ -130,7 +130,8 @@ def ratio_table(table: Table, found: list[dict]) -> list[str]:
         notes = {column.split(" (")[0]: by[benchmark]["note"] for column, by in columns.items() if benchmark in by}
         settings = next(iter(notes.values()))
         if table.column is family_column and len(set(notes.values())) > 1:
-            settings = ", ".join(f"{column} {note}" for column, note in notes.items())
+            settings = ", ".join(note if note.startswith(column) else f"{column} {note}"
+                                 for column, note in notes.items())
         for index, (key, ratio) in enumerate(ratios.items()):
             label = f"{ratio['label']} (`{benchmark}`, {settings})" if index == 0 else f"{ratio['label']} (same run)"
             cells = [cell(by[benchmark]["ratios"].get(key) if benchmark in by else None) for by in columns.values()]
