@@ -112,7 +112,8 @@ class TrainResiduals(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds initialisation, batches, timesteps and noise; same seed, same result."),
                 io.Combo.Input("init", options=["random", "zero"], default="random",
-                               tooltip="random: both factors N(0, 0.01²) as in the paper. zero: ΔW starts at exactly 0."),
+                               tooltip="random: both factors N(0, 0.01²) as in the paper. zero: ΔW starts at exactly "
+                                       "0."),
                 io.Boolean.Input("gradient_checkpointing", default=CHECKPOINTING_DEFAULT, optional=True,
                                  tooltip=CHECKPOINTING_TOOLTIP),
                 io.Mask.Input("masks", optional=True,

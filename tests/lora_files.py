@@ -139,15 +139,18 @@ def build_lora(model, fmt: str, seed: int = 0, rank: int = 4, scale: float = 0.3
                             f"{name}.alpha": torch.tensor(float(rank))})
             if fmt == "dora":
                 norm = weight.reshape(out_f, -1).norm(dim=1, keepdim=True)
-                tensors[f"{name}.dora_scale"] = (norm * (1 + 0.1 * randn(out_f, 1))).reshape(out_f, *(1,) * (weight.dim() - 1))
+                scale_shape = (out_f, *(1,) * (weight.dim() - 1))
+                tensors[f"{name}.dora_scale"] = (norm * (1 + 0.1 * randn(out_f, 1))).reshape(scale_shape)
         elif fmt == "peft":
             tensors.update({f"{name}.lora_A.weight": randn(rank, in_f, *kernel) / in_f ** 0.5,
                             f"{name}.lora_B.weight": randn(out_f, rank, *(1,) * len(kernel)) * size})
         elif fmt == "loha":
             flat = in_f * (kernel[0] * kernel[1] if kernel else 1)
             factor = (size / rank ** 0.5) ** 0.5
-            tensors.update({f"{name}.hada_w1_a": randn(out_f, rank) * factor, f"{name}.hada_w1_b": randn(rank, flat) * factor,
-                            f"{name}.hada_w2_a": randn(out_f, rank), f"{name}.hada_w2_b": randn(rank, flat) / rank ** 0.5,
+            tensors.update({f"{name}.hada_w1_a": randn(out_f, rank) * factor,
+                            f"{name}.hada_w1_b": randn(rank, flat) * factor,
+                            f"{name}.hada_w2_a": randn(out_f, rank),
+                            f"{name}.hada_w2_b": randn(rank, flat) / rank ** 0.5,
                             f"{name}.alpha": torch.tensor(float(rank))})
         elif fmt == "lokr":
             flat = in_f * (kernel[0] * kernel[1] if kernel else 1)
@@ -184,6 +187,6 @@ def placeholder_lora(path: str) -> str:
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     from safetensors.torch import save_file
-    save_file({f"{name}.lora_up.weight": torch.zeros(320, 1, 1, 1), f"{name}.lora_down.weight": torch.zeros(1, 320, 1, 1),
-               f"{name}.alpha": torch.tensor(1.0)}, path)
+    save_file({f"{name}.lora_up.weight": torch.zeros(320, 1, 1, 1),
+               f"{name}.lora_down.weight": torch.zeros(1, 320, 1, 1), f"{name}.alpha": torch.tensor(1.0)}, path)
     return path
