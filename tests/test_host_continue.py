@@ -36,10 +36,10 @@ def test_continuation_starts_from_the_given_residual_and_leaves_it_and_its_file_
     calls = []
     real = host.train_residuals
 
-    def spy(eps_fn, latents, contexts, alphas, parameters, settings, *args, **kwargs):
+    def spy(predict, buckets, schedule, parameters, settings, *args, **kwargs):
         parameters = list(parameters)
         calls.append(([p.detach().cpu().clone() for p in parameters], settings))
-        return real(eps_fn, latents, contexts, alphas, parameters, settings, *args, **kwargs)
+        return real(predict, buckets, schedule, parameters, settings, *args, **kwargs)
 
     monkeypatch.setattr(host, "train_residuals", spy)
     _, continued, _ = train(sd15, concept_images, **{**FIRST, "steps": 2}, initial_residuals=loaded)
