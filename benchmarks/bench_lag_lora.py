@@ -1,24 +1,12 @@
-"""LAG for any LoRA: the sampling cost next to the merged LoRA, and the experiment behind its mask policies.
-
-One run on the tests' random checkpoint of --family (SD1.5 fp32; SDXL and the DiTs in bf16 on the CPU), stock
-KSampler, the same seed and conditioning for every config; LoRA files from tests/lora_files.py (kohya names).
---part speed   a rank-32 LoRA on every attention and feed-forward (MLP) layer of every block, merged by
-               LoraLoaderModelOnly vs PerRes LAG LoRA + PerRes LAG Sampling (median masks); per-step medians of
-               interleaved repeats and each config's peak memory. Targets: lag/merged <= 1.10 in time and memory.
---part policy  the mask-policy choices of perres_core/lag_layers.py: "text" (UNets; a LoRA on attn2.to_k/to_v:
-               the merged change kept inside the finest mask, leaked outside it), "before" (how often the mask a
-               layer before the text attention gets equals the block's own: the previous step's, another
-               block's, this call's estimate, a running mean of earlier blocks; UNets and Anima, whose
-               self-attention runs before its cross-attention) and "depth" (SDXL: one mask per transformer
-               against each block's own). Random weights' masks are not real ones: rerun the
-               policy part with real weights before trusting it. benchmarks/README.md has the details.
+"""LAG for any LoRA: the sampling cost next to the merged LoRA (--part speed, target lag/merged <= 1.10 in time and
+memory), and the experiment behind its mask policies (--part policy: text, before, depth). benchmarks/README.md,
+"bench_lag_lora.py".
 
 Run from the pack root:  python benchmarks/bench_lag_lora.py [--family sd15|sdxl|anima|krea2] [--part speed|policy|all]
                          [--resolution 512]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -60,8 +48,8 @@ def all_blocks(layers, family) -> list[str]:
 def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
     """A random kohya LoRA on `layers`, written to models/loras; returns its name."""
     import folder_paths
-    loras = folder_paths.get_folder_paths("loras")[0]
-    return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
+    return write_lora(folder_paths.get_folder_paths("loras")[0], name,
+                      build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
 
 
 def dit_layers(model, family, layers_by_model: dict[str, tuple[str, ...]]) -> list[str]:
@@ -89,12 +77,10 @@ def merged_lora_model(model, name: str):
 def lag_lora_model(model, clip, name: str):
     """(model, positive) of PerRes LAG LoRA + PerRes LAG Sampling with median masks."""
     concepts = bc.run_node("PerResLAGLoRA", lora_name=name, trigger_words=TRIGGER, strength=1.0)[0]
-    return bc.run_node("PerResLAGSampling", model=model, clip=clip, extra_concepts=concepts, prompt=PROMPT,
-                       concept_words="", strength=1.0, threshold="median", quantile=0.5, start_percent=0.0,
-                       end_percent=1.0, outside_window="full residual")[:2]
+    return bc.lag_sampling(model, clip, PROMPT, extra_concepts=concepts)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args():
     p = h.arguments(__doc__)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
@@ -112,15 +98,15 @@ def parse_args() -> argparse.Namespace:
 
 
 class Setup:
+    """The loaded model of --family, its conditioning, and its LoRAs merged or through LAG LoRA."""
+
     def __init__(self, opts) -> None:
         self.opts = opts
         precision = "bf16" if opts.family != "sd15" and opts.device == "cpu" else "fp32"
         self.model, self.clip, _ = bc.load_model(opts.family, opts.device, opts.threads, precision)
         self.family = family_of(opts.family)   # (the pack's modules load with the host)
         self.latent = "EmptySD3LatentImage" if self.family.is_dit else "EmptyLatentImage"
-        self.sampling = ("euler", "simple") if self.family.is_dit else ("euler", "normal")
-        self.positive = bc.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
-        self.negative = bc.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
+        self.positive, self.negative = bc.encode(self.clip, PROMPT), bc.encode(self.clip, "")
 
     def lora(self, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
         return write_lora_of(self.model, name, layers, rank, scale)
@@ -131,11 +117,10 @@ class Setup:
     def lag(self, name: str):
         return lag_lora_model(self.model, self.clip, name)[0]
 
-    def sample(self, patcher, resolution: int, steps: int, callback=None):
+    def sample(self, patcher, resolution: int, steps: int):
         latent = bc.run_node(self.latent, width=resolution, height=resolution, batch_size=1)[0]
-        return bc.run_node("KSampler", model=patcher, seed=self.opts.seed, steps=steps, cfg=7.0,
-                           sampler_name=self.sampling[0], scheduler=self.sampling[1], positive=self.positive,
-                           negative=self.negative, latent_image=latent, denoise=1.0)[0]["samples"]
+        return bc.ksample(patcher, self.positive, self.negative, latent, steps, 7.0, self.opts.seed,
+                          scheduler="simple" if self.family.is_dit else "normal")
 
 
 def speed(setup: Setup) -> dict[str, h.Series]:
@@ -156,11 +141,9 @@ def speed(setup: Setup) -> dict[str, h.Series]:
 
 
 def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
-    say = h.say
     merged, lag = runs["merged"], runs["lag"]
     for key, series in runs.items():
-        say(f"  {key:6s} s/step wall: {h.spread(series.steps)}")
-        say(f"         s/step cpu:  {h.spread(series.cpu_steps)}")
+        series.describe(key)
     record.ratio("lag/merged", lag.step / merged.step, TARGET, "LAG LoRA / merged LoRA",
                  detail=f"({lag.step:.2f} vs {merged.step:.2f} s/step; {lag.cpu_step / merged.cpu_step:.3f} cpu)")
     # peak memory: CUDA's allocator peak per config; on the CPU the process's peak RSS of each config's first
@@ -168,8 +151,8 @@ def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
     record.ratio("peak memory lag/merged", lag.warmup.peak / merged.warmup.peak, TARGET,
                  "LAG LoRA / merged LoRA, peak memory",
                  detail=f"({h.gib(lag.warmup.peak)[:-4]} vs {h.gib(merged.warmup.peak)})")
-    record.figure("seconds_per_step", {"merged": merged.step, "lag": lag.step})
-    record.figure("cpu_seconds_per_step", {"merged": merged.cpu_step, "lag": lag.cpu_step})
+    record.figures(seconds_per_step={"merged": merged.step, "lag": lag.step},
+                   cpu_seconds_per_step={"merged": merged.cpu_step, "lag": lag.cpu_step})
 
 
 def text_policy(setup: Setup) -> None:
@@ -333,13 +316,13 @@ def main() -> None:
             if not setup.family.is_dit:
                 depth_policy(setup)
     runs = speed(setup) if opts.part in ("speed", "all") else {}
-    record = h.Record(f"bench_lag_lora{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+    record = h.Record("bench_lag_lora", opts,
                       "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through PerRes LAG "
                       "LoRA; and the mask policies' experiment", opts.device,
-                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px")
+                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px", family=opts.family)
     if runs:
         report_speed(runs, record)
-    record.finish(opts.json or h.default_json("bench_lag_lora", opts.family))
+    record.finish(opts.json)
 
 
 if __name__ == "__main__":

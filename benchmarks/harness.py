@@ -1,11 +1,5 @@
-"""The one timing harness of the benchmarks and gpu_check.py: clocks, peak memory, warm-up and interleaved
-repeats with medians, and the record every benchmark prints as its summary and writes as JSON.
-
-Every measurement goes through `Measure` (wall and CPU seconds, peak memory of a block of work) or a
-`StepClock` (per-step times ticked by the optimizer or the sampler's progress bar); `interleaved` runs
-configs once untimed and then in a rotating order; `Record` holds the host, the settings, the date and each
-ratio against its target (docs/figures/README.md describes the JSON; tools/render_figures.py renders it).
-"""
+"""The one timing harness of the benchmarks and gpu_check.py (benchmarks/README.md, "One harness, one record per
+run"): clocks, peak memory, interleaved repeats with medians, and the Record every benchmark prints and writes."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +27,37 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def arguments(doc: str) -> argparse.ArgumentParser:
+def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None,
+              threads: bool = True) -> argparse.ArgumentParser:
     """The command line every benchmark starts from: its docstring as help, --device, --threads and --json."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
-    p.add_argument("--json", metavar="FILE", default=None,
+    p.add_argument("--device", default=device, choices=["cpu", "cuda"])
+    if threads:
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
+    p.add_argument("--json", metavar="FILE", default=json_default,
                    help="where to write the record (default bench_out/<ComfyUI version>/<script>[-<family>].json)")
     return p
+
+
+def choices(p: argparse.ArgumentParser, flag: str, text: str, allowed: set[str]) -> list[str]:
+    """A comma-separated option's items, each one of `allowed` (p.error otherwise)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or set(names) - allowed:
+        p.error(f"{flag} takes {', '.join(sorted(allowed))} (comma-separated); got {text!r}")
+    return names
+
+
+def profiled(run: Callable[[], Any], path: str, sort: str) -> None:
+    """One extra run under cProfile: stats written to `path`, the top 25 by `sort` printed (--profile)."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    profiler.dump_stats(path)
+    pstats.Stats(profiler).sort_stats(sort).print_stats(25)
 
 
 def cuda_active() -> bool:
@@ -57,9 +73,8 @@ def sync() -> None:
 
 
 def cpu_time() -> float:
-    """CPU seconds: of this thread when torch runs single-threaded (every CPU op runs there), else of the process.
-
-    Reported beside wall time because other processes competing for the cores disturb it far less."""
+    """CPU seconds of this thread when torch runs single-threaded (every op runs there), else of the process:
+    other processes competing for the cores disturb it far less than wall time."""
     import torch
     return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
@@ -101,11 +116,8 @@ def load_note() -> str:
 
 
 class Measure:
-    """Wall and CPU seconds and peak memory of the block it wraps (`with Measure() as m: ...`).
-
-    Peak memory: on CUDA torch's allocator peak (`cuda_peak`); on the CPU the resident set size sampled every
-    `interval` seconds by a thread (`peak_rss`), left out with memory=False where only time matters.
-    """
+    """Wall and CPU seconds and peak memory (CUDA's allocator peak, else the resident set sampled every
+    `interval` seconds by a thread; memory=False leaves that out) of the block it wraps."""
 
     def __init__(self, memory: bool = True, interval: float = 0.02) -> None:
         self.memory, self.interval = memory, interval
@@ -210,13 +222,8 @@ def progress_steps(clock: StepClock) -> Iterator[None]:
 
 
 class Segments:
-    """Where a training step's time goes: marks at UNet forward start/end and optimizer step start/end.
-
-    Segment names: 'glue' (optimizer step end -> next UNet forward: batch drawing, noise, host code),
-    'forward', 'loss+backward' (forward end -> optimizer step start), 'optimizer', and 'between UNet
-    calls' when one step runs the UNet more than once. Only whole steps after the first optimizer
-    step are counted, so setup and the warm-up step are excluded.
-    """
+    """Where a training step's time goes, from marks at UNet forward start/end and optimizer step start/end
+    (benchmarks/README.md, bench_training.py); only whole steps after the first optimizer step count."""
 
     NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
              ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
@@ -267,8 +274,7 @@ def segment_marks(segments: Segments, unet) -> Iterator[None]:
 
 @dataclasses.dataclass
 class Series:
-    """The runs of one config: per-step wall and CPU seconds (from the StepClock), run totals, the untimed
-    warm-up run's Measure and output."""
+    """The runs of one config: per-step wall and CPU seconds, run totals, the untimed warm-up's Measure, output."""
     steps: list[float] = dataclasses.field(default_factory=list)
     cpu_steps: list[float] = dataclasses.field(default_factory=list)
     totals: list[float] = dataclasses.field(default_factory=list)
@@ -284,18 +290,22 @@ class Series:
     def cpu_step(self) -> float:
         return median(self.cpu_steps)
 
+    def describe(self, name: str, width: int = 6) -> None:
+        """Print the per-step spreads (wall, cpu) and, where kept, the run totals and the untimed loads."""
+        pad = " " * (width + 3)
+        say(f"  {name:{width}s} s/step wall: {spread(self.steps)}")
+        say(f"{pad}s/step cpu:  {spread(self.cpu_steps)}")
+        if self.before:
+            say(f"{pad}run total:   {spread(self.totals)}")
+            say(f"{pad}load/switch before the run (untimed above): {spread(self.before)}")
+
 
 def interleaved(configs: dict[str, Callable[[], Any]], repeats: int, clock: Optional[StepClock] = None,
                 before: Optional[Callable[[str], Any]] = None, after: Optional[Callable[[str, Measure], str]] = None,
                 warmup: bool = True, label: str = "", memory: bool = False) -> dict[str, Series]:
-    """Run each config once untimed (first load, allocator, caches; its peak memory measured), then `repeats`
-    rounds in an order rotated each round, so drifting machine load favours none of them.
-
-    `before(name)` runs outside the timer before every run (loading the config's model; its seconds are kept);
-    the clock is reset before each timed run and its step durations kept; `after(name, measure)` collects what
-    else a benchmark reads from the run and returns text for the run's log line. With `memory` the timed runs
-    sample peak memory too (a thread, which costs a little time).
-    """
+    """Each config once untimed (its peak memory measured), then `repeats` rounds in an order rotated each round,
+    so drifting load favours none. `before(name)` runs untimed before every run (its seconds kept); `after(name,
+    measure)` collects what else a run gives and returns text for its log line; `memory` samples timed runs too."""
     series = {name: Series() for name in configs}
     names = list(configs)
     prefix = f"{label}, " if label else ""
@@ -350,11 +360,14 @@ def verdict(value: float, target: float, compare: str = "<=") -> str:
 
 class Record:
     """What one run of a benchmark measured: printed as its summary (between two rules of '=') and written as
-    JSON with the host, the settings, the date and each ratio against its target."""
+    JSON (docs/figures/README.md); a family other than sd15 is named in the benchmark, `-<family>`."""
 
-    def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "") -> None:
+    def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "",
+                 family: str = "sd15") -> None:
         import torch
         from bench_common import comfy_version, dynamic_vram_state
+        self.default_path = default_json(benchmark, family)
+        benchmark = benchmark if family == "sd15" else f"{benchmark}-{family}"
         settings = {k: v for k, v in sorted(vars(opts).items()) if k != "json"}
         self.data: dict[str, Any] = {
             "schema": SCHEMA, "benchmark": benchmark, "source": "measured",
@@ -387,9 +400,13 @@ class Record:
     def figure(self, key: str, value: Any) -> None:
         self.data["figures"][key] = value
 
-    def finish(self, path: Optional[str]) -> None:
-        """Close the summary and write the JSON to `path`."""
+    def figures(self, **figures: Any) -> None:
+        self.data["figures"].update(figures)
+
+    def finish(self, path: Optional[str] = None) -> None:
+        """Close the summary and write the JSON to `path` (default bench_out/...)."""
         say("=" * 78)
+        path = path or self.default_path
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as handle:
@@ -406,13 +423,9 @@ def default_json(benchmark: str, family: str = "sd15") -> str:
 
 
 class TrainingPeak(Measure):
-    """Peak memory of the training steps alone, above what was in use when `unet` first ran.
-
-    The baseline is taken at the first forward of the phase, so the loaded model, the latents and everything
-    before (the VAE encoding a training node does first) are excluded: what remains is the memory the steps
-    themselves add (activations kept for backward, gradients, optimizer state). On CUDA it is torch's allocator
-    peak; on the CPU the resident set size, sampled every 5 ms.
-    """
+    """Peak memory of the training steps alone (activations, gradients, optimizer state): above what was in
+    use when `unet` first ran, so the loaded model, latents and a node's VAE encoding are left out. CUDA's
+    allocator peak, else the resident set sampled every 5 ms."""
 
     def __init__(self, unet) -> None:
         super().__init__(interval=0.005)
