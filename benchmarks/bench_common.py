@@ -129,31 +129,23 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default",
-              dynamic_vram: str = "off"):
-    """Start the host, set torch's threads and load the cached random SD1.5 checkpoint: (model, clip, vae)."""
-    from sd15_checkpoint import link_sd15_checkpoint
-
-    workdir = start(device, precision, attention, dynamic_vram)
-    set_threads(threads)
-    link_sd15_checkpoint(workdir, CHECKPOINT_NAME)  # built once and cached, shared with the tests
-    return run_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
-
-
 # The random diffusion transformers (tests/dit_models.py) by benchmark family name, with the weight_dtype Load
 # Diffusion Model gets: Anima as released (bf16 with --precision bf16), Krea 2 in fp8 as users fit it.
 DIT_FAMILIES = {"anima": ("Anima", "default"), "krea2": ("Krea2", "fp8_e4m3fn")}
 FAMILY_CHOICES = ("sd15", "sdxl", *DIT_FAMILIES)
 
 
-def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default",
+def load_model(family: str, device: str, threads: int, precision: str = "fp32", attention: str = "default",
                dynamic_vram: str = "off", krea2_blocks: int = 2):
-    """(model, clip, vae) of the tests' random model of `family` ("sd15", "sdxl", "anima" or "krea2"; the DiTs
-    through Load Diffusion Model, Load CLIP and Load VAE)."""
-    if family == "sd15":
-        return load_sd15(device, threads, precision, attention, dynamic_vram)
+    """Start the host, set torch's threads and load the tests' random model of `family` (cached, built once):
+    (model, clip, vae); the DiTs through Load Diffusion Model, Load CLIP and Load VAE."""
     workdir = start(device, precision, attention, dynamic_vram)
     set_threads(threads)
+    if family == "sd15":
+        from sd15_checkpoint import link_sd15_checkpoint
+
+        link_sd15_checkpoint(workdir, CHECKPOINT_NAME)  # shared with the tests
+        return run_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
     if family in DIT_FAMILIES:
         from dit_models import DIT_TEST_MODELS, krea2_with_blocks, stock_loaded
 

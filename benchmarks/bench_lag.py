@@ -67,17 +67,9 @@ def wrapper_setup_cost(unet, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    p = h.arguments(__doc__)
-    p.add_argument("--resolution", type=int, default=128, help="image side in px (latent = /8); default 128")
-    p.add_argument("--batch", type=int, default=1, help="latent batch size; default 1")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps per run; default 4")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per config, interleaved; default 5")
-    p.add_argument("--cfg", type=float, default=7.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--profile", metavar="FILE", default=None,
-                   help="also run one extra LAG sampling under cProfile and write the stats to FILE")
-    opts = p.parse_args()
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
+    opts = h.arguments(__doc__, profile=True, resolution=128, batch=1, steps=4, repeats=5, cfg=7.0,
+                       seed=42).parse_args()
+    model, clip, vae = bc.load_model("sd15", opts.device, opts.threads)
     import comfy.model_management as mm
     say = h.say
 

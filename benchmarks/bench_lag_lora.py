@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -59,15 +60,11 @@ def dit_layers(model, family, layers_by_model: dict[str, tuple[str, ...]]) -> li
             for layer in layers_by_model[type(model.model.model_config).__name__]]
 
 
-def speed_layers(model, family) -> list[str]:
-    """Every attention and feed-forward (MLP) layer of every block of the loaded model."""
-    return dit_layers(model, family, DIT_BLOCK_LAYERS) if family.is_dit else all_blocks(ATTENTION_AND_FF, family)
-
-
-def attention_ff_lora(model, family, rank: int = 32) -> str:
-    """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of every block."""
-    return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors",
-                         speed_layers(model, family), rank)
+def attention_ff_lora(model, family, rank: int = 32) -> tuple[str, int]:
+    """The speed benchmark's LoRA, rank `rank` on every attention and feed-forward (MLP) layer of every block:
+    its name and its layer count."""
+    layers = dit_layers(model, family, DIT_BLOCK_LAYERS) if family.is_dit else all_blocks(ATTENTION_AND_FF, family)
+    return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors", layers, rank), len(layers)
 
 
 def merged_lora_model(model, name: str):
@@ -81,19 +78,14 @@ def lag_lora_model(model, clip, name: str):
 
 
 def parse_args():
-    p = h.arguments(__doc__)
+    # --resolution, --steps, --repeats and --rank are the speed part's
+    p = h.arguments(__doc__, resolution=512, steps=3, repeats=2, rank=32, policy_resolution=256, policy_steps=6,
+                    seed=42)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed, and the before "
                         "policy; Krea 2 with its 2 test blocks, fp8 weights), bf16 compute on the CPU")
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
-    p.add_argument("--resolution", type=int, default=512, help="speed part: image side in px; default 512")
-    p.add_argument("--steps", type=int, default=3, help="speed part: sampling steps per run; default 3")
-    p.add_argument("--repeats", type=int, default=2, help="speed part: timed runs per config; default 2")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--policy-resolution", type=int, default=256)
-    p.add_argument("--policy-steps", type=int, default=6)
-    p.add_argument("--seed", type=int, default=42)
     return p.parse_args()
 
 
@@ -108,13 +100,10 @@ class Setup:
         self.latent = "EmptySD3LatentImage" if self.family.is_dit else "EmptyLatentImage"
         self.positive, self.negative = bc.encode(self.clip, PROMPT), bc.encode(self.clip, "")
 
-    def lora(self, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
-        return write_lora_of(self.model, name, layers, rank, scale)
-
-    def merged(self, name: str):
-        return merged_lora_model(self.model, name)
-
-    def lag(self, name: str):
+    def lag(self, name: str, layers: Optional[list[str]] = None, scale: float = 0.3):
+        """The LAG LoRA model of the LoRA `name`; with `layers`, a rank-8 LoRA on them is written first."""
+        if layers is not None:
+            write_lora_of(self.model, name, layers, 8, scale)
         return lag_lora_model(self.model, self.clip, name)[0]
 
     def sample(self, patcher, resolution: int, steps: int):
@@ -127,9 +116,9 @@ def speed(setup: Setup) -> dict[str, h.Series]:
     import comfy.model_management as mm
 
     opts, say = setup.opts, h.say
-    name = attention_ff_lora(setup.model, setup.family, opts.rank)
-    configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
-    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(speed_layers(setup.model, setup.family))} "
+    name, layers = attention_ff_lora(setup.model, setup.family, opts.rank)
+    configs = {"merged": merged_lora_model(setup.model, name), "lag": setup.lag(name)}
+    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {layers} "
         f"layers, {opts.resolution}px, {opts.steps} euler steps, CFG 7, {opts.repeats} repeats; {h.load_note()}")
     clock = h.StepClock()
     with h.progress_steps(clock):
@@ -160,11 +149,11 @@ def text_policy(setup: Setup) -> None:
 
     opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora(f"bench_{setup.family.name}_text_only.safetensors", all_blocks(TEXT_LAYERS, setup.family), 8,
-                      scale=0.1)
+    name = f"bench_{setup.family.name}_text_only.safetensors"
+    write_lora_of(setup.model, name, all_blocks(TEXT_LAYERS, setup.family), 8, scale=0.1)
     res = opts.policy_resolution
     base = setup.sample(setup.model, res, 1)
-    merged = setup.sample(setup.merged(name), res, 1)
+    merged = setup.sample(merged_lora_model(setup.model, name), res, 1)
     change = merged - base
     say(f"text policy: LoRA on attn2.to_k/to_v of every block, {res}px, 1 step; |merged - base| mean "
         f"{change.abs().mean():.4g}")
@@ -213,8 +202,7 @@ def before_policy(setup: Setup) -> None:
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \
         all_blocks(BEFORE_LAYERS, setup.family)
-    name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", layers, 8)
-    patcher = setup.lag(name)
+    patcher = setup.lag(f"bench_{setup.family.name}_before_only.safetensors", layers)
     patch = lag_patch.LagPatch.of(patcher)
     patch.before_policy = "estimate"   # an estimate in every call, logged beside the block's own masks
     log = logged_masks(patch)
@@ -257,8 +245,7 @@ def depth_policy(setup: Setup) -> None:
         say(f"depth policy: every {setup.family.name} transformer has one block; nothing to choose")
         return
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family), 8)
-    patcher = setup.lag(name)
+    patcher = setup.lag(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family))
     log = logged_masks(lag_patch.LagPatch.of(patcher))
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
     entries = [entry for entry in log if entry is not None]

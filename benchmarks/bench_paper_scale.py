@@ -22,7 +22,7 @@ TRAINERS = ("bound", "plain", "ckpt")
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
+    p = h.arguments(__doc__, resolution=512, batch=4)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own); anima, "
@@ -32,8 +32,6 @@ def parse_args() -> argparse.Namespace:
                    help="blocks of the random Krea 2 (default the tests' 2; its training memory grows per block)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="UNet weights; default fp32 for sd15, bf16 for sdxl")
-    p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per trainer (plus 1 warm-up); default 2")
     p.add_argument("--attention", default="pytorch", choices=["pytorch", "default"],
                    help="pytorch: torch's fused attention, as ComfyUI runs on NVIDIA GPUs (default); default: "

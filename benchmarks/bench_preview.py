@@ -24,12 +24,9 @@ PREVIEW_METHODS = ("latent2rgb", "auto", "taesd")
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
-    p.add_argument("--resolution", type=int, default=128, help="image side in px (latent = /8); default 128")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (the node's default)")
+    p = h.arguments(__doc__, resolution=128, batch=4, rounds=2)
     p.add_argument("--steps", type=int, default=10,
                    help="steps per node run; the first is warm-up, the rest are timed (default 10)")
-    p.add_argument("--rounds", type=int, default=2, help="timed runs of each preview setting per row; default 2")
     p.add_argument("--preview-every", default="0,10,1",
                    help="preview_every values to compare, comma-separated; the first must be 0 (off); default 0,10,1")
     p.add_argument("--checkpointing", default="on,off",
@@ -187,6 +184,7 @@ def stand_in_server(log: StepLog):
 
         def send_progress_text(self, text, node_id, sid=None):
             node = str(node_id).encode("utf-8")
+            # packed as send_progress_text packs it (its cost), then dropped: nothing listens in-process
             struct.pack(">I", len(node)) + node + (text.encode("utf-8") if isinstance(text, str) else text)
             log.texts += 1
 
@@ -229,10 +227,6 @@ def node_default(name: str):
     raise SystemExit(f"PerResTrainResiduals has no input {name!r}")
 
 
-def row(checkpointing: bool) -> str:
-    return f"checkpointing {'on' if checkpointing else 'off'}"
-
-
 class Collected:
     """What the StepLog of each timed run adds: lists keyed by (checkpointing, preview_every), the training's
     forwards by checkpointing alone."""
@@ -264,7 +258,7 @@ class Collected:
         self.counts[key].append(f"{log.hook_previews}/{monitor}/{expected}")
         self.texts.append(log.texts)
         self.previewers |= log.previewers
-        where = f"{row(checkpointing)}, preview_every {every}, run {len(self.counts[key])}"
+        where = f"{h.row(checkpointing)}, preview_every {every}, run {len(self.counts[key])}"
         if log.hook_previews != expected or monitor != expected:
             self.problems.append(f"{where}: {log.hook_previews} previews reached the progress bar, "
                                  f"monitor.previews {monitor}, expected {expected}")
@@ -284,7 +278,7 @@ class Collected:
 
 def main() -> None:
     opts = parse_args()
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
+    model, clip, vae = bc.load_model("sd15", opts.device, opts.threads)
     say = h.say
     method = set_preview_method(opts.preview_method, opts.preview_size)
     images = bc.make_images(opts.batch, opts.resolution)
@@ -304,7 +298,7 @@ def main() -> None:
         for checkpointing in opts.checkpointing:
             log.reset()
             seconds, _ = h.measured(lambda: run(3, max(opts.preview_every), checkpointing, seed=99))  # warm-up
-            say(f"[{row(checkpointing)}] warm-up run (3 steps, preview_every {max(opts.preview_every)}): "
+            say(f"[{h.row(checkpointing)}] warm-up run (3 steps, preview_every {max(opts.preview_every)}): "
                 f"{seconds:.2f} s, {log.hook_previews} previews")
             rounds = {every: 0 for every in opts.preview_every}
 
@@ -316,7 +310,7 @@ def main() -> None:
                 return timed_run
 
             h.interleaved({f"every {every}": config(every) for every in opts.preview_every}, opts.rounds,
-                          warmup=False, label=row(checkpointing),
+                          warmup=False, label=h.row(checkpointing),
                           after=lambda name, m, c=checkpointing: found.add(log, (c, int(name.split()[1])),
                                                                            opts.steps, m))
 
@@ -331,7 +325,7 @@ def main() -> None:
     for checkpointing in opts.checkpointing:
         off = (checkpointing, 0)
         off_wall = h.median(found.wall[off])
-        say(f"  -- {row(checkpointing)}")
+        say(f"  -- {h.row(checkpointing)}")
         say(f"    preview_every   0 (off): s/step wall {h.spread(found.wall[off])}")
         say(f"                                  cpu  {h.spread(found.cpu[off])}")
         say(f"      step callback without a preview (loss, text line, progress bar): "
@@ -359,13 +353,13 @@ def main() -> None:
             for name, ms in (("spans", from_spans), ("step callback", callback)):
                 share = previews * ms / 1000 / (default_steps * off_wall)
                 proof = "; contention-proof" if "call" in name else ""
-                record.ratio(f"preview share, {row(checkpointing)}, from the {name}", share, TARGET,
-                             f"live preview's share of training time at the node's defaults, {row(checkpointing)}, "
+                record.ratio(f"preview share, {h.row(checkpointing)}, from the {name}", share, TARGET,
+                             f"live preview's share of training time at the node's defaults, {h.row(checkpointing)}, "
                              f"from the {name}", detail=f"= {share * 100:.2f} % ({previews} x {ms:.0f} ms / "
                                                         f"({default_steps} x {off_wall:.3f} s){proof})")
     record.figure("preview_count_problems", found.problems)
     say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
-    record.finish(opts.json or h.default_json("bench_preview"))
+    record.finish(opts.json)
 
 
 if __name__ == "__main__":

@@ -18,21 +18,15 @@ CAPTION = "a photo of a sks dog"
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
+    p = h.arguments(__doc__, profile=True, resolution=64, batch=4, rounds=2, stock_rank=8)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="the tests' random model: sd15 (default, fp32), sdxl, anima or krea2 (bf16)")
-    p.add_argument("--resolution", type=int, default=64, help="image side in px (latent = /8); default 64")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per PerRes/bound run (plus 1 warm-up)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating bound/perres rounds; default 2")
     p.add_argument("--checkpointing", default="off,on",
                    help="gradient checkpointing settings to compare, one row each: off, on or off,on (default)")
     p.add_argument("--stock-steps", type=int, default=3, help="TrainLoraNode steps (first one is warm-up); 0 skips it")
-    p.add_argument("--stock-rank", type=int, default=8)
     p.add_argument("--stock-no-checkpointing", action="store_true",
                    help="TrainLoraNode with gradient_checkpointing=False (its default is True)")
-    p.add_argument("--profile", metavar="FILE", default=None,
-                   help="also profile one extra PerRes node run with cProfile and write the stats to FILE")
     opts = p.parse_args()
     opts.checkpointing = [name == "on" for name in h.choices(p, "--checkpointing", opts.checkpointing, {"on", "off"})]
     return opts
@@ -98,10 +92,6 @@ def precision(opts: argparse.Namespace) -> str:
     return "fp32" if opts.family == "sd15" else "bf16"
 
 
-def row(checkpointing: bool) -> str:
-    return f"checkpointing {'on' if checkpointing else 'off'}"
-
-
 def main() -> None:
     opts = parse_args()
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts))
@@ -154,7 +144,7 @@ def main() -> None:
             segments.reset()
             rows[checkpointing] = h.interleaved({"bound": trainer("bound"), "perres": trainer("perres")},
                                                 opts.rounds, clock=clock, after=collect, warmup=False,
-                                                label=row(checkpointing), memory=True)
+                                                label=h.row(checkpointing), memory=True)
 
         if opts.stock_steps > 0:
             clock.reset()
@@ -186,7 +176,7 @@ def main() -> None:
                       opts.device, note=f"{opts.resolution} px, batch {opts.batch}", family=opts.family)
     for checkpointing, runs in rows.items():
         bound, perres = runs["bound"], runs["perres"]
-        say(f"  -- {row(checkpointing)} (PerRes node and bound alike)")
+        say(f"  -- {h.row(checkpointing)} (PerRes node and bound alike)")
         bound.describe("(b) bound", 10)
         perres.describe("(a) perres", 10)
         say(f"      perres node call total: {h.spread(perres.totals)}")
@@ -204,25 +194,22 @@ def main() -> None:
     target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
     if stock is not None:
         per_step = stock.seconds / opts.stock_steps
-        say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {row(stock_key[1])}, every "
+        say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {h.row(stock_key[1])}, every "
             f"layer trained; {opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} "
             f"UNet samples per step (calc_cond_batch)")
         say(f"      s/step wall: {per_step:.3f} (node total / steps: setup and warm-up step included)")
         say(f"      between optimizer steps wall: {h.spread(stock_steps)}")
         say(f"                              cpu:  {h.spread(stock_cpu)}")
         record.figure("stock_seconds_per_step", per_step)
-        perres = rows.get(stock_key[1], {}).get("perres")
-        if perres is not None:
-            record.ratio(f"perres/stock, {row(stock_key[1])}", perres.step / per_step, target,
-                         f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
-                         detail=f"(stock {per_step:.1f} s/step)")
-            if stock_steps:
-                say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
-                    f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
-    elif stock_failure is not None:
-        record.ratio(f"perres/stock, {row(stock_key[1])}", None, target,
-                     f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
-                     note=f"TrainLoraNode cannot train this model here ({stock_failure})")
+    perres = rows.get(stock_key[1], {}).get("perres")
+    if stock_failure is not None or (stock is not None and perres is not None):
+        record.ratio(f"perres/stock, {h.row(stock_key[1])}", perres.step / per_step if stock else None, target,
+                     f"PerRes step / TrainLoraNode, {h.row(stock_key[1])} both",
+                     detail=f"(stock {per_step:.1f} s/step)" if stock else "",
+                     note="" if stock else f"TrainLoraNode cannot train this model here ({stock_failure})")
+    if stock is not None and perres is not None and stock_steps:
+        say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
+            f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
     say("  where a step goes (median per step over runs, wall / cpu seconds):")
     for key, runs in breakdown.items():
         runs = [b for b in runs if b]
@@ -232,10 +219,11 @@ def main() -> None:
             if values:
                 parts.append(f"{seg} {h.median([v[0] for v in values]):.3f}/{h.median([v[1] for v in values]):.3f}")
         if parts:
-            say(f"    {key[0]:6s} {row(key[1]):17s}: " + ", ".join(parts))
+            say(f"    {key[0]:6s} {h.row(key[1]):17s}: " + ", ".join(parts))
     for key, peak in memory.items():
-        say(f"  memory {key[0]:6s} {row(key[1]):17s}: {peak.describe()}")
-        record.figure(f"peak_rss_growth_bytes_{key[0]}_{row(key[1]).replace(' ', '_')}", peak.peak_rss - peak.start_rss)
+        say(f"  memory {key[0]:6s} {h.row(key[1]):17s}: {peak.describe()}")
+        record.figure(f"peak_rss_growth_bytes_{key[0]}_{h.row(key[1]).replace(' ', '_')}",
+                      peak.peak_rss - peak.start_rss)
     say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
     record.finish(opts.json)
 

@@ -49,11 +49,10 @@ class FamilyPlan:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = h.arguments(__doc__, device="cuda", json_default="gpu_check.json", threads=False)
+    p = h.arguments(__doc__, device="cuda", json_default="gpu_check.json", threads=False, batch=4)
     p.add_argument("--families", default="sd15",
                    help="comma-separated: sd15, sdxl (default sd15), or anima, krea2: the DiTs run in a pass of "
                         "their own (bf16; the host starts once per process with one precision)")
-    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=512, help="SD1.5 side in px")
     p.add_argument("--train-steps", type=int, default=PAPER_STEPS, help="SD1.5 training steps")
     p.add_argument("--sample-steps", type=int, default=50, help="SD1.5 DDIM steps")
@@ -189,7 +188,7 @@ def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
     latent = bc.run_node(plan.latent, width=plan.resolution, height=plan.resolution, batch_size=1)[0]
     configs = {"base": (model, positive), "apply": (applied, positive)}
     if plan.lag:
-        lora = attention_ff_lora(model, family_of(plan.family))
+        lora = attention_ff_lora(model, family_of(plan.family))[0]
         configs.update({"lag": bc.lag_sampling(model, clip, PROMPT, "sks dog", residuals=residuals),
                         "lora_merged": (merged_lora_model(model, lora), positive),
                         "lora_lag": lag_lora_model(model, clip, lora)})

@@ -27,9 +27,14 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None,
-              threads: bool = True) -> argparse.ArgumentParser:
-    """The command line every benchmark starts from: its docstring as help, --device, --threads and --json."""
+NUMBER_HELP = {"resolution": "image side in px (latent = /8)", "batch": "images per step", "repeats":
+               "timed runs per config, interleaved", "rounds": "timed rounds, interleaved", "steps": "steps per run"}
+
+
+def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None, threads: bool = True,
+              profile: bool = False, **numbers: float) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its docstring as help, --device, --threads and --json, with
+    --profile FILE, and a numeric option per keyword (`resolution=128` is --resolution, an int, default 128)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=device, choices=["cpu", "cuda"])
     if threads:
@@ -37,6 +42,12 @@ def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None,
                        help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
     p.add_argument("--json", metavar="FILE", default=json_default,
                    help="where to write the record (default bench_out/<ComfyUI version>/<script>[-<family>].json)")
+    if profile:
+        p.add_argument("--profile", metavar="FILE", default=None,
+                       help="also profile one extra run with cProfile and write the stats to FILE")
+    for name, default in numbers.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{NUMBER_HELP.get(name, name.replace('_', ' '))}; default {default}")
     return p
 
 
@@ -58,6 +69,11 @@ def profiled(run: Callable[[], Any], path: str, sort: str) -> None:
     profiler.disable()
     profiler.dump_stats(path)
     pstats.Stats(profiler).sort_stats(sort).print_stats(25)
+
+
+def row(checkpointing: bool) -> str:
+    """The name of a gradient-checkpointing row of the training benchmarks."""
+    return f"checkpointing {'on' if checkpointing else 'off'}"
 
 
 def cuda_active() -> bool:
@@ -179,34 +195,36 @@ class StepClock:
     """Wall-clock and CPU timestamps of events (optimizer or sampler steps); durations are between ticks."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
-        self.cpu_stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def tick(self, *_args, **_kwargs) -> None:
         sync()
-        self.stamps.append(time.perf_counter())
-        self.cpu_stamps.append(cpu_time())
+        self.stamps.append((time.perf_counter(), cpu_time()))
 
     def reset(self) -> None:
         self.stamps.clear()
-        self.cpu_stamps.clear()
 
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+    def durations(self, cpu: bool = False) -> list[float]:
+        return [b[cpu] - a[cpu] for a, b in zip(self.stamps, self.stamps[1:])]
 
     def cpu_durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
+        return self.durations(cpu=True)
 
 
 @contextlib.contextmanager
-def optimizer_steps(clock: StepClock) -> Iterator[None]:
-    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(clock.tick)
+def removing(*handles) -> Iterator[None]:
+    """Remove the hooks of `handles` (module or optimizer hooks) when the block ends."""
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def optimizer_steps(clock: StepClock) -> contextlib.AbstractContextManager:
+    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    return removing(register_optimizer_step_post_hook(clock.tick))
 
 
 @contextlib.contextmanager
@@ -255,21 +273,13 @@ class Segments:
         return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
 
 
-@contextlib.contextmanager
-def segment_marks(segments: Segments, unet) -> Iterator[None]:
+def segment_marks(segments: Segments, unet) -> contextlib.AbstractContextManager:
     """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    handles = [
-        unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
-        unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
-        register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
-        register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return removing(unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
+                    unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
+                    register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
+                    register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")))
 
 
 @dataclasses.dataclass
