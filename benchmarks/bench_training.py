@@ -98,6 +98,7 @@ def main() -> None:
     say = h.say
     images = bc.make_images(opts.batch, opts.resolution)
     latents = {"samples": bc.image_latents(model, vae, images)}  # one latent per image, as PerRes encodes them
+    positive = bc.encode(clip, CAPTION)
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(model, clip, CAPTION, opts.resolution,
                                                                                  opts.resolution)
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
@@ -152,7 +153,7 @@ def main() -> None:
             try:
                 with h.Measure() as stock:  # its settings; the host's own defaults for the rest
                     bc.run_stock_trainer(bc.stock_trainer_inputs({
-                        "model": model, "latents": latents, "positive": bc.encode(clip, CAPTION),
+                        "model": model, "latents": latents, "positive": positive,
                         "batch_size": opts.batch, "steps": opts.stock_steps, "learning_rate": 5e-4,
                         "rank": opts.stock_rank, "seed": 0, "training_dtype": precision(opts), "lora_dtype": "fp32",
                         "gradient_checkpointing": stock_key[1]}))

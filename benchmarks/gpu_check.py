@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -133,10 +132,7 @@ class Report:
         self.deadline = time.monotonic() + deadline if deadline > 0 else None
 
     def save(self) -> None:
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=2, default=str)
-        os.replace(tmp, self.path)
+        h.write_json(self.path, self.data)
 
     def phase(self, section: dict, name: str, measure: Callable[[], dict]) -> Optional[dict]:
         """Run one measurement into section[name]: its figures, {"error": ...} or {"skipped": ...}."""
@@ -317,10 +313,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     family_plans = plans(opts)
     for plan in family_plans:
         check_family(plan, opts, report)
-    import torch
-    header = {"device": h.device_name(opts.device), "comfyui": bc.comfy_version(""), "torch": torch.__version__,
-              "dynamic_vram": bc.dynamic_vram_state(),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    found = h.host_info(opts.device)
+    header = {**{key: found[key] for key in ("device", "comfyui", "torch", "dynamic_vram")}, "date": h.today()}
     report.data = {**header, **report.data}
     report.save()
     h.say("")

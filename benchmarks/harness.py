@@ -41,7 +41,7 @@ def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None,
         p.add_argument("--threads", type=int, default=0,
                        help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
     p.add_argument("--json", metavar="FILE", default=json_default,
-                   help="where to write the record (default bench_out/<ComfyUI version>/<script>[-<family>].json)")
+                   help=f"where to write the record (default {json_default or 'bench_out/<ComfyUI version>/<script>'})")
     if profile:
         p.add_argument("--profile", metavar="FILE", default=None,
                        help="also profile one extra run with cProfile and write the stats to FILE")
@@ -363,6 +363,18 @@ def device_name(device: str) -> str:
     return f"CPU{' (' + model + ')' if model else ''}, {os.cpu_count()} cores"
 
 
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def host_info(device: str) -> dict[str, Any]:
+    """What a record says of the machine and the host in this process."""
+    import torch
+    from bench_common import comfy_version, dynamic_vram_state
+    return {"comfyui": comfy_version(""), "torch": torch.__version__, "device": device_name(device),
+            "torch_threads": torch.get_num_threads(), "dynamic_vram": dynamic_vram_state(), "load": load_note()}
+
+
 def verdict(value: float, target: float, compare: str = "<=") -> str:
     ok = {"<=": value <= target, "<": value < target, ">=": value >= target}[compare]
     return "OK" if ok else ("OVER TARGET" if compare.startswith("<") else "UNDER TARGET")
@@ -374,17 +386,11 @@ class Record:
 
     def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "",
                  family: str = "sd15") -> None:
-        import torch
-        from bench_common import comfy_version, dynamic_vram_state
         self.default_path = default_json(benchmark, family)
         benchmark = benchmark if family == "sd15" else f"{benchmark}-{family}"
         settings = {k: v for k, v in sorted(vars(opts).items()) if k != "json"}
         self.data: dict[str, Any] = {
-            "schema": SCHEMA, "benchmark": benchmark, "source": "measured",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "host": {"comfyui": comfy_version(""), "torch": torch.__version__, "device": device_name(device),
-                     "torch_threads": torch.get_num_threads(), "dynamic_vram": dynamic_vram_state(),
-                     "load": load_note()},
+            "schema": SCHEMA, "benchmark": benchmark, "source": "measured", "date": today(), "host": host_info(device),
             "settings": json.loads(json.dumps(settings, default=str)), "note": note, "compares": compares,
             "ratios": {}, "figures": {}}
         say("")
@@ -417,12 +423,17 @@ class Record:
         """Close the summary and write the JSON to `path` (default bench_out/...)."""
         say("=" * 78)
         path = path or self.default_path
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(self.data, handle, indent=2, default=str)
-                handle.write("\n")
-            say(f"wrote {path}")
+        write_json(path, self.data)
+        say(f"wrote {path}")
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write `data` to `path` whole or not at all (a run cut short leaves the previous file), folders made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def default_json(benchmark: str, family: str = "sd15") -> str:
