@@ -30,16 +30,12 @@ def start(device: str, precision: str = "fp32", attention: str = "default", dyna
     if root not in sys.path:
         sys.path.insert(0, root)
     from comfy.cli_args import args
-    if precision == "fp32":
-        args.fp32_unet = True
-        args.fp32_vae = True
-        args.fp32_text_enc = True
-    elif precision == "fp16":
-        args.fp16_unet = True
-    elif precision == "bf16":
-        args.bf16_unet = True   # what the SDXL tests load: AMX-BF16 on this CPU, half the memory of fp32
-    else:
+    # bf16 is what the SDXL tests load: AMX-BF16 on this CPU, half the memory of fp32
+    flags = {"fp32": ("fp32_unet", "fp32_vae", "fp32_text_enc"), "fp16": ("fp16_unet",), "bf16": ("bf16_unet",)}
+    if precision not in flags:
         raise SystemExit(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+    for flag in flags[precision]:
+        setattr(args, flag, True)
     if attention == "pytorch":
         args.use_pytorch_cross_attention = True
     if device != "cpu":

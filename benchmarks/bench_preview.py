@@ -203,7 +203,8 @@ def stand_in_server(log: StepLog):
 
 def train_node_with_id():
     """PerResTrainResiduals as the executor hands it a node id (a class clone with hidden.unique_id), so its
-    text line goes to the server as in ComfyUI; every input as a list (is_input_list), in inference mode."""
+    text line goes to the server as in ComfyUI; every input as a list (is_input_list), in inference mode. Also
+    the node's defaults, by input."""
     import nodes
     import torch
     from comfy_api.latest import _io
@@ -215,16 +216,7 @@ def train_node_with_id():
     def run(**inputs):
         with torch.inference_mode():
             return clone.execute(**{name: [value] for name, value in inputs.items()})
-    return run
-
-
-def node_default(name: str):
-    import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS["PerResTrainResiduals"]
-    for item in cls.define_schema().inputs:
-        if getattr(item, "id", None) == name:
-            return item.default
-    raise SystemExit(f"PerResTrainResiduals has no input {name!r}")
+    return run, {getattr(item, "id", None): getattr(item, "default", None) for item in cls.define_schema().inputs}
 
 
 class Collected:
@@ -282,8 +274,8 @@ def main() -> None:
     say = h.say
     method = set_preview_method(opts.preview_method, opts.preview_size)
     images = bc.make_images(opts.batch, opts.resolution)
-    node = train_node_with_id()
-    default_steps, default_every = node_default("steps"), node_default("preview_every")
+    node, defaults = train_node_with_id()
+    default_steps, default_every = defaults["steps"], defaults["preview_every"]
     say(f"model dtype {model.model.get_dtype()}, load device {model.load_device}; images {tuple(images.shape)}; "
         f"preview method {method}")
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} steps per run (1 warm-up), "
