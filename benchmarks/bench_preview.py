@@ -78,10 +78,8 @@ class StepLog:
 
     def reset(self) -> None:
         self.calls: list[tuple[int, h.Measure, bool]] = []
-        self.forwards: list[float] = []
-        self.train_forwards: list[float] = []
-        self.decodes: list[float] = []
-        self.encodes: list[float] = []
+        # "forward" (the preview's), "train_forward", "decode" (the previewer's), "encode" (the server's)
+        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
         self.hook_previews = self.texts = 0
         self.previewers: set[str] = set()
         self.monitor_previews: list[int] = []
@@ -125,7 +123,7 @@ class StepLog:
 
                 def timed_decode(preview_format, x0):
                     seconds, out = h.measured(lambda: decode(preview_format, x0))
-                    self.decodes.append(seconds)
+                    self.seconds["decode"].append(seconds)
                     return out
                 previewer.decode_latent_to_preview_image = timed_decode
             return previewer
@@ -137,12 +135,12 @@ class StepLog:
             if self._forward is not None:
                 self._forward.__exit__(None, None, None)
                 # the preview's forward runs under no_grad (PreviewSample.denoise), the training's with grad
-                (self.train_forwards if torch.is_grad_enabled() else self.forwards).append(self._forward.seconds)
+                self.seconds["train_forward" if torch.is_grad_enabled() else "forward"].append(self._forward.seconds)
                 self._forward = None
 
         def progress(value, total, preview, node_id=None):
             if preview is not None:
-                self.encodes.append(h.measured(lambda: server_encode(preview))[0])
+                self.seconds["encode"].append(h.measured(lambda: server_encode(preview))[0])
                 self.hook_previews += 1
 
         previous_hook = comfy.utils.PROGRESS_BAR_HOOK
@@ -242,9 +240,9 @@ class Collected:
         self.with_preview_ms[key].extend(log.callback_ms(True))
         self.without_preview_ms[key].extend(log.callback_ms(False))
         # the first preview (step 1) is the first batch-1 forward of the run: keep it out
-        for name, seconds in (("forward_ms", log.forwards), ("decode_ms", log.decodes), ("encode_ms", log.encodes)):
-            getattr(self, name)[key].extend(value * 1000 for value in seconds[1:])
-        self.train_forward_ms[checkpointing].extend(f * 1000 for f in log.train_forwards[1:])
+        for name in ("forward", "decode", "encode", "train_forward"):
+            getattr(self, f"{name}_ms")[checkpointing if name == "train_forward" else key].extend(
+                seconds * 1000 for seconds in log.seconds[name][1:])
         expected = len(expected_previews(steps, every))
         monitor = log.monitor_previews[-1] if log.monitor_previews else "?"
         self.counts[key].append(f"{log.hook_previews}/{monitor}/{expected}")
