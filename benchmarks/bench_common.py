@@ -1,10 +1,5 @@
-"""Shared plumbing of the PerRes benchmarks: the real ComfyUI host in-process, its models, the nodes they run
-(timing and the records are harness.py's).
-
-The host is started exactly as the tests start it (tests/comfy_host.py): ComfyUI's root goes on
-sys.path and the pack is loaded with nodes.load_custom_node. The pack root itself is never put on
-sys.path, because the pack's `nodes/` folder would shadow ComfyUI's `nodes` module.
-"""
+"""Shared plumbing of the benchmarks: the real ComfyUI host in-process, as the tests start it (tests/comfy_host.py,
+benchmarks/README.md), its models and the nodes they run; timing and the records are harness.py's."""
 from __future__ import annotations
 
 import os
@@ -24,16 +19,9 @@ _STARTED: dict[str, str] = {}  # the workdir of the host this process started (i
 
 
 def start(device: str, precision: str = "fp32", attention: str = "default", dynamic_vram: str = "off") -> str:
-    """Start ComfyUI in-process (CPU, or CUDA with --device cuda) with the pack loaded; returns the workdir.
-
-    precision "fp32" forces fp32 UNet, VAE and text encoder weights on every device (the default, so the
-    CPU benchmarks compare like with like); "fp16" is ComfyUI's --fp16-unet, what an SD1.5 user's GPU runs.
-    attention "pytorch" is ComfyUI's --use-pytorch-cross-attention (torch's fused scaled_dot_product_attention,
-    which ComfyUI picks by itself on NVIDIA GPUs); "default" leaves ComfyUI's choice for the device (on the
-    CPU: sub-quadratic attention, which keeps the N×N attention scores for the backward pass).
-    dynamic_vram "on" enables ComfyUI's dynamic VRAM (comfy-aimdo, ModelPatcherDynamic) the way its main.py
-    does by default on NVIDIA GPUs (0.33.0); dynamic_vram_state() says what was used.
-    """
+    """Start ComfyUI in-process with the pack loaded, once per process; returns the workdir. precision fp32 forces
+    fp32 weights everywhere, fp16/bf16 are --fp16-unet/--bf16-unet; attention "pytorch" is
+    --use-pytorch-cross-attention; dynamic_vram "on" enables comfy-aimdo as 0.33.0's main.py does on NVIDIA."""
     if "workdir" in _STARTED:  # a second model in the same run: same host, same settings
         return _STARTED["workdir"]
     root = find_comfyui()
@@ -42,16 +30,12 @@ def start(device: str, precision: str = "fp32", attention: str = "default", dyna
     if root not in sys.path:
         sys.path.insert(0, root)
     from comfy.cli_args import args
-    if precision == "fp32":
-        args.fp32_unet = True
-        args.fp32_vae = True
-        args.fp32_text_enc = True
-    elif precision == "fp16":
-        args.fp16_unet = True
-    elif precision == "bf16":
-        args.bf16_unet = True   # what the SDXL tests load: AMX-BF16 on this CPU, half the memory of fp32
-    else:
+    # bf16 is what the SDXL tests load: AMX-BF16 on this CPU, half the memory of fp32
+    flags = {"fp32": ("fp32_unet", "fp32_vae", "fp32_text_enc"), "fp16": ("fp16_unet",), "bf16": ("bf16_unet",)}
+    if precision not in flags:
         raise SystemExit(f"unknown precision {precision!r}; use fp32, fp16 or bf16")
+    for flag in flags[precision]:
+        setattr(args, flag, True)
     if attention == "pytorch":
         args.use_pytorch_cross_attention = True
     if device != "cpu":
@@ -131,25 +115,7 @@ def comfy_version(root: str = "") -> str:
         return "?"
 
 
-def checkpoint(workdir: str) -> str:
-    """The random-weight SD1.5-architecture checkpoint of the tests (built once, cached), linked into workdir."""
-    from sd15_checkpoint import link_sd15_checkpoint
-
-    link_sd15_checkpoint(workdir, CHECKPOINT_NAME)
-    return CHECKPOINT_NAME
-
-
-def sdxl_checkpoint(workdir: str) -> str:
-    """The tests' random-weight SDXL-architecture checkpoint (built once, 7 GB, cached), linked into workdir."""
-    from sdxl_checkpoint import CHECKPOINT_NAME as SDXL_NAME, link_sdxl_checkpoint
-
-    link_sdxl_checkpoint(workdir, SDXL_NAME)
-    return SDXL_NAME
-
-
-def pack_module(relative: str):
-    """A module of the loaded pack, e.g. pack_module('nodes.host.residual_hooks') (the pack's own, not ComfyUI's)."""
-    return pack(relative)
+pack_module = pack  # a module of the loaded pack, e.g. pack_module("nodes.host.lag_patch"), not ComfyUI's
 
 
 def set_threads(threads: int) -> None:
@@ -159,28 +125,23 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_sd15(device: str, threads: int, precision: str = "fp32", attention: str = "default",
-              dynamic_vram: str = "off"):
-    """Start the host, set torch's threads and load the cached random SD1.5 checkpoint: (model, clip, vae)."""
-    workdir = start(device, precision, attention, dynamic_vram)
-    set_threads(threads)
-    return run_node("CheckpointLoaderSimple", ckpt_name=checkpoint(workdir))
-
-
 # The random diffusion transformers (tests/dit_models.py) by benchmark family name, with the weight_dtype Load
 # Diffusion Model gets: Anima as released (bf16 with --precision bf16), Krea 2 in fp8 as users fit it.
 DIT_FAMILIES = {"anima": ("Anima", "default"), "krea2": ("Krea2", "fp8_e4m3fn")}
 FAMILY_CHOICES = ("sd15", "sdxl", *DIT_FAMILIES)
 
 
-def load_model(family: str, device: str, threads: int, precision: str, attention: str = "default",
+def load_model(family: str, device: str, threads: int, precision: str = "fp32", attention: str = "default",
                dynamic_vram: str = "off", krea2_blocks: int = 2):
-    """(model, clip, vae) of the tests' random model of `family` ("sd15", "sdxl", "anima" or "krea2"; the DiTs
-    through Load Diffusion Model, Load CLIP and Load VAE)."""
-    if family == "sd15":
-        return load_sd15(device, threads, precision, attention, dynamic_vram)
+    """Start the host, set torch's threads and load the tests' random model of `family` (cached, built once):
+    (model, clip, vae); the DiTs through Load Diffusion Model, Load CLIP and Load VAE."""
     workdir = start(device, precision, attention, dynamic_vram)
     set_threads(threads)
+    if family == "sd15":
+        from sd15_checkpoint import link_sd15_checkpoint
+
+        link_sd15_checkpoint(workdir, CHECKPOINT_NAME)  # shared with the tests
+        return run_node("CheckpointLoaderSimple", ckpt_name=CHECKPOINT_NAME)
     if family in DIT_FAMILIES:
         from dit_models import DIT_TEST_MODELS, krea2_with_blocks, stock_loaded
 
@@ -190,7 +151,10 @@ def load_model(family: str, device: str, threads: int, precision: str, attention
             spec = krea2_with_blocks(krea2_blocks)  # all 28 on a GPU (gpu_check); the tests' 2 on this CPU
         loaded = stock_loaded(spec, workdir, weight_dtype)
     else:
-        loaded = run_node("CheckpointLoaderSimple", ckpt_name=sdxl_checkpoint(workdir))
+        from sdxl_checkpoint import CHECKPOINT_NAME as SDXL_NAME, link_sdxl_checkpoint
+
+        link_sdxl_checkpoint(workdir, SDXL_NAME)  # 7 GB, built once and cached
+        loaded = run_node("CheckpointLoaderSimple", ckpt_name=SDXL_NAME)
     if device == "cpu" and precision == "bf16":
         compute_in_bf16(loaded[0])  # as the SDXL tests run it: bf16 matmuls, no fp32 weight copies
     return loaded
@@ -263,3 +227,24 @@ def train_perres(model, clip, vae, images, steps: int, batch: int, resolution: i
         batch_size=batch, learning_rate=1e-3, rank_ratio=0.05, resolution=resolution, seed=seed, init="random",
         **inputs)
 
+
+
+def encode(clip, text: str):
+    """CLIPTextEncode's conditioning of `text`."""
+    return run_node("CLIPTextEncode", clip=clip, text=text)[0]
+
+
+def lag_sampling(model, clip, prompt: str, concept_words: str = "", **concepts):
+    """(model, positive) of PerRes LAG Sampling with median masks over the whole schedule; `concepts` are
+    residuals= and/or extra_concepts= (PerRes LAG LoRA's)."""
+    return run_node("PerResLAGSampling", model=model, clip=clip, prompt=prompt, concept_words=concept_words,
+                    strength=1.0, threshold="median", quantile=0.5, start_percent=0.0, end_percent=1.0,
+                    outside_window="full residual", **concepts)[:2]
+
+
+def ksample(model, positive, negative, latent, steps: int, cfg: float, seed: int, sampler: str = "euler",
+            scheduler: str = "normal"):
+    """The stock KSampler's samples (full denoise)."""
+    return run_node("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler,
+                    scheduler=scheduler, positive=positive, negative=negative, latent_image=latent,
+                    denoise=1.0)[0]["samples"]

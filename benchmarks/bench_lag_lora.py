@@ -1,27 +1,16 @@
-"""LAG for any LoRA: the sampling cost next to the merged LoRA, and the experiment behind its mask policies.
-
-One run on the tests' random checkpoint of --family (SD1.5 fp32; SDXL and the DiTs in bf16 on the CPU), stock
-KSampler, the same seed and conditioning for every config; LoRA files from tests/lora_files.py (kohya names).
---part speed   a rank-32 LoRA on every attention and feed-forward (MLP) layer of every block, merged by
-               LoraLoaderModelOnly vs PerRes LAG LoRA + PerRes LAG Sampling (median masks); per-step medians of
-               interleaved repeats and each config's peak memory. Targets: lag/merged <= 1.10 in time and memory.
---part policy  the mask-policy choices of perres_core/lag_layers.py: "text" (UNets; a LoRA on attn2.to_k/to_v:
-               the merged change kept inside the finest mask, leaked outside it), "before" (how often the mask a
-               layer before the text attention gets equals the block's own: the previous step's, another
-               block's, this call's estimate, a running mean of earlier blocks; UNets and Anima, whose
-               self-attention runs before its cross-attention) and "depth" (SDXL: one mask per transformer
-               against each block's own). Random weights' masks are not real ones: rerun the
-               policy part with real weights before trusting it. benchmarks/README.md has the details.
+"""LAG for any LoRA: the sampling cost next to the merged LoRA (--part speed, target lag/merged <= 1.10 in time and
+memory), and the experiment behind its mask policies (--part policy: text, before, depth). benchmarks/README.md,
+"bench_lag_lora.py".
 
 Run from the pack root:  python benchmarks/bench_lag_lora.py [--family sd15|sdxl|anima|krea2] [--part speed|policy|all]
                          [--resolution 512]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -60,8 +49,8 @@ def all_blocks(layers, family) -> list[str]:
 def write_lora_of(model, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
     """A random kohya LoRA on `layers`, written to models/loras; returns its name."""
     import folder_paths
-    loras = folder_paths.get_folder_paths("loras")[0]
-    return write_lora(loras, name, build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
+    return write_lora(folder_paths.get_folder_paths("loras")[0], name,
+                      build_lora(model, "kohya", rank=rank, scale=scale, layers=layers))
 
 
 def dit_layers(model, family, layers_by_model: dict[str, tuple[str, ...]]) -> list[str]:
@@ -71,15 +60,11 @@ def dit_layers(model, family, layers_by_model: dict[str, tuple[str, ...]]) -> li
             for layer in layers_by_model[type(model.model.model_config).__name__]]
 
 
-def speed_layers(model, family) -> list[str]:
-    """Every attention and feed-forward (MLP) layer of every block of the loaded model."""
-    return dit_layers(model, family, DIT_BLOCK_LAYERS) if family.is_dit else all_blocks(ATTENTION_AND_FF, family)
-
-
-def attention_ff_lora(model, family, rank: int = 32) -> str:
-    """The speed benchmark's LoRA: rank `rank` on every attention and feed-forward layer of every block."""
-    return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors",
-                         speed_layers(model, family), rank)
+def attention_ff_lora(model, family, rank: int = 32) -> tuple[str, int]:
+    """The speed benchmark's LoRA, rank `rank` on every attention and feed-forward (MLP) layer of every block:
+    its name and its layer count."""
+    layers = dit_layers(model, family, DIT_BLOCK_LAYERS) if family.is_dit else all_blocks(ATTENTION_AND_FF, family)
+    return write_lora_of(model, f"bench_{family.name}_rank{rank}_attention_ff.safetensors", layers, rank), len(layers)
 
 
 def merged_lora_model(model, name: str):
@@ -89,62 +74,51 @@ def merged_lora_model(model, name: str):
 def lag_lora_model(model, clip, name: str):
     """(model, positive) of PerRes LAG LoRA + PerRes LAG Sampling with median masks."""
     concepts = bc.run_node("PerResLAGLoRA", lora_name=name, trigger_words=TRIGGER, strength=1.0)[0]
-    return bc.run_node("PerResLAGSampling", model=model, clip=clip, extra_concepts=concepts, prompt=PROMPT,
-                       concept_words="", strength=1.0, threshold="median", quantile=0.5, start_percent=0.0,
-                       end_percent=1.0, outside_window="full residual")[:2]
+    return bc.lag_sampling(model, clip, PROMPT, extra_concepts=concepts)
 
 
-def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
+def parse_args():
+    # --resolution, --steps, --repeats and --rank are the speed part's
+    p = h.arguments(__doc__, resolution=512, steps=3, repeats=2, rank=32, policy_resolution=256, policy_steps=6,
+                    seed=42)
     p.add_argument("--family", default="sd15", choices=list(FAMILIES),
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 on the CPU; anima, krea2: the tests' random DiTs (speed, and the before "
                         "policy; Krea 2 with its 2 test blocks, fp8 weights), bf16 compute on the CPU")
     p.add_argument("--part", default="all", choices=["speed", "policy", "all"])
-    p.add_argument("--resolution", type=int, default=512, help="speed part: image side in px; default 512")
-    p.add_argument("--steps", type=int, default=3, help="speed part: sampling steps per run; default 3")
-    p.add_argument("--repeats", type=int, default=2, help="speed part: timed runs per config; default 2")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--policy-resolution", type=int, default=256)
-    p.add_argument("--policy-steps", type=int, default=6)
-    p.add_argument("--seed", type=int, default=42)
     return p.parse_args()
 
 
 class Setup:
+    """The loaded model of --family, its conditioning, and its LoRAs merged or through LAG LoRA."""
+
     def __init__(self, opts) -> None:
         self.opts = opts
         precision = "bf16" if opts.family != "sd15" and opts.device == "cpu" else "fp32"
         self.model, self.clip, _ = bc.load_model(opts.family, opts.device, opts.threads, precision)
         self.family = family_of(opts.family)   # (the pack's modules load with the host)
         self.latent = "EmptySD3LatentImage" if self.family.is_dit else "EmptyLatentImage"
-        self.sampling = ("euler", "simple") if self.family.is_dit else ("euler", "normal")
-        self.positive = bc.run_node("CLIPTextEncode", clip=self.clip, text=PROMPT)[0]
-        self.negative = bc.run_node("CLIPTextEncode", clip=self.clip, text="")[0]
+        self.positive, self.negative = bc.encode(self.clip, PROMPT), bc.encode(self.clip, "")
 
-    def lora(self, name: str, layers: list[str], rank: int, scale: float = 0.3) -> str:
-        return write_lora_of(self.model, name, layers, rank, scale)
-
-    def merged(self, name: str):
-        return merged_lora_model(self.model, name)
-
-    def lag(self, name: str):
+    def lag(self, name: str, layers: Optional[list[str]] = None, scale: float = 0.3):
+        """The LAG LoRA model of the LoRA `name`; with `layers`, a rank-8 LoRA on them is written first."""
+        if layers is not None:
+            write_lora_of(self.model, name, layers, 8, scale)
         return lag_lora_model(self.model, self.clip, name)[0]
 
-    def sample(self, patcher, resolution: int, steps: int, callback=None):
+    def sample(self, patcher, resolution: int, steps: int):
         latent = bc.run_node(self.latent, width=resolution, height=resolution, batch_size=1)[0]
-        return bc.run_node("KSampler", model=patcher, seed=self.opts.seed, steps=steps, cfg=7.0,
-                           sampler_name=self.sampling[0], scheduler=self.sampling[1], positive=self.positive,
-                           negative=self.negative, latent_image=latent, denoise=1.0)[0]["samples"]
+        return bc.ksample(patcher, self.positive, self.negative, latent, steps, 7.0, self.opts.seed,
+                          scheduler="simple" if self.family.is_dit else "normal")
 
 
 def speed(setup: Setup) -> dict[str, h.Series]:
     import comfy.model_management as mm
 
     opts, say = setup.opts, h.say
-    name = attention_ff_lora(setup.model, setup.family, opts.rank)
-    configs = {"merged": setup.merged(name), "lag": setup.lag(name)}
-    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {len(speed_layers(setup.model, setup.family))} "
+    name, layers = attention_ff_lora(setup.model, setup.family, opts.rank)
+    configs = {"merged": merged_lora_model(setup.model, name), "lag": setup.lag(name)}
+    say(f"speed: {setup.family.name}, rank-{opts.rank} LoRA on {layers} "
         f"layers, {opts.resolution}px, {opts.steps} euler steps, CFG 7, {opts.repeats} repeats; {h.load_note()}")
     clock = h.StepClock()
     with h.progress_steps(clock):
@@ -156,11 +130,9 @@ def speed(setup: Setup) -> dict[str, h.Series]:
 
 
 def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
-    say = h.say
     merged, lag = runs["merged"], runs["lag"]
     for key, series in runs.items():
-        say(f"  {key:6s} s/step wall: {h.spread(series.steps)}")
-        say(f"         s/step cpu:  {h.spread(series.cpu_steps)}")
+        series.describe(key)
     record.ratio("lag/merged", lag.step / merged.step, TARGET, "LAG LoRA / merged LoRA",
                  detail=f"({lag.step:.2f} vs {merged.step:.2f} s/step; {lag.cpu_step / merged.cpu_step:.3f} cpu)")
     # peak memory: CUDA's allocator peak per config; on the CPU the process's peak RSS of each config's first
@@ -168,8 +140,8 @@ def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
     record.ratio("peak memory lag/merged", lag.warmup.peak / merged.warmup.peak, TARGET,
                  "LAG LoRA / merged LoRA, peak memory",
                  detail=f"({h.gib(lag.warmup.peak)[:-4]} vs {h.gib(merged.warmup.peak)})")
-    record.figure("seconds_per_step", {"merged": merged.step, "lag": lag.step})
-    record.figure("cpu_seconds_per_step", {"merged": merged.cpu_step, "lag": lag.cpu_step})
+    record.figures(seconds_per_step={"merged": merged.step, "lag": lag.step},
+                   cpu_seconds_per_step={"merged": merged.cpu_step, "lag": lag.cpu_step})
 
 
 def text_policy(setup: Setup) -> None:
@@ -177,11 +149,11 @@ def text_policy(setup: Setup) -> None:
 
     opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora(f"bench_{setup.family.name}_text_only.safetensors", all_blocks(TEXT_LAYERS, setup.family), 8,
-                      scale=0.1)
+    name = f"bench_{setup.family.name}_text_only.safetensors"
+    write_lora_of(setup.model, name, all_blocks(TEXT_LAYERS, setup.family), 8, scale=0.1)
     res = opts.policy_resolution
     base = setup.sample(setup.model, res, 1)
-    merged = setup.sample(setup.merged(name), res, 1)
+    merged = setup.sample(merged_lora_model(setup.model, name), res, 1)
     change = merged - base
     say(f"text policy: LoRA on attn2.to_k/to_v of every block, {res}px, 1 step; |merged - base| mean "
         f"{change.abs().mean():.4g}")
@@ -230,8 +202,7 @@ def before_policy(setup: Setup) -> None:
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \
         all_blocks(BEFORE_LAYERS, setup.family)
-    name = setup.lora(f"bench_{setup.family.name}_before_only.safetensors", layers, 8)
-    patcher = setup.lag(name)
+    patcher = setup.lag(f"bench_{setup.family.name}_before_only.safetensors", layers)
     patch = lag_patch.LagPatch.of(patcher)
     patch.before_policy = "estimate"   # an estimate in every call, logged beside the block's own masks
     log = logged_masks(patch)
@@ -274,8 +245,7 @@ def depth_policy(setup: Setup) -> None:
         say(f"depth policy: every {setup.family.name} transformer has one block; nothing to choose")
         return
     lag_patch = bc.pack_module("nodes.host.lag_patch")
-    name = setup.lora(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family), 8)
-    patcher = setup.lag(name)
+    patcher = setup.lag(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family))
     log = logged_masks(lag_patch.LagPatch.of(patcher))
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
     entries = [entry for entry in log if entry is not None]
@@ -333,13 +303,13 @@ def main() -> None:
             if not setup.family.is_dit:
                 depth_policy(setup)
     runs = speed(setup) if opts.part in ("speed", "all") else {}
-    record = h.Record(f"bench_lag_lora{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+    record = h.Record("bench_lag_lora", opts,
                       "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through PerRes LAG "
                       "LoRA; and the mask policies' experiment", opts.device,
-                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px")
+                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px", family=opts.family)
     if runs:
         report_speed(runs, record)
-    record.finish(opts.json or h.default_json("bench_lag_lora", opts.family))
+    record.finish(opts.json)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,7 @@
-"""Training at the paper's setting (512 px, batch 4): memory and time with and without gradient checkpointing.
-
-Three trainers on the tests' random checkpoint (SD1.5 fp32; --family sdxl|anima|krea2: the larger models in bf16),
-each in fresh child processes: bound (the frozen denoiser's forward + backward + AdamW on the residuals, no
-ComfyUI code in the loop), plain (PerResTrainResiduals, gradient_checkpointing off) and ckpt (on, its default).
-Seconds per step come from a child with glibc's default allocator, the training's extra peak memory (above the
-loaded model and latents) on the CPU from a child with a fixed 128 KiB mmap threshold, so that RSS follows the
-live tensors. Targets: plain/ckpt extra peak >= 3, ckpt/plain s/step <= 1.4, plain/bound s/step <= 1.10.
-benchmarks/README.md ("Hardware" in docs/benchmarks.md) has the details and the figures; 512 px needs about
-13 GiB and 15 minutes on the 2-core VM, `--resolution 256` is a quicker look.
+"""Training at the paper's setting (512 px, batch 4): memory and time of the frozen-UNet bound and PerRes without
+and with gradient checkpointing, each in fresh child processes. Targets: plain/ckpt extra peak >= 3, ckpt/plain
+s/step <= 1.4, plain/bound s/step <= 1.10. benchmarks/README.md, "bench_paper_scale.py" (512 px needs about 13 GiB
+and 15 minutes on the 2-core VM; `--resolution 256` is a quicker look).
 
 Run from the pack root:
     python benchmarks/bench_paper_scale.py [--family sd15] [--resolution 512] [--batch 4] [--steps 2]
@@ -22,14 +16,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 import harness as h  # noqa: E402
-from bench_common import make_images  # noqa: E402
 from bench_training import run_bound  # noqa: E402
 
 TRAINERS = ("bound", "plain", "ckpt")
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
+    p = h.arguments(__doc__, resolution=512, batch=4)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="sd15: the random SD1.5 checkpoint in fp32 (default); sdxl: the random SDXL checkpoint, "
                         "UNet in bf16 (what fits this machine; set --resolution, e.g. 1024 for SDXL's own); anima, "
@@ -39,8 +32,6 @@ def parse_args() -> argparse.Namespace:
                    help="blocks of the random Krea 2 (default the tests' 2; its training memory grows per block)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="UNet weights; default fp32 for sd15, bf16 for sdxl")
-    p.add_argument("--resolution", type=int, default=512, help="image side in px; default 512 (paper)")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per trainer (plus 1 warm-up); default 2")
     p.add_argument("--attention", default="pytorch", choices=["pytorch", "default"],
                    help="pytorch: torch's fused attention, as ComfyUI runs on NVIDIA GPUs (default); default: "
@@ -73,13 +64,13 @@ def run_one(opts: argparse.Namespace) -> dict:
     """In a child process: load the model and measure the trainer opts.only."""
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts), opts.attention,
                                      krea2_blocks=opts.krea2_blocks)
-    images = make_images(opts.batch, opts.resolution)
+    images = bc.make_images(opts.batch, opts.resolution)
     latents = bc.image_latents(model, vae, images)
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(
         model, clip, "a photo of a sks dog", opts.resolution, opts.resolution)
     # One tiny run first: the first training on a model swaps its inference-tensor weights for ordinary
     # ones once (nodes/host/training.frozen_for_backward); that one-off copy must not count as a peak.
-    bc.train_perres(model, clip, vae, make_images(1, 64), 1, 1, 64, gradient_checkpointing=False)
+    bc.train_perres(model, clip, vae, bc.make_images(1, 64), 1, 1, 64, gradient_checkpointing=False)
     result = measure(opts.only, model, clip, vae, images, latents, conditioning, opts)
     result["unet_dtype"] = str(model.model.get_dtype())
     return result
@@ -91,10 +82,9 @@ LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_":
 
 def run_child(opts: argparse.Namespace, name: str, extra_env: dict) -> dict:
     import subprocess
-    args = [sys.executable, os.path.abspath(__file__), "--only", name, "--family", opts.family,
-            "--precision", precision(opts), "--resolution", str(opts.resolution),
-            "--batch", str(opts.batch), "--steps", str(opts.steps), "--device", opts.device,
-            "--threads", str(opts.threads), "--attention", opts.attention, "--krea2-blocks", str(opts.krea2_blocks)]
+    args = [sys.executable, os.path.abspath(__file__), "--only", name, "--precision", precision(opts)]
+    for key in ("family", "resolution", "batch", "steps", "device", "threads", "attention", "krea2_blocks"):
+        args += [f"--{key.replace('_', '-')}", str(getattr(opts, key))]
     child = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **extra_env})
     lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     if child.returncode != 0 or not lines:
@@ -130,10 +120,10 @@ def main() -> None:
     results = run_children(opts)
     bound, plain, ckpt = (results[n] for n in TRAINERS)
     bc.set_threads(opts.threads)  # the record names the children's torch threads
-    record = h.Record(f"bench_paper_scale{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+    record = h.Record("bench_paper_scale", opts,
                       "per training step and peak memory above the loaded model: the frozen-UNet bound, "
                       "PerRes without and with gradient checkpointing", opts.device,
-                      note=f"{opts.resolution} px, batch {opts.batch}")
+                      note=f"{opts.resolution} px, batch {opts.batch}", family=opts.family)
     record.data["host"]["dynamic_vram"] = "off (the children start the host without it)"
     say(f"PAPER SCALE  {opts.family}  {opts.resolution} px  batch {opts.batch}  UNet {plain['unet_dtype']}")
     say(f"  {'trainer':22s} {'s/step':>8s} {'cpu s/step':>11s} {'extra peak':>12s}")
@@ -157,7 +147,7 @@ def main() -> None:
     say(f"  ({h.load_note()}; on a busy machine trust the cpu ratios more)")
     record.figure("trainers", {name: {**r, "extra_peak_gib": r["extra_peak_bytes"] / h.GIB}
                                for name, r in results.items()})
-    record.finish(opts.json or h.default_json("bench_paper_scale", opts.family))
+    record.finish(opts.json)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,14 @@
-"""What the live preview of PerRes Train Residuals costs: preview_every 0 (off) vs 10 (the default) vs 1.
-
-One run on the tests' random SD1.5 checkpoint (fp32), one row per gradient-checkpointing setting: the node with
-each --preview-every value, --rounds times in a rotating order after one untimed warm-up run. ComfyUI's
---preview-method defaults to none, which an in-process host keeps, so this script sets it (latent2rgb) and counts
-the previews three ways; a progress-bar hook does the server's part in-process (resize, JPEG encode, the text
-line). A run of S steps is timed from the end of step 1's callback to the end of step S's; the per-preview cost
-comes from those spans and, directly, from the node's step callback (wrapped here; the pack is not modified).
-Target: previews at the node's defaults (150 steps, preview_every 10) cost at most 3 % of training time.
-benchmarks/README.md has the details.
+"""What the live preview of PerRes Train Residuals costs: preview_every 0 (off) vs 10 (the default) vs 1, on the
+tests' random SD1.5 checkpoint (fp32), one row per gradient-checkpointing setting. Target: previews at the node's
+defaults cost at most 3 % of training time. benchmarks/README.md, "bench_preview.py".
 
 Run from the pack root:  python benchmarks/bench_preview.py [--resolution 128] [--batch 4] [--steps 10]
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import os
 import struct
 import sys
@@ -29,12 +24,9 @@ PREVIEW_METHODS = ("latent2rgb", "auto", "taesd")
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
-    p.add_argument("--resolution", type=int, default=128, help="image side in px (latent = /8); default 128")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (the node's default)")
+    p = h.arguments(__doc__, resolution=128, batch=4, rounds=2)
     p.add_argument("--steps", type=int, default=10,
                    help="steps per node run; the first is warm-up, the rest are timed (default 10)")
-    p.add_argument("--rounds", type=int, default=2, help="timed runs of each preview setting per row; default 2")
     p.add_argument("--preview-every", default="0,10,1",
                    help="preview_every values to compare, comma-separated; the first must be 0 (off); default 0,10,1")
     p.add_argument("--checkpointing", default="on,off",
@@ -44,10 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preview-size", type=int, default=0,
                    help="ComfyUI's --preview-size (the server resizes previews to it); 0 keeps the host's, 512")
     opts = p.parse_args()
-    names = [name.strip() for name in opts.checkpointing.split(",") if name.strip()]
-    if not names or set(names) - {"off", "on"}:
-        p.error(f"--checkpointing takes on, off or on,off; got {opts.checkpointing!r}")
-    opts.checkpointing = [name == "on" for name in names]
+    opts.checkpointing = [name == "on" for name in h.choices(p, "--checkpointing", opts.checkpointing, {"on", "off"})]
     try:
         opts.preview_every = [int(value) for value in opts.preview_every.split(",") if value.strip()]
     except ValueError:
@@ -74,35 +63,33 @@ def set_preview_method(name: str, size: int) -> str:
     if hasattr(latent_preview, "default_preview_method"):  # 0.33.0: the executor resets to it per prompt
         latent_preview.default_preview_method = method
     if size:
-        args.preview_size = size
-        latent_preview.MAX_PREVIEW_RESOLUTION = size
+        args.preview_size = latent_preview.MAX_PREVIEW_RESOLUTION = size
     return f"{method.value} (ComfyUI's default: none), preview size {latent_preview.MAX_PREVIEW_RESOLUTION}"
 
 
 class StepLog:
-    """Per call of the node's step callback: step, its Measure, whether it made a preview; plus the preview's
-    UNet forwards (no-grad), the previewer's decode and the server-side encode, in seconds."""
+    """One node run, seen through wrappers installed for the benchmark process only (the pack is untouched): per
+    call of the node's step callback its step, Measure and whether it made a preview; the preview's UNet forwards
+    (no grad) apart from the training's; the previewer's decode; the server's encode (progress-bar hook); and the
+    counts of previews and text lines."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.calls: list[tuple[int, h.Measure, bool]] = []
-        self.forwards: list[float] = []
-        self.train_forwards: list[float] = []
-        self.decodes: list[float] = []
-        self.encodes: list[float] = []
-        self.hook_previews = 0
-        self.texts = 0
+        # "forward" (the preview's), "train_forward", "decode" (the previewer's), "encode" (the server's)
+        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
+        self.hook_previews = self.texts = 0
         self.previewers: set[str] = set()
         self.monitor_previews: list[int] = []
         self._forward: Optional[h.Measure] = None
 
-    def reset(self) -> None:
-        self.__init__()
-
     def span(self, steps: int) -> tuple[float, float, int]:
         """Wall and CPU seconds from the end of step 1's callback to the end of step `steps`'s, and the
         previews in between."""
-        by_step = {call[0]: call for call in self.calls}
-        first, last = by_step[1][1], by_step[steps][1]
+        by_step = {call[0]: call[1] for call in self.calls}
+        first, last = by_step[1], by_step[steps]
         previews = sum(1 for step, _, previewed in self.calls if 1 < step <= steps and previewed)
         return last.wall_end - first.wall_end, last.cpu_end - first.cpu_end, previews
 
@@ -110,83 +97,65 @@ class StepLog:
         """Wall milliseconds of the callbacks after the first step that did (or did not) preview."""
         return [run.seconds * 1000 for step, run, previewed in self.calls if step > 1 and previewed == with_preview]
 
-
-class Instruments:
-    """Wrap, for the benchmark process only, what the node's preview goes through: TrainingMonitor.__call__
-    (timed, and whether monitor.previews grew), latent_preview.get_previewer (its decode timed), the UNet's
-    forwards (the preview's, without grad, apart from the training's), the progress-bar hook (the server's
-    encode of the preview, a count) and the server's send_progress_text (the text line, a count)."""
-
-    def __init__(self, log: StepLog, unet) -> None:
-        self.log, self.unet = log, unet
-        self._undo: list = []
-
-    def __enter__(self) -> "Instruments":
+    @contextlib.contextmanager
+    def installed(self, unet):
+        """The wrappers: TrainingMonitor.__call__, latent_preview.get_previewer, hooks on `unet`, the progress-bar
+        hook and a stand-in PromptServer; all undone on exit."""
         import comfy.utils
         import latent_preview
         import torch
         monitor_cls = bc.pack_module("nodes.train_monitor").TrainingMonitor
-        log = self.log
-
-        original_call = monitor_cls.__call__
+        original_call, original_get = monitor_cls.__call__, latent_preview.get_previewer
 
         def timed_call(monitor, step, loss, denoise):
             before = monitor.previews
             with h.Measure(memory=False) as run:
                 original_call(monitor, step, loss, denoise)
-            log.calls.append((step + 1, run, monitor.previews > before))
+            self.calls.append((step + 1, run, monitor.previews > before))
             if step + 1 == monitor.steps:
-                log.monitor_previews.append(monitor.previews)
-
-        monitor_cls.__call__ = timed_call
-        self._undo.append(lambda: setattr(monitor_cls, "__call__", original_call))
-
-        original_get = latent_preview.get_previewer
+                self.monitor_previews.append(monitor.previews)
 
         def get_previewer(device, latent_format):
             previewer = original_get(device, latent_format)
             if previewer is not None:
-                log.previewers.add(type(previewer).__name__)
+                self.previewers.add(type(previewer).__name__)
                 decode = previewer.decode_latent_to_preview_image
 
                 def timed_decode(preview_format, x0):
                     seconds, out = h.measured(lambda: decode(preview_format, x0))
-                    log.decodes.append(seconds)
+                    self.seconds["decode"].append(seconds)
                     return out
                 previewer.decode_latent_to_preview_image = timed_decode
             return previewer
 
-        latent_preview.get_previewer = get_previewer
-        self._undo.append(lambda: setattr(latent_preview, "get_previewer", original_get))
-
         def pre(module, args):
-            log._forward = h.Measure(memory=False).__enter__()
+            self._forward = h.Measure(memory=False).__enter__()
 
         def post(module, args, output):
-            if log._forward is not None:
-                log._forward.__exit__(None, None, None)
+            if self._forward is not None:
+                self._forward.__exit__(None, None, None)
                 # the preview's forward runs under no_grad (PreviewSample.denoise), the training's with grad
-                (log.train_forwards if torch.is_grad_enabled() else log.forwards).append(log._forward.seconds)
-                log._forward = None
+                self.seconds["train_forward" if torch.is_grad_enabled() else "forward"].append(self._forward.seconds)
+                self._forward = None
 
-        handles = [self.unet.register_forward_pre_hook(pre), self.unet.register_forward_hook(post)]
-        self._undo.append(lambda: [h.remove() for h in handles])
+        def progress(value, total, preview, node_id=None):
+            if preview is not None:
+                self.seconds["encode"].append(h.measured(lambda: server_encode(preview))[0])
+                self.hook_previews += 1
 
         previous_hook = comfy.utils.PROGRESS_BAR_HOOK
-
-        def hook(value, total, preview, node_id=None):
-            if preview is not None:
-                log.encodes.append(h.measured(lambda: server_encode(preview))[0])
-                log.hook_previews += 1
-
-        comfy.utils.set_progress_bar_global_hook(hook)
-        self._undo.append(lambda: comfy.utils.set_progress_bar_global_hook(previous_hook))
-        self._undo.append(stand_in_server(log))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for undo in reversed(self._undo):
-            undo()
+        monitor_cls.__call__, latent_preview.get_previewer = timed_call, get_previewer
+        handles = [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
+        comfy.utils.set_progress_bar_global_hook(progress)
+        undo_server = stand_in_server(self)
+        try:
+            yield self
+        finally:
+            undo_server()
+            comfy.utils.set_progress_bar_global_hook(previous_hook)
+            for handle in handles:
+                handle.remove()
+            monitor_cls.__call__, latent_preview.get_previewer = original_call, original_get
 
 
 def server_encode(preview) -> bytes:
@@ -212,11 +181,10 @@ def stand_in_server(log: StepLog):
         client_id = None
 
         def send_progress_text(self, text, node_id, sid=None):
-            data = text.encode("utf-8") if isinstance(text, str) else text
             node = str(node_id).encode("utf-8")
-            message = struct.pack(">I", len(node)) + node + data
-            if message:
-                log.texts += 1
+            # packed as send_progress_text packs it (its cost), then dropped: nothing listens in-process
+            struct.pack(">I", len(node)) + node + (text.encode("utf-8") if isinstance(text, str) else text)
+            log.texts += 1
 
     module = sys.modules.get("server")
     if module is not None and hasattr(module, "PromptServer"):  # imported, but never started in-process
@@ -233,7 +201,8 @@ def stand_in_server(log: StepLog):
 
 def train_node_with_id():
     """PerResTrainResiduals as the executor hands it a node id (a class clone with hidden.unique_id), so its
-    text line goes to the server as in ComfyUI; every input as a list (is_input_list), in inference mode."""
+    text line goes to the server as in ComfyUI; every input as a list (is_input_list), in inference mode. Also
+    the node's defaults, by input."""
     import nodes
     import torch
     from comfy_api.latest import _io
@@ -245,36 +214,19 @@ def train_node_with_id():
     def run(**inputs):
         with torch.inference_mode():
             return clone.execute(**{name: [value] for name, value in inputs.items()})
-    return run
-
-
-def node_default(name: str):
-    import nodes
-    cls = nodes.NODE_CLASS_MAPPINGS["PerResTrainResiduals"]
-    for item in cls.define_schema().inputs:
-        if getattr(item, "id", None) == name:
-            return item.default
-    raise SystemExit(f"PerResTrainResiduals has no input {name!r}")
-
-
-def row(checkpointing: bool) -> str:
-    return f"checkpointing {'on' if checkpointing else 'off'}"
+    return run, {getattr(item, "id", None): getattr(item, "default", None) for item in cls.define_schema().inputs}
 
 
 class Collected:
-    """What the StepLog of each timed run adds, keyed by (checkpointing, preview_every)."""
+    """What the StepLog of each timed run adds: lists keyed by (checkpointing, preview_every), the training's
+    forwards by checkpointing alone."""
+
+    LISTS = ("wall", "cpu", "spans", "with_preview_ms", "without_preview_ms", "forward_ms", "train_forward_ms",
+             "decode_ms", "encode_ms", "counts")
 
     def __init__(self) -> None:
-        self.wall: dict[tuple, list[float]] = {}
-        self.cpu: dict[tuple, list[float]] = {}
-        self.spans: dict[tuple, list[tuple[float, int]]] = {}
-        self.with_preview_ms: dict[tuple, list[float]] = {}
-        self.without_preview_ms: dict[tuple, list[float]] = {}
-        self.forward_ms: dict[tuple, list[float]] = {}
-        self.train_forward_ms: dict[bool, list[float]] = {}
-        self.decode_ms: dict[tuple, list[float]] = {}
-        self.encode_ms: dict[tuple, list[float]] = {}
-        self.counts: dict[tuple, list[str]] = {}
+        for name in self.LISTS:
+            setattr(self, name, collections.defaultdict(list))
         self.texts: list[int] = []
         self.previewers: set[str] = set()
         self.problems: list[str] = []
@@ -282,22 +234,21 @@ class Collected:
     def add(self, log: StepLog, key: tuple, steps: int, run: h.Measure) -> str:
         checkpointing, every = key
         span_wall, span_cpu, in_span = log.span(steps)
-        self.wall.setdefault(key, []).append(span_wall / (steps - 1))
-        self.cpu.setdefault(key, []).append(span_cpu / (steps - 1))
-        self.spans.setdefault(key, []).append((span_wall, in_span))
-        self.with_preview_ms.setdefault(key, []).extend(log.callback_ms(True))
-        self.without_preview_ms.setdefault(key, []).extend(log.callback_ms(False))
+        self.wall[key].append(span_wall / (steps - 1))
+        self.cpu[key].append(span_cpu / (steps - 1))
+        self.spans[key].append((span_wall, in_span))
+        self.with_preview_ms[key].extend(log.callback_ms(True))
+        self.without_preview_ms[key].extend(log.callback_ms(False))
         # the first preview (step 1) is the first batch-1 forward of the run: keep it out
-        self.forward_ms.setdefault(key, []).extend(f * 1000 for f in log.forwards[1:])
-        self.train_forward_ms.setdefault(checkpointing, []).extend(f * 1000 for f in log.train_forwards[1:])
-        self.decode_ms.setdefault(key, []).extend(d * 1000 for d in log.decodes[1:])
-        self.encode_ms.setdefault(key, []).extend(e * 1000 for e in log.encodes[1:])
+        for name in ("forward", "decode", "encode", "train_forward"):
+            getattr(self, f"{name}_ms")[checkpointing if name == "train_forward" else key].extend(
+                seconds * 1000 for seconds in log.seconds[name][1:])
         expected = len(expected_previews(steps, every))
         monitor = log.monitor_previews[-1] if log.monitor_previews else "?"
-        self.counts.setdefault(key, []).append(f"{log.hook_previews}/{monitor}/{expected}")
+        self.counts[key].append(f"{log.hook_previews}/{monitor}/{expected}")
         self.texts.append(log.texts)
         self.previewers |= log.previewers
-        where = f"{row(checkpointing)}, preview_every {every}, run {len(self.counts[key])}"
+        where = f"{h.row(checkpointing)}, preview_every {every}, run {len(self.counts[key])}"
         if log.hook_previews != expected or monitor != expected:
             self.problems.append(f"{where}: {log.hook_previews} previews reached the progress bar, "
                                  f"monitor.previews {monitor}, expected {expected}")
@@ -317,12 +268,12 @@ class Collected:
 
 def main() -> None:
     opts = parse_args()
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
+    model, clip, vae = bc.load_model("sd15", opts.device, opts.threads)
     say = h.say
     method = set_preview_method(opts.preview_method, opts.preview_size)
     images = bc.make_images(opts.batch, opts.resolution)
-    node = train_node_with_id()
-    default_steps, default_every = node_default("steps"), node_default("preview_every")
+    node, defaults = train_node_with_id()
+    default_steps, default_every = defaults["steps"], defaults["preview_every"]
     say(f"model dtype {model.model.get_dtype()}, load device {model.load_device}; images {tuple(images.shape)}; "
         f"preview method {method}")
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} steps per run (1 warm-up), "
@@ -333,11 +284,11 @@ def main() -> None:
                                gradient_checkpointing=checkpointing, preview_every=every)
 
     log, found = StepLog(), Collected()
-    with Instruments(log, model.model.diffusion_model):
+    with log.installed(model.model.diffusion_model):
         for checkpointing in opts.checkpointing:
             log.reset()
             seconds, _ = h.measured(lambda: run(3, max(opts.preview_every), checkpointing, seed=99))  # warm-up
-            say(f"[{row(checkpointing)}] warm-up run (3 steps, preview_every {max(opts.preview_every)}): "
+            say(f"[{h.row(checkpointing)}] warm-up run (3 steps, preview_every {max(opts.preview_every)}): "
                 f"{seconds:.2f} s, {log.hook_previews} previews")
             rounds = {every: 0 for every in opts.preview_every}
 
@@ -349,7 +300,7 @@ def main() -> None:
                 return timed_run
 
             h.interleaved({f"every {every}": config(every) for every in opts.preview_every}, opts.rounds,
-                          warmup=False, label=row(checkpointing),
+                          warmup=False, label=h.row(checkpointing),
                           after=lambda name, m, c=checkpointing: found.add(log, (c, int(name.split()[1])),
                                                                            opts.steps, m))
 
@@ -364,7 +315,7 @@ def main() -> None:
     for checkpointing in opts.checkpointing:
         off = (checkpointing, 0)
         off_wall = h.median(found.wall[off])
-        say(f"  -- {row(checkpointing)}")
+        say(f"  -- {h.row(checkpointing)}")
         say(f"    preview_every   0 (off): s/step wall {h.spread(found.wall[off])}")
         say(f"                                  cpu  {h.spread(found.cpu[off])}")
         say(f"      step callback without a preview (loss, text line, progress bar): "
@@ -392,13 +343,13 @@ def main() -> None:
             for name, ms in (("spans", from_spans), ("step callback", callback)):
                 share = previews * ms / 1000 / (default_steps * off_wall)
                 proof = "; contention-proof" if "call" in name else ""
-                record.ratio(f"preview share, {row(checkpointing)}, from the {name}", share, TARGET,
-                             f"live preview's share of training time at the node's defaults, {row(checkpointing)}, "
+                record.ratio(f"preview share, {h.row(checkpointing)}, from the {name}", share, TARGET,
+                             f"live preview's share of training time at the node's defaults, {h.row(checkpointing)}, "
                              f"from the {name}", detail=f"= {share * 100:.2f} % ({previews} x {ms:.0f} ms / "
                                                         f"({default_steps} x {off_wall:.3f} s){proof})")
     record.figure("preview_count_problems", found.problems)
     say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
-    record.finish(opts.json or h.default_json("bench_preview"))
+    record.finish(opts.json)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,11 @@ import harness as h  # noqa: E402
 
 
 def main() -> None:
-    p = h.arguments(__doc__)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--images", type=int, default=5)
-    p.add_argument("--train-steps", type=int, default=10)
+    p = h.arguments(__doc__, resolution=64, images=5, train_steps=10)
     p.add_argument("--sample-words", type=int, default=0, help="rank only the first N default candidates")
     p.add_argument("--sample-budget", type=int, default=0, help="with --sample-words: the budget of that ranking")
     opts = p.parse_args()
-    model, clip, vae = bc.load_sd15(opts.device, opts.threads)
+    model, clip, vae = bc.load_model("sd15", opts.device, opts.threads)
     images = bc.make_images(opts.images, opts.resolution)
     class_words = bc.pack_module("perres_core.class_words")
     defaults = list(class_words.DEFAULT_CANDIDATES)
@@ -63,7 +60,7 @@ def main() -> None:
                  "150-step training", compare="<", detail=f"({default_seconds:.0f} vs {training_150:.0f} s)")
     record.figure("suggester_seconds", default_seconds)
     record.figure("training_150_steps_seconds", training_150)
-    record.finish(opts.json or h.default_json("bench_suggest"))
+    record.finish(opts.json)
 
 if __name__ == "__main__":
     main()

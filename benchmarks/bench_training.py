@@ -1,12 +1,6 @@
-"""Per-step training time: PerRes Train Residuals vs. the plain-UNet bound vs. ComfyUI's TrainLoraNode.
-
-One run on the tests' random checkpoint (SD1.5 fp32; --family anima|krea2: the random DiT, bf16 compute), one
-row per gradient-checkpointing setting (--checkpointing off,on): (a) perres, the node as ComfyUI executes it;
-(b) bound, the frozen UNet called directly, forward + backward + AdamW on the same residual modules through the
-pack's own hooks, recomputing the same modules when the row checkpoints; and once (c) stock, ComfyUI's
-TrainLoraNode. Per-step times are the intervals between optimizer steps (a process-wide optimizer hook; the
-warm-up step excluded); bound and perres alternate for --rounds rounds, medians compared. Targets: perres/bound
-<= 1.10; perres/stock <= 0.20 (0.5 on the DiTs). benchmarks/README.md has the details.
+"""Per-step training time: PerRes Train Residuals vs. the frozen-UNet bound (one row per gradient-checkpointing
+setting) vs. ComfyUI's TrainLoraNode, on the tests' random checkpoint. Targets: perres/bound <= 1.10; perres/stock
+<= 0.20 (0.5 on the DiTs). benchmarks/README.md, "bench_training.py".
 
 Run from the pack root:  python benchmarks/bench_training.py [--family sd15] [--resolution 64] [--batch 4] [--steps 5]
 """
@@ -19,42 +13,29 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 import harness as h  # noqa: E402
-from bench_common import make_images  # noqa: E402,F401  (bench_paper_scale and older callers import it from here)
 
 CAPTION = "a photo of a sks dog"
 
 
 def parse_args() -> argparse.Namespace:
-    p = h.arguments(__doc__)
+    p = h.arguments(__doc__, profile=True, resolution=64, batch=4, rounds=2, stock_rank=8)
     p.add_argument("--family", default="sd15", choices=bc.FAMILY_CHOICES,
                    help="the tests' random model: sd15 (default, fp32), sdxl, anima or krea2 (bf16)")
-    p.add_argument("--resolution", type=int, default=64, help="image side in px (latent = /8); default 64")
-    p.add_argument("--batch", type=int, default=4, help="images per step; default 4 (paper)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per PerRes/bound run (plus 1 warm-up)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating bound/perres rounds; default 2")
     p.add_argument("--checkpointing", default="off,on",
                    help="gradient checkpointing settings to compare, one row each: off, on or off,on (default)")
     p.add_argument("--stock-steps", type=int, default=3, help="TrainLoraNode steps (first one is warm-up); 0 skips it")
-    p.add_argument("--stock-rank", type=int, default=8)
     p.add_argument("--stock-no-checkpointing", action="store_true",
                    help="TrainLoraNode with gradient_checkpointing=False (its default is True)")
-    p.add_argument("--profile", metavar="FILE", default=None,
-                   help="also profile one extra PerRes node run with cProfile and write the stats to FILE")
     opts = p.parse_args()
-    names = [name.strip() for name in opts.checkpointing.split(",") if name.strip()]
-    if not names or set(names) - {"off", "on"}:
-        p.error(f"--checkpointing takes off, on or off,on; got {opts.checkpointing!r}")
-    opts.checkpointing = [name == "on" for name in names]
+    opts.checkpointing = [name == "on" for name in h.choices(p, "--checkpointing", opts.checkpointing, {"on", "off"})]
     return opts
 
 
 def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, clock: h.StepClock,
               checkpointing: bool = False):
-    """Plain frozen-denoiser forward + backward, AdamW on the residuals only (no ComfyUI in the loop), for the
-    model's family (SD1.x: 16 residuals; SDXL: 11, with its ADM vector; the DiTs' block outputs, with their
-    flow target); `conditioning` is the caption's (nodes.host.training.caption_conditioning). With
-    `checkpointing`, the modules PerRes recomputes in backward (nodes.host.training.checkpoint_units) are
-    recomputed here too."""
+    """Frozen-denoiser forward + backward, AdamW on the family's residuals only, no ComfyUI in the loop;
+    `conditioning` from nodes.host.training.caption_conditioning; `checkpointing` recomputes what PerRes does."""
     import torch
     import torch.nn.functional as F
     import comfy.model_management as mm
@@ -106,38 +87,18 @@ def run_bound(model, latents, conditioning, batch: int, steps: int, seed: int, c
     return residuals.parameter_count()
 
 
-def run_perres(model, clip, vae, images, batch: int, steps: int, resolution: int, seed: int,
-               checkpointing: bool = True):
-    """The PerRes node for steps + 1 optimizer steps: the intervals between them are the `steps` timed ones."""
-    return bc.train_perres(model, clip, vae, images, steps + 1, batch, resolution, seed,
-                           gradient_checkpointing=checkpointing)
-
-
-def run_stock(model, latents, positive, batch: int, steps: int, rank: int, checkpointing: bool, seed: int,
-              training_dtype: str = "fp32"):
-    """TrainLoraNode with these settings, the host's own defaults for the rest."""
-    return bc.run_stock_trainer(bc.stock_trainer_inputs({
-        "model": model, "latents": latents, "positive": positive, "batch_size": batch, "steps": steps,
-        "learning_rate": 5e-4, "rank": rank, "seed": seed, "training_dtype": training_dtype, "lora_dtype": "fp32",
-        "gradient_checkpointing": checkpointing}))
-
-
 def precision(opts: argparse.Namespace) -> str:
     """fp32 for SD1.5 (the CPU figures compare like with like), bf16 for the larger models."""
     return "fp32" if opts.family == "sd15" else "bf16"
-
-
-def row(checkpointing: bool) -> str:
-    return f"checkpointing {'on' if checkpointing else 'off'}"
 
 
 def main() -> None:
     opts = parse_args()
     model, clip, vae = bc.load_model(opts.family, opts.device, opts.threads, precision(opts))
     say = h.say
-    images = make_images(opts.batch, opts.resolution)
+    images = bc.make_images(opts.batch, opts.resolution)
     latents = {"samples": bc.image_latents(model, vae, images)}  # one latent per image, as PerRes encodes them
-    positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
+    positive = bc.encode(clip, CAPTION)
     conditioning = bc.pack_module("nodes.host.training").caption_conditioning(model, clip, CAPTION, opts.resolution,
                                                                                  opts.resolution)
     say(f"model dtype {model.model.get_dtype()}, manual_cast {model.model.manual_cast_dtype}, "
@@ -146,6 +107,12 @@ def main() -> None:
         f"(+1 warm-up) x {opts.rounds} rounds, {precision(opts)}, device {opts.device}; {h.load_note()}")
 
     clock, segments = h.StepClock(), h.Segments()
+
+    def run_perres(seed: int, checkpointing: bool):
+        # steps + 1 optimizer steps: the intervals between them are the timed ones
+        return bc.train_perres(model, clip, vae, images, opts.steps + 1, opts.batch, opts.resolution, seed,
+                               gradient_checkpointing=checkpointing)
+
     # keyed by (kind, checkpointing): kind is "bound", "perres" or "stock"
     rows: dict[bool, dict[str, h.Series]] = {}
     breakdown: dict[tuple, list[dict]] = {}
@@ -162,8 +129,7 @@ def main() -> None:
                     if name == "bound":
                         return run_bound(model, latents["samples"], conditioning, opts.batch, opts.steps,
                                          seed=seeds[name] - 1, clock=clock, checkpointing=checkpointing)
-                    return run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution,
-                                      seed=seeds[name] - 1, checkpointing=checkpointing)
+                    return run_perres(seeds[name] - 1, checkpointing)
                 return run
 
             def collect(name: str, run: h.Measure, checkpointing: bool = checkpointing) -> str:
@@ -179,15 +145,18 @@ def main() -> None:
             segments.reset()
             rows[checkpointing] = h.interleaved({"bound": trainer("bound"), "perres": trainer("perres")},
                                                 opts.rounds, clock=clock, after=collect, warmup=False,
-                                                label=row(checkpointing), memory=True)
+                                                label=h.row(checkpointing), memory=True)
 
         if opts.stock_steps > 0:
             clock.reset()
             segments.reset()
             try:
-                with h.Measure() as stock:
-                    run_stock(model, latents, positive, opts.batch, opts.stock_steps, opts.stock_rank,
-                              stock_key[1], seed=0, training_dtype=precision(opts))
+                with h.Measure() as stock:  # its settings; the host's own defaults for the rest
+                    bc.run_stock_trainer(bc.stock_trainer_inputs({
+                        "model": model, "latents": latents, "positive": positive,
+                        "batch_size": opts.batch, "steps": opts.stock_steps, "learning_rate": 5e-4,
+                        "rank": opts.stock_rank, "seed": 0, "training_dtype": precision(opts), "lora_dtype": "fp32",
+                        "gradient_checkpointing": stock_key[1]}))
             except Exception as error:  # the host's trainer cannot train every model (Anima on 0.33.0)
                 stock_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 stock = None
@@ -200,27 +169,17 @@ def main() -> None:
                     f"optimizer steps: wall {' '.join(f'{d:.3f}' for d in stock_steps)}")
 
     if opts.profile:
-        import cProfile
-        import pstats
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run_perres(model, clip, vae, images, opts.batch, opts.steps, opts.resolution, seed=99,
-                   checkpointing=opts.checkpointing[-1])
-        profiler.disable()
-        profiler.dump_stats(opts.profile)
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+        h.profiled(lambda: run_perres(99, opts.checkpointing[-1]), opts.profile, "cumulative")
 
-    record = h.Record(f"bench_training{'' if opts.family == 'sd15' else '-' + opts.family}", opts,
+    record = h.Record("bench_training", opts,
                       "per optimizer step, the PerRes node vs the frozen-UNet bound with the same gradient "
                       "checkpointing (one row per setting), and the PerRes node vs ComfyUI's TrainLoraNode",
-                      opts.device, note=f"{opts.resolution} px, batch {opts.batch}")
+                      opts.device, note=f"{opts.resolution} px, batch {opts.batch}", family=opts.family)
     for checkpointing, runs in rows.items():
         bound, perres = runs["bound"], runs["perres"]
-        say(f"  -- {row(checkpointing)} (PerRes node and bound alike)")
-        say(f"  (b) bound  s/step wall: {h.spread(bound.steps)}")
-        say(f"                    cpu:  {h.spread(bound.cpu_steps)}")
-        say(f"  (a) perres s/step wall: {h.spread(perres.steps)}")
-        say(f"                    cpu:  {h.spread(perres.cpu_steps)}")
+        say(f"  -- {h.row(checkpointing)} (PerRes node and bound alike)")
+        bound.describe("(b) bound", 10)
+        perres.describe("(a) perres", 10)
         say(f"      perres node call total: {h.spread(perres.totals)}")
         say(f"      outside the timed steps (VAE+CLIP encode, setup, warm-up step, copy-out): "
             f"{h.spread(outside[checkpointing])}")
@@ -236,25 +195,22 @@ def main() -> None:
     target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
     if stock is not None:
         per_step = stock.seconds / opts.stock_steps
-        say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {row(stock_key[1])}, every "
+        say(f"  -- (c) stock: rank {opts.stock_rank}, {precision(opts)}, AdamW, {h.row(stock_key[1])}, every "
             f"layer trained; {opts.batch} cond entries x latent batch {opts.batch} = {opts.batch * opts.batch} "
             f"UNet samples per step (calc_cond_batch)")
         say(f"      s/step wall: {per_step:.3f} (node total / steps: setup and warm-up step included)")
         say(f"      between optimizer steps wall: {h.spread(stock_steps)}")
         say(f"                              cpu:  {h.spread(stock_cpu)}")
         record.figure("stock_seconds_per_step", per_step)
-        perres = rows.get(stock_key[1], {}).get("perres")
-        if perres is not None:
-            record.ratio(f"perres/stock, {row(stock_key[1])}", perres.step / per_step, target,
-                         f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
-                         detail=f"(stock {per_step:.1f} s/step)")
-            if stock_steps:
-                say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
-                    f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
-    elif stock_failure is not None:
-        record.ratio(f"perres/stock, {row(stock_key[1])}", None, target,
-                     f"PerRes step / TrainLoraNode, {row(stock_key[1])} both",
-                     note=f"TrainLoraNode cannot train this model here ({stock_failure})")
+    perres = rows.get(stock_key[1], {}).get("perres")
+    if stock_failure is not None or (stock is not None and perres is not None):
+        record.ratio(f"perres/stock, {h.row(stock_key[1])}", perres.step / per_step if stock else None, target,
+                     f"PerRes step / TrainLoraNode, {h.row(stock_key[1])} both",
+                     detail=f"(stock {per_step:.1f} s/step)" if stock else "",
+                     note="" if stock else f"TrainLoraNode cannot train this model here ({stock_failure})")
+    if stock is not None and perres is not None and stock_steps:
+        say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
+            f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
     say("  where a step goes (median per step over runs, wall / cpu seconds):")
     for key, runs in breakdown.items():
         runs = [b for b in runs if b]
@@ -264,12 +220,13 @@ def main() -> None:
             if values:
                 parts.append(f"{seg} {h.median([v[0] for v in values]):.3f}/{h.median([v[1] for v in values]):.3f}")
         if parts:
-            say(f"    {key[0]:6s} {row(key[1]):17s}: " + ", ".join(parts))
+            say(f"    {key[0]:6s} {h.row(key[1]):17s}: " + ", ".join(parts))
     for key, peak in memory.items():
-        say(f"  memory {key[0]:6s} {row(key[1]):17s}: {peak.describe()}")
-        record.figure(f"peak_rss_growth_bytes_{key[0]}_{row(key[1]).replace(' ', '_')}", peak.peak_rss - peak.start_rss)
+        say(f"  memory {key[0]:6s} {h.row(key[1]):17s}: {peak.describe()}")
+        record.figure(f"peak_rss_growth_bytes_{key[0]}_{h.row(key[1]).replace(' ', '_')}",
+                      peak.peak_rss - peak.start_rss)
     say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
-    record.finish(opts.json or h.default_json("bench_training", opts.family))
+    record.finish(opts.json)
 
 
 def report_glue(breakdown: dict, checkpointing: bool) -> None:

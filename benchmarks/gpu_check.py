@@ -1,19 +1,6 @@
-"""The paper-scale GPU check: one command, one table, one JSON file.
-
-For each family of --families (sd15, sdxl; or anima, krea2 in a pass of their own), on the tests' random model with
-ComfyUI's --fp16-unet (the DiTs bf16, Krea 2 with fp8 weights and all 28 blocks on a GPU), at batch 4: PerRes
-Train Residuals without (perres_plain) and with (perres_ckpt) gradient checkpointing, ComfyUI's TrainLoraNode
-(stock_lora, its own defaults), and sampling with the base model, Apply, LAG and a rank-32 LoRA merged and
-through LAG LoRA. Training figures are the node call's wall time and torch.cuda.max_memory_allocated.
-
-  SD1.5  512 px, 150 steps, 50 DDIM steps at CFG 6: perres_plain 150 steps <= 30 s on an H100, perres_ckpt peak
-         <= 6 GiB, LAG <= 1.05x Apply, LAG LoRA <= 1.25x merged.
-  SDXL   1024 px, 30 dpmpp_2m karras steps: perres_ckpt peak <= 10 GiB, LAG <= 1.05x, LAG LoRA <= 1.10x.
-  Anima, Krea 2  1024 px, 30 steps at CFG 4: perres_ckpt peak <= 14 / 22 GiB, LAG LoRA <= 1.10x.
-
-Every phase is measured on its own: one that fails is recorded with its error and the others still run; the JSON
-is rewritten after every phase; with --deadline later phases are recorded as skipped; --dynamic-vram on|off picks
-ComfyUI 0.33.0's dynamic VRAM or the classic ModelPatcher. benchmarks/README.md has the details.
+"""The paper-scale GPU check, one command, one table, one JSON file: per family of --families, PerRes training
+with and without gradient checkpointing, TrainLoraNode, and sampling with the base model, Apply, LAG and a LoRA
+merged and through LAG LoRA, against the targets of benchmarks/README.md, "gpu_check.py".
 
     python custom_nodes/PerRes/benchmarks/gpu_check.py --families sd15,sdxl --json gpu_check.json
     python benchmarks/gpu_check.py --device cpu --smoke          # the same code paths, tiny, on a CPU
@@ -22,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -38,7 +24,7 @@ from bench_lag_lora import attention_ff_lora, family_of, lag_lora_model, merged_
 
 CAPTION = "a photo of a sks dog"
 PROMPT = "a photo of a sks dog on the beach"
-GIB = 1024 ** 3
+GIB = h.GIB
 PAPER_STEPS = 150
 
 
@@ -62,12 +48,10 @@ class FamilyPlan:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p = h.arguments(__doc__, device="cuda", json_default="gpu_check.json", threads=False, batch=4)
     p.add_argument("--families", default="sd15",
                    help="comma-separated: sd15, sdxl (default sd15), or anima, krea2: the DiTs run in a pass of "
                         "their own (bf16; the host starts once per process with one precision)")
-    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=512, help="SD1.5 side in px")
     p.add_argument("--train-steps", type=int, default=PAPER_STEPS, help="SD1.5 training steps")
     p.add_argument("--sample-steps", type=int, default=50, help="SD1.5 DDIM steps")
@@ -92,24 +76,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="skip phases that would start more than SECONDS after launch (0: no deadline)")
     p.add_argument("--smoke", action="store_true",
                    help="64 px, 2 training and 2 sampling steps: checks every code path in minutes on a CPU")
-    p.add_argument("--json", metavar="FILE", default="gpu_check.json", help="where to write the figures")
     opts = p.parse_args(argv)
-    if opts.smoke:
-        opts.resolution = opts.sdxl_resolution = opts.dit_resolution = 64
-        opts.train_steps = opts.sdxl_train_steps = opts.dit_train_steps = 2
-        opts.sample_steps = opts.sdxl_sample_steps = opts.dit_sample_steps = 2
-        opts.sample_repeats = 1
-    if opts.sdxl_sample_repeats is None:
-        opts.sdxl_sample_repeats = opts.sample_repeats
-    if opts.dit_sample_repeats is None:
-        opts.dit_sample_repeats = opts.sample_repeats
+    for prefix in ("", "sdxl_", "dit_"):
+        if opts.smoke:
+            setattr(opts, f"{prefix}resolution", 64)
+            setattr(opts, f"{prefix}train_steps", 2)
+            setattr(opts, f"{prefix}sample_steps", 2)
+            opts.sample_repeats = 1
+        if getattr(opts, f"{prefix}sample_repeats") is None:
+            setattr(opts, f"{prefix}sample_repeats", opts.sample_repeats)
     if opts.krea2_blocks is None:
         opts.krea2_blocks = 28 if opts.device == "cuda" else 2
-    opts.families = [name.strip() for name in opts.families.split(",") if name.strip()]
+    opts.families = h.choices(p, "--families", opts.families, {"sd15", "sdxl", *bc.DIT_FAMILIES})
     opts.skip_stock_families = [name.strip() for name in opts.skip_stock_families.split(",") if name.strip()]
-    unknown = set(opts.families) - {"sd15", "sdxl", *bc.DIT_FAMILIES}
-    if unknown or not opts.families:
-        p.error(f"--families takes sd15 and/or sdxl, or anima and/or krea2, got {opts.families}")
     if {"sd15", "sdxl"} & set(opts.families) and set(bc.DIT_FAMILIES) & set(opts.families):
         p.error("run the DiTs (anima, krea2) in a pass of their own: the host starts once per process, with one "
                 "precision (fp16 for the UNets, bf16 for the DiTs)")
@@ -153,10 +132,7 @@ class Report:
         self.deadline = time.monotonic() + deadline if deadline > 0 else None
 
     def save(self) -> None:
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=2, default=str)
-        os.replace(tmp, self.path)
+        h.write_json(self.path, self.data)
 
     def phase(self, section: dict, name: str, measure: Callable[[], dict]) -> Optional[dict]:
         """Run one measurement into section[name]: its figures, {"error": ...} or {"skipped": ...}."""
@@ -190,8 +166,7 @@ def train_perres(model, clip, vae, images, plan: FamilyPlan, batch: int, checkpo
 
 def train_stock(model, vae, clip, images, plan: FamilyPlan, batch: int) -> dict:
     latents = {"samples": bc.image_latents(model, vae, images)}
-    positive = bc.run_node("CLIPTextEncode", clip=clip, text=CAPTION)[0]
-    values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": positive,
+    values = bc.stock_trainer_inputs({"model": model, "latents": latents, "positive": bc.encode(clip, CAPTION),
                                       "steps": plan.train_steps, "batch_size": batch, "seed": 0})
     free_memory()
     with h.Measure(memory=False) as phase:
@@ -205,23 +180,17 @@ def sample_all(model, clip, residuals, plan: FamilyPlan) -> dict:
     """Seconds per sampling run of the base model, PerRes Apply, and on UNets PerRes LAG and a rank-32 LoRA merged
     by LoraLoaderModelOnly and through PerRes LAG LoRA; the same seed, latent and CFG for all."""
     applied = bc.run_node("PerResApplyResiduals", model=model, residuals=residuals, strength=1.0)[0]
-    positive = bc.run_node("CLIPTextEncode", clip=clip, text=PROMPT)[0]
-    negative = bc.run_node("CLIPTextEncode", clip=clip, text="")[0]
+    positive, negative = bc.encode(clip, PROMPT), bc.encode(clip, "")
     latent = bc.run_node(plan.latent, width=plan.resolution, height=plan.resolution, batch_size=1)[0]
     configs = {"base": (model, positive), "apply": (applied, positive)}
     if plan.lag:
-        lag_model, lag_positive = bc.run_node("PerResLAGSampling", model=model, clip=clip, residuals=residuals,
-                                              prompt=PROMPT, concept_words="sks dog", strength=1.0,
-                                              threshold="median", quantile=0.5, start_percent=0.0,
-                                              end_percent=1.0, outside_window="full residual")[:2]
-        lora = attention_ff_lora(model, family_of(plan.family))
-        configs.update({"lag": (lag_model, lag_positive), "lora_merged": (merged_lora_model(model, lora), positive),
+        lora = attention_ff_lora(model, family_of(plan.family))[0]
+        configs.update({"lag": bc.lag_sampling(model, clip, PROMPT, "sks dog", residuals=residuals),
+                        "lora_merged": (merged_lora_model(model, lora), positive),
                         "lora_lag": lag_lora_model(model, clip, lora)})
-    def sample(patcher, pos):
-        return bc.run_node("KSampler", model=patcher, seed=0, steps=plan.sample_steps, cfg=plan.cfg,
-                           sampler_name=plan.sampler, scheduler=plan.scheduler, positive=pos, negative=negative,
-                           latent_image=latent, denoise=1.0)
-    runs = h.interleaved({name: (lambda c=config: sample(*c)) for name, config in configs.items()},
+    runs = h.interleaved({name: (lambda c=config: bc.ksample(*c, negative, latent, plan.sample_steps, plan.cfg, 0,
+                                                             plan.sampler, plan.scheduler))
+                          for name, config in configs.items()},
                          plan.sample_repeats, label=plan.family)  # untimed first runs load and warm up
     return {name: {"seconds": h.median(series.totals), "runs": series.totals} for name, series in runs.items()}
 
@@ -330,11 +299,9 @@ def report_family(plan: FamilyPlan, section: dict, batch: int) -> None:
             h.say(phase_row(f"{label}, {name}", sampling[name]))
     h.say(phase_row("ComfyUI TrainLoraNode (its defaults)", section.get("stock_lora")))
     for name, entry in section.get("targets", {}).items():
-        if entry["value"] is None:
-            h.say(f"  {name:40s}       n/a    (target <= {entry['target']}: not measured here)")
-            continue
-        verdict = "OK" if entry["value"] <= entry["target"] else "OVER TARGET"
-        h.say(f"  {name:40s} {entry['value']:9.3f}    (target <= {entry['target']}: {verdict})")
+        value, target = entry["value"], entry["target"]
+        h.say(f"  {name:40s}       n/a    (target <= {target}: not measured here)" if value is None else
+              f"  {name:40s} {value:9.3f}    (target <= {target}: {h.verdict(value, target)})")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -346,10 +313,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     family_plans = plans(opts)
     for plan in family_plans:
         check_family(plan, opts, report)
-    import torch
-    header = {"device": h.device_name(opts.device), "comfyui": bc.comfy_version(""), "torch": torch.__version__,
-              "dynamic_vram": bc.dynamic_vram_state(),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    found = h.host_info(opts.device)
+    header = {**{key: found[key] for key in ("device", "comfyui", "torch", "dynamic_vram")}, "date": h.today()}
     report.data = {**header, **report.data}
     report.save()
     h.say("")

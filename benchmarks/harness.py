@@ -1,11 +1,5 @@
-"""The one timing harness of the benchmarks and gpu_check.py: clocks, peak memory, warm-up and interleaved
-repeats with medians, and the record every benchmark prints as its summary and writes as JSON.
-
-Every measurement goes through `Measure` (wall and CPU seconds, peak memory of a block of work) or a
-`StepClock` (per-step times ticked by the optimizer or the sampler's progress bar); `interleaved` runs
-configs once untimed and then in a rotating order; `Record` holds the host, the settings, the date and each
-ratio against its target (docs/figures/README.md describes the JSON; tools/render_figures.py renders it).
-"""
+"""The one timing harness of the benchmarks and gpu_check.py (benchmarks/README.md, "One harness, one record per
+run"): clocks, peak memory, interleaved repeats with medians, and the Record every benchmark prints and writes."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +27,53 @@ def say(text: str = "") -> None:
     sys.stdout.flush()
 
 
-def arguments(doc: str) -> argparse.ArgumentParser:
-    """The command line every benchmark starts from: its docstring as help, --device, --threads and --json."""
+NUMBER_HELP = {"resolution": "image side in px (latent = /8)", "batch": "images per step", "repeats":
+               "timed runs per config, interleaved", "rounds": "timed rounds, interleaved", "steps": "steps per run"}
+
+
+def arguments(doc: str, device: str = "cpu", json_default: Optional[str] = None, threads: bool = True,
+              profile: bool = False, **numbers: float) -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: its docstring as help, --device, --threads and --json, with
+    --profile FILE, and a numeric option per keyword (`resolution=128` is --resolution, an int, default 128)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
-    p.add_argument("--json", metavar="FILE", default=None,
-                   help="where to write the record (default bench_out/<ComfyUI version>/<script>[-<family>].json)")
+    p.add_argument("--device", default=device, choices=["cpu", "cuda"])
+    if threads:
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch.set_num_threads (0 = leave torch's default; 1 on a machine shared with other jobs)")
+    p.add_argument("--json", metavar="FILE", default=json_default,
+                   help=f"where to write the record (default {json_default or 'bench_out/<ComfyUI version>/<script>'})")
+    if profile:
+        p.add_argument("--profile", metavar="FILE", default=None,
+                       help="also profile one extra run with cProfile and write the stats to FILE")
+    for name, default in numbers.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{NUMBER_HELP.get(name, name.replace('_', ' '))}; default {default}")
     return p
+
+
+def choices(p: argparse.ArgumentParser, flag: str, text: str, allowed: set[str]) -> list[str]:
+    """A comma-separated option's items, each one of `allowed` (p.error otherwise)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or set(names) - allowed:
+        p.error(f"{flag} takes {', '.join(sorted(allowed))} (comma-separated); got {text!r}")
+    return names
+
+
+def profiled(run: Callable[[], Any], path: str, sort: str) -> None:
+    """One extra run under cProfile: stats written to `path`, the top 25 by `sort` printed (--profile)."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    profiler.dump_stats(path)
+    pstats.Stats(profiler).sort_stats(sort).print_stats(25)
+
+
+def row(checkpointing: bool) -> str:
+    """The name of a gradient-checkpointing row of the training benchmarks."""
+    return f"checkpointing {'on' if checkpointing else 'off'}"
 
 
 def cuda_active() -> bool:
@@ -57,9 +89,8 @@ def sync() -> None:
 
 
 def cpu_time() -> float:
-    """CPU seconds: of this thread when torch runs single-threaded (every CPU op runs there), else of the process.
-
-    Reported beside wall time because other processes competing for the cores disturb it far less."""
+    """CPU seconds of this thread when torch runs single-threaded (every op runs there), else of the process:
+    other processes competing for the cores disturb it far less than wall time."""
     import torch
     return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
@@ -101,11 +132,8 @@ def load_note() -> str:
 
 
 class Measure:
-    """Wall and CPU seconds and peak memory of the block it wraps (`with Measure() as m: ...`).
-
-    Peak memory: on CUDA torch's allocator peak (`cuda_peak`); on the CPU the resident set size sampled every
-    `interval` seconds by a thread (`peak_rss`), left out with memory=False where only time matters.
-    """
+    """Wall and CPU seconds and peak memory (CUDA's allocator peak, else the resident set sampled every
+    `interval` seconds by a thread; memory=False leaves that out) of the block it wraps."""
 
     def __init__(self, memory: bool = True, interval: float = 0.02) -> None:
         self.memory, self.interval = memory, interval
@@ -167,34 +195,36 @@ class StepClock:
     """Wall-clock and CPU timestamps of events (optimizer or sampler steps); durations are between ticks."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
-        self.cpu_stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def tick(self, *_args, **_kwargs) -> None:
         sync()
-        self.stamps.append(time.perf_counter())
-        self.cpu_stamps.append(cpu_time())
+        self.stamps.append((time.perf_counter(), cpu_time()))
 
     def reset(self) -> None:
         self.stamps.clear()
-        self.cpu_stamps.clear()
 
-    def durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+    def durations(self, cpu: bool = False) -> list[float]:
+        return [b[cpu] - a[cpu] for a, b in zip(self.stamps, self.stamps[1:])]
 
     def cpu_durations(self) -> list[float]:
-        return [b - a for a, b in zip(self.cpu_stamps, self.cpu_stamps[1:])]
+        return self.durations(cpu=True)
 
 
 @contextlib.contextmanager
-def optimizer_steps(clock: StepClock) -> Iterator[None]:
-    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    handle = register_optimizer_step_post_hook(clock.tick)
+def removing(*handles) -> Iterator[None]:
+    """Remove the hooks of `handles` (module or optimizer hooks) when the block ends."""
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def optimizer_steps(clock: StepClock) -> contextlib.AbstractContextManager:
+    """Tick `clock` after every torch optimizer step in the process (PerRes, the bound and the stock node alike)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    return removing(register_optimizer_step_post_hook(clock.tick))
 
 
 @contextlib.contextmanager
@@ -210,13 +240,8 @@ def progress_steps(clock: StepClock) -> Iterator[None]:
 
 
 class Segments:
-    """Where a training step's time goes: marks at UNet forward start/end and optimizer step start/end.
-
-    Segment names: 'glue' (optimizer step end -> next UNet forward: batch drawing, noise, host code),
-    'forward', 'loss+backward' (forward end -> optimizer step start), 'optimizer', and 'between UNet
-    calls' when one step runs the UNet more than once. Only whole steps after the first optimizer
-    step are counted, so setup and the warm-up step are excluded.
-    """
+    """Where a training step's time goes, from marks at UNet forward start/end and optimizer step start/end
+    (benchmarks/README.md, bench_training.py); only whole steps after the first optimizer step count."""
 
     NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
              ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
@@ -248,27 +273,18 @@ class Segments:
         return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
 
 
-@contextlib.contextmanager
-def segment_marks(segments: Segments, unet) -> Iterator[None]:
+def segment_marks(segments: Segments, unet) -> contextlib.AbstractContextManager:
     """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    handles = [
-        unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
-        unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
-        register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
-        register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return removing(unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
+                    unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
+                    register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
+                    register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")))
 
 
 @dataclasses.dataclass
 class Series:
-    """The runs of one config: per-step wall and CPU seconds (from the StepClock), run totals, the untimed
-    warm-up run's Measure and output."""
+    """The runs of one config: per-step wall and CPU seconds, run totals, the untimed warm-up's Measure, output."""
     steps: list[float] = dataclasses.field(default_factory=list)
     cpu_steps: list[float] = dataclasses.field(default_factory=list)
     totals: list[float] = dataclasses.field(default_factory=list)
@@ -284,18 +300,22 @@ class Series:
     def cpu_step(self) -> float:
         return median(self.cpu_steps)
 
+    def describe(self, name: str, width: int = 6) -> None:
+        """Print the per-step spreads (wall, cpu) and, where kept, the run totals and the untimed loads."""
+        pad = " " * (width + 3)
+        say(f"  {name:{width}s} s/step wall: {spread(self.steps)}")
+        say(f"{pad}s/step cpu:  {spread(self.cpu_steps)}")
+        if self.before:
+            say(f"{pad}run total:   {spread(self.totals)}")
+            say(f"{pad}load/switch before the run (untimed above): {spread(self.before)}")
+
 
 def interleaved(configs: dict[str, Callable[[], Any]], repeats: int, clock: Optional[StepClock] = None,
                 before: Optional[Callable[[str], Any]] = None, after: Optional[Callable[[str, Measure], str]] = None,
                 warmup: bool = True, label: str = "", memory: bool = False) -> dict[str, Series]:
-    """Run each config once untimed (first load, allocator, caches; its peak memory measured), then `repeats`
-    rounds in an order rotated each round, so drifting machine load favours none of them.
-
-    `before(name)` runs outside the timer before every run (loading the config's model; its seconds are kept);
-    the clock is reset before each timed run and its step durations kept; `after(name, measure)` collects what
-    else a benchmark reads from the run and returns text for the run's log line. With `memory` the timed runs
-    sample peak memory too (a thread, which costs a little time).
-    """
+    """Each config once untimed (its peak memory measured), then `repeats` rounds in an order rotated each round,
+    so drifting load favours none. `before(name)` runs untimed before every run (its seconds kept); `after(name,
+    measure)` collects what else a run gives and returns text for its log line; `memory` samples timed runs too."""
     series = {name: Series() for name in configs}
     names = list(configs)
     prefix = f"{label}, " if label else ""
@@ -343,6 +363,18 @@ def device_name(device: str) -> str:
     return f"CPU{' (' + model + ')' if model else ''}, {os.cpu_count()} cores"
 
 
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def host_info(device: str) -> dict[str, Any]:
+    """What a record says of the machine and the host in this process."""
+    import torch
+    from bench_common import comfy_version, dynamic_vram_state
+    return {"comfyui": comfy_version(""), "torch": torch.__version__, "device": device_name(device),
+            "torch_threads": torch.get_num_threads(), "dynamic_vram": dynamic_vram_state(), "load": load_note()}
+
+
 def verdict(value: float, target: float, compare: str = "<=") -> str:
     ok = {"<=": value <= target, "<": value < target, ">=": value >= target}[compare]
     return "OK" if ok else ("OVER TARGET" if compare.startswith("<") else "UNDER TARGET")
@@ -350,18 +382,15 @@ def verdict(value: float, target: float, compare: str = "<=") -> str:
 
 class Record:
     """What one run of a benchmark measured: printed as its summary (between two rules of '=') and written as
-    JSON with the host, the settings, the date and each ratio against its target."""
+    JSON (docs/figures/README.md); a family other than sd15 is named in the benchmark, `-<family>`."""
 
-    def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "") -> None:
-        import torch
-        from bench_common import comfy_version, dynamic_vram_state
+    def __init__(self, benchmark: str, opts, compares: str, device: str = "cpu", note: str = "",
+                 family: str = "sd15") -> None:
+        self.default_path = default_json(benchmark, family)
+        benchmark = benchmark if family == "sd15" else f"{benchmark}-{family}"
         settings = {k: v for k, v in sorted(vars(opts).items()) if k != "json"}
         self.data: dict[str, Any] = {
-            "schema": SCHEMA, "benchmark": benchmark, "source": "measured",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "host": {"comfyui": comfy_version(""), "torch": torch.__version__, "device": device_name(device),
-                     "torch_threads": torch.get_num_threads(), "dynamic_vram": dynamic_vram_state(),
-                     "load": load_note()},
+            "schema": SCHEMA, "benchmark": benchmark, "source": "measured", "date": today(), "host": host_info(device),
             "settings": json.loads(json.dumps(settings, default=str)), "note": note, "compares": compares,
             "ratios": {}, "figures": {}}
         say("")
@@ -387,15 +416,24 @@ class Record:
     def figure(self, key: str, value: Any) -> None:
         self.data["figures"][key] = value
 
-    def finish(self, path: Optional[str]) -> None:
-        """Close the summary and write the JSON to `path`."""
+    def figures(self, **figures: Any) -> None:
+        self.data["figures"].update(figures)
+
+    def finish(self, path: Optional[str] = None) -> None:
+        """Close the summary and write the JSON to `path` (default bench_out/...)."""
         say("=" * 78)
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as handle:
-                json.dump(self.data, handle, indent=2, default=str)
-                handle.write("\n")
-            say(f"wrote {path}")
+        path = path or self.default_path
+        write_json(path, self.data)
+        say(f"wrote {path}")
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write `data` to `path` whole or not at all (a run cut short leaves the previous file), folders made."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(f"{path}.tmp", path)
 
 
 def default_json(benchmark: str, family: str = "sd15") -> str:
@@ -406,13 +444,9 @@ def default_json(benchmark: str, family: str = "sd15") -> str:
 
 
 class TrainingPeak(Measure):
-    """Peak memory of the training steps alone, above what was in use when `unet` first ran.
-
-    The baseline is taken at the first forward of the phase, so the loaded model, the latents and everything
-    before (the VAE encoding a training node does first) are excluded: what remains is the memory the steps
-    themselves add (activations kept for backward, gradients, optimizer state). On CUDA it is torch's allocator
-    peak; on the CPU the resident set size, sampled every 5 ms.
-    """
+    """Peak memory of the training steps alone (activations, gradients, optimizer state): above what was in
+    use when `unet` first ran, so the loaded model, latents and a node's VAE encoding are left out. CUDA's
+    allocator peak, else the resident set sampled every 5 ms."""
 
     def __init__(self, unet) -> None:
         super().__init__(interval=0.005)
