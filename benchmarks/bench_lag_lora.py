@@ -144,7 +144,7 @@ def report_speed(runs: dict[str, h.Series], record: h.Record) -> None:
                    cpu_seconds_per_step={"merged": merged.cpu_step, "lag": lag.cpu_step})
 
 
-def text_policy(setup: Setup) -> None:
+def text_policy(setup: Setup) -> dict[str, list[float]]:
     import torch
 
     opts, say = setup.opts, h.say
@@ -157,6 +157,7 @@ def text_policy(setup: Setup) -> None:
     change = merged - base
     say(f"text policy: LoRA on attn2.to_k/to_v of every block, {res}px, 1 step; |merged - base| mean "
         f"{change.abs().mean():.4g}")
+    found = {}
     for policy in ("attention", "columns"):
         patcher = setup.lag(name)
         patch = lag_patch.LagPatch.of(patcher)
@@ -169,8 +170,10 @@ def text_policy(setup: Setup) -> None:
         kept = 1 - (result - merged).abs()[inside].mean() / change.abs()[inside].mean()
         leak = (result - base).abs()[~inside].mean() / change.abs()[~inside].mean()
         say(f"  {policy:9s} kept inside {kept:6.3f}   leak outside {leak:6.3f}   ({seconds:.1f} s)")
+        found[f"text, {policy}: kept / leak"] = [kept.item(), leak.item()]
         del patcher
     torch.cuda.empty_cache() if h.cuda_active() else None
+    return found
 
 
 def logged_masks(patch) -> list:
@@ -197,7 +200,14 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def before_policy(setup: Setup) -> None:
+# the before policy's candidates, by the rows of docs/benchmarks.md's mask-policy table
+BEFORE_ROWS = {"block": "before: the block's mask of the previous step",
+               "resolution": "before: the newest mask at the block's resolution (the previous block's, where they "
+                             "share it)",
+               "estimate": "before: this call's estimate", "earlier mean": "before: running mean of earlier blocks"}
+
+
+def before_policy(setup: Setup) -> dict[str, float]:
     opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \
@@ -218,7 +228,7 @@ def before_policy(setup: Setup) -> None:
     patch._estimate = logged_estimate
     setup.sample(patcher, opts.policy_resolution, opts.policy_steps)
     order = [entry for entry in log if entry is not None]
-    agree = {"resolution": [], "block": [], "estimate": [], "earlier mean": []}
+    agree: dict[str, list[float]] = {policy: [] for policy in BEFORE_ROWS}
     for i, (call, site, size, own) in enumerate(order):
         if call == 1 or site[1] is None:
             continue
@@ -236,14 +246,15 @@ def before_policy(setup: Setup) -> None:
     say(f"before policy: {opts.policy_resolution}px, {opts.policy_steps} steps, agreement with the block's own "
         f"mask of the same step (mean over {len(agree['block'])} block-steps):")
     for policy, values in agree.items():
-        say(f"  {policy:10s} {mean(values):.3f}  ({len(values)} block-steps)")
+        say(f"  {policy:12s} {mean(values):.3f}  ({len(values)} block-steps)")
+    return {BEFORE_ROWS[policy]: mean(values) if values else None for policy, values in agree.items()}
 
 
-def depth_policy(setup: Setup) -> None:
+def depth_policy(setup: Setup) -> dict[str, list[float]]:
     opts, say = setup.opts, h.say
     if all(slot.depth == 1 for slot in setup.family.slots):
         say(f"depth policy: every {setup.family.name} transformer has one block; nothing to choose")
-        return
+        return {}
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     patcher = setup.lag(f"bench_{setup.family.name}_proj_out.safetensors", all_blocks(("proj_out",), setup.family))
     log = logged_masks(lag_patch.LagPatch.of(patcher))
@@ -273,6 +284,9 @@ def depth_policy(setup: Setup) -> None:
         f"earlier {mean(mean_stable):.3f}")
     say(f"  proj_out 'last': agrees with the blocks' own masks {mean(last_blocks):.3f}, with itself one step "
         f"earlier {mean(last_stable):.3f}")
+    return {"depth: the transformer's previous-step mask vs a block's own": [mean(inner)],
+            "depth, proj_out: mean vs blocks / steadiness": [mean(mean_blocks), mean(mean_stable)],
+            "depth, proj_out: last block vs blocks / steadiness": [mean(last_blocks), mean(last_stable)]}
 
 
 @contextlib.contextmanager
@@ -295,20 +309,25 @@ def fp32_compute(model):
 def main() -> None:
     opts = parse_args()
     setup = Setup(opts)
+    policy: dict = {}
     if opts.part in ("policy", "all"):
         with fp32_compute(setup.model):
             if not setup.family.is_dit:   # a DiT's text and depth choices: perres_core/lag_layers.py says why none
-                text_policy(setup)
-            before_policy(setup)
+                policy.update(text_policy(setup))
+            policy.update(before_policy(setup))
             if not setup.family.is_dit:
-                depth_policy(setup)
+                policy.update(depth_policy(setup))
     runs = speed(setup) if opts.part in ("speed", "all") else {}
+    settings = [FAMILY_LABELS[opts.family]] + [f"rank {opts.rank}, {opts.resolution} px"] * bool(runs) + \
+        [f"policy {opts.policy_resolution} px, {opts.policy_steps} steps"] * bool(policy)
     record = h.Record("bench_lag_lora", opts,
                       "per sampling step, a LoRA merged by LoraLoaderModelOnly vs the same LoRA through PerRes LAG "
-                      "LoRA; and the mask policies' experiment", opts.device,
-                      note=f"{FAMILY_LABELS[opts.family]}, rank {opts.rank}, {opts.resolution} px", family=opts.family)
+                      "LoRA; and the mask policies' experiment", opts.device, note=", ".join(settings),
+                      family=opts.family)
     if runs:
         report_speed(runs, record)
+    if policy:   # agreement shares and kept/leak fractions, no targets: docs/benchmarks.md's mask-policy table
+        record.figure("policy", policy)
     record.finish(opts.json)
 
 

@@ -13,7 +13,6 @@ import os
 import struct
 import sys
 import types
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -69,21 +68,17 @@ def set_preview_method(name: str, size: int) -> str:
 
 class StepLog:
     """One node run, seen through wrappers installed for the benchmark process only (the pack is untouched): per
-    call of the node's step callback its step, Measure and whether it made a preview; the preview's UNet forwards
-    (no grad) apart from the training's; the previewer's decode; the server's encode (progress-bar hook); and the
-    counts of previews and text lines."""
+    call of the node's step callback its step, Measure and whether it made a preview; the previewers made; and
+    the counts of previews (encoded as the server would, in the progress-bar hook) and text lines."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.calls: list[tuple[int, h.Measure, bool]] = []
-        # "forward" (the preview's), "train_forward", "decode" (the previewer's), "encode" (the server's)
-        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
         self.hook_previews = self.texts = 0
         self.previewers: set[str] = set()
         self.monitor_previews: list[int] = []
-        self._forward: Optional[h.Measure] = None
 
     def span(self, steps: int) -> tuple[float, float, int]:
         """Wall and CPU seconds from the end of step 1's callback to the end of step `steps`'s, and the
@@ -98,12 +93,11 @@ class StepLog:
         return [run.seconds * 1000 for step, run, previewed in self.calls if step > 1 and previewed == with_preview]
 
     @contextlib.contextmanager
-    def installed(self, unet):
-        """The wrappers: TrainingMonitor.__call__, latent_preview.get_previewer, hooks on `unet`, the progress-bar
-        hook and a stand-in PromptServer; all undone on exit."""
+    def installed(self):
+        """The wrappers: TrainingMonitor.__call__, latent_preview.get_previewer, the progress-bar hook and a
+        stand-in PromptServer; all undone on exit."""
         import comfy.utils
         import latent_preview
-        import torch
         monitor_cls = bc.pack_module("nodes.train_monitor").TrainingMonitor
         original_call, original_get = monitor_cls.__call__, latent_preview.get_previewer
 
@@ -119,33 +113,15 @@ class StepLog:
             previewer = original_get(device, latent_format)
             if previewer is not None:
                 self.previewers.add(type(previewer).__name__)
-                decode = previewer.decode_latent_to_preview_image
-
-                def timed_decode(preview_format, x0):
-                    seconds, out = h.measured(lambda: decode(preview_format, x0))
-                    self.seconds["decode"].append(seconds)
-                    return out
-                previewer.decode_latent_to_preview_image = timed_decode
             return previewer
-
-        def pre(module, args):
-            self._forward = h.Measure(memory=False).__enter__()
-
-        def post(module, args, output):
-            if self._forward is not None:
-                self._forward.__exit__(None, None, None)
-                # the preview's forward runs under no_grad (PreviewSample.denoise), the training's with grad
-                self.seconds["train_forward" if torch.is_grad_enabled() else "forward"].append(self._forward.seconds)
-                self._forward = None
 
         def progress(value, total, preview, node_id=None):
             if preview is not None:
-                self.seconds["encode"].append(h.measured(lambda: server_encode(preview))[0])
+                server_encode(preview)  # part of a preview's cost
                 self.hook_previews += 1
 
         previous_hook = comfy.utils.PROGRESS_BAR_HOOK
         monitor_cls.__call__, latent_preview.get_previewer = timed_call, get_previewer
-        handles = [unet.register_forward_pre_hook(pre), unet.register_forward_hook(post)]
         comfy.utils.set_progress_bar_global_hook(progress)
         undo_server = stand_in_server(self)
         try:
@@ -153,8 +129,6 @@ class StepLog:
         finally:
             undo_server()
             comfy.utils.set_progress_bar_global_hook(previous_hook)
-            for handle in handles:
-                handle.remove()
             monitor_cls.__call__, latent_preview.get_previewer = original_call, original_get
 
 
@@ -218,11 +192,9 @@ def train_node_with_id():
 
 
 class Collected:
-    """What the StepLog of each timed run adds: lists keyed by (checkpointing, preview_every), the training's
-    forwards by checkpointing alone."""
+    """What the StepLog of each timed run adds: lists keyed by (checkpointing, preview_every)."""
 
-    LISTS = ("wall", "cpu", "spans", "with_preview_ms", "without_preview_ms", "forward_ms", "train_forward_ms",
-             "decode_ms", "encode_ms", "counts")
+    LISTS = ("wall", "cpu", "spans", "with_preview_ms", "without_preview_ms", "counts")
 
     def __init__(self) -> None:
         for name in self.LISTS:
@@ -239,10 +211,6 @@ class Collected:
         self.spans[key].append((span_wall, in_span))
         self.with_preview_ms[key].extend(log.callback_ms(True))
         self.without_preview_ms[key].extend(log.callback_ms(False))
-        # the first preview (step 1) is the first batch-1 forward of the run: keep it out
-        for name in ("forward", "decode", "encode", "train_forward"):
-            getattr(self, f"{name}_ms")[checkpointing if name == "train_forward" else key].extend(
-                seconds * 1000 for seconds in log.seconds[name][1:])
         expected = len(expected_previews(steps, every))
         monitor = log.monitor_previews[-1] if log.monitor_previews else "?"
         self.counts[key].append(f"{log.hook_previews}/{monitor}/{expected}")
@@ -284,7 +252,7 @@ def main() -> None:
                                gradient_checkpointing=checkpointing, preview_every=every)
 
     log, found = StepLog(), Collected()
-    with log.installed(model.model.diffusion_model):
+    with log.installed():
         for checkpointing in opts.checkpointing:
             log.reset()
             seconds, _ = h.measured(lambda: run(3, max(opts.preview_every), checkpointing, seed=99))  # warm-up
@@ -315,26 +283,20 @@ def main() -> None:
     for checkpointing in opts.checkpointing:
         off = (checkpointing, 0)
         off_wall = h.median(found.wall[off])
-        say(f"  -- {h.row(checkpointing)}")
-        say(f"    preview_every   0 (off): s/step wall {h.spread(found.wall[off])}")
-        say(f"                                  cpu  {h.spread(found.cpu[off])}")
-        say(f"      step callback without a preview (loss, text line, progress bar): "
-            f"{h.median(found.without_preview_ms[off]):.2f} ms; the training's UNet forward (batch {opts.batch}, "
-            f"with grad): {h.median(found.train_forward_ms[checkpointing]):.0f} ms")
-        for every in opts.preview_every[1:]:
+        say(f"  -- {h.row(checkpointing)}: step callback without a preview (loss, text line, progress bar) "
+            f"{h.median(found.without_preview_ms[off]):.2f} ms")
+        for every in opts.preview_every:
             key = (checkpointing, every)
-            from_spans, callback = found.per_preview_ms(key, off)
-            label = "the default" if every == default_every else ("worst case" if every == 1 else "")
-            say(f"    preview_every {every:3d}{' (' + label + ')' if label else ''}: s/step wall "
-                f"{h.spread(found.wall[key])}")
-            say(f"                                  cpu  {h.spread(found.cpu[key])}")
-            say(f"      previews per run (progress-bar hook / monitor.previews / expected): "
-                f"{', '.join(found.counts[key])}; {found.spans[key][0][1]} in the timed span of {opts.steps - 1} steps")
-            say(f"      preview/off = {h.median(found.wall[key]) / off_wall:.3f} wall, "
-                f"{h.median(found.cpu[key]) / h.median(found.cpu[off]):.3f} cpu")
-            say(f"      per preview: {from_spans:.0f} ms from the spans; {callback:.0f} ms measured in the step "
-                f"callback (UNet batch-1 forward {h.median(found.forward_ms[key]):.0f} ms, previewer decode "
-                f"{h.median(found.decode_ms[key]):.1f} ms; server JPEG encode {h.median(found.encode_ms[key]):.1f} ms)")
+            label = {0: " (off)", default_every: " (the default)", 1: " (worst case)"}.get(every, "")
+            say(f"    preview_every {every}{label}: s/step wall {h.spread(found.wall[key])}; "
+                f"cpu {h.spread(found.cpu[key])}")
+            if every:
+                from_spans, callback = found.per_preview_ms(key, off)
+                say(f"      previews per run (progress-bar hook / monitor.previews / expected) "
+                    f"{', '.join(found.counts[key])}, {found.spans[key][0][1]} in the timed span of {opts.steps - 1} "
+                    f"steps; preview/off {h.median(found.wall[key]) / off_wall:.3f} wall, "
+                    f"{h.median(found.cpu[key]) / h.median(found.cpu[off]):.3f} cpu; per preview {from_spans:.0f} ms "
+                    f"from the spans, {callback:.0f} ms in the step callback (forward, decode, server encode)")
         if default_every in opts.preview_every[1:]:
             from_spans, callback = found.per_preview_ms((checkpointing, default_every), off)
             previews = len(expected_previews(default_steps, default_every))

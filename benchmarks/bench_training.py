@@ -106,7 +106,7 @@ def main() -> None:
     say(f"settings: resolution {opts.resolution}, batch {opts.batch}, {opts.steps} timed steps "
         f"(+1 warm-up) x {opts.rounds} rounds, {precision(opts)}, device {opts.device}; {h.load_note()}")
 
-    clock, segments = h.StepClock(), h.Segments()
+    clock = h.StepClock()
 
     def run_perres(seed: int, checkpointing: bool):
         # steps + 1 optimizer steps: the intervals between them are the timed ones
@@ -115,11 +115,10 @@ def main() -> None:
 
     # keyed by (kind, checkpointing): kind is "bound", "perres" or "stock"
     rows: dict[bool, dict[str, h.Series]] = {}
-    breakdown: dict[tuple, list[dict]] = {}
     memory: dict[tuple, h.Measure] = {}
     outside: dict[bool, list[float]] = {}
     stock_key, stock, stock_failure = ("stock", not opts.stock_no_checkpointing), None, None
-    with h.optimizer_steps(clock), h.segment_marks(segments, model.model.diffusion_model):
+    with h.optimizer_steps(clock):
         for checkpointing in opts.checkpointing:
             seeds = {"bound": 0, "perres": 0}
 
@@ -133,23 +132,19 @@ def main() -> None:
                 return run
 
             def collect(name: str, run: h.Measure, checkpointing: bool = checkpointing) -> str:
-                breakdown.setdefault((name, checkpointing), []).append(segments.per_step())
                 memory.setdefault((name, checkpointing), run)
-                segments.reset()
                 if name == "bound":
                     return ""
                 # the bound restarts its clock after its warm-up step; perres runs steps+1 optimizer steps
                 outside.setdefault(checkpointing, []).append(run.seconds - sum(clock.durations()))
                 return f"(node call {run.seconds:.2f} s, {outside[checkpointing][-1]:.2f} s outside the timed steps)"
 
-            segments.reset()
             rows[checkpointing] = h.interleaved({"bound": trainer("bound"), "perres": trainer("perres")},
                                                 opts.rounds, clock=clock, after=collect, warmup=False,
                                                 label=h.row(checkpointing), memory=True)
 
         if opts.stock_steps > 0:
             clock.reset()
-            segments.reset()
             try:
                 with h.Measure() as stock:  # its settings; the host's own defaults for the rest
                     bc.run_stock_trainer(bc.stock_trainer_inputs({
@@ -163,7 +158,6 @@ def main() -> None:
                 say(f"[stock] TrainLoraNode failed: {stock_failure}")
             else:
                 memory[stock_key] = stock
-                breakdown[stock_key] = [segments.per_step()]
                 stock_steps, stock_cpu = clock.durations(), clock.cpu_durations()
                 say(f"[stock] TrainLoraNode call {stock.seconds:.2f} s for {opts.stock_steps} steps; between "
                     f"optimizer steps: wall {' '.join(f'{d:.3f}' for d in stock_steps)}")
@@ -189,7 +183,6 @@ def main() -> None:
                      detail=f"({perres.step:.2f} vs {bound.step:.2f} s/step; "
                             f"cpu {perres.cpu_step / bound.cpu_step:.3f})")
         record.figure(f"seconds_per_step_checkpointing_{on}", {"perres": perres.step, "bound": bound.step})
-        report_glue(breakdown, checkpointing)
     if stock_failure is not None:
         say(f"  -- (c) stock: TrainLoraNode could not train this model here: {stock_failure}")
     target = 0.5 if opts.family in bc.DIT_FAMILIES else 0.20
@@ -211,35 +204,12 @@ def main() -> None:
     if stock is not None and perres is not None and stock_steps:
         say(f"  perres/stock between-step = {perres.step / h.median(stock_steps):.3f} wall, "
             f"{perres.cpu_step / h.median(stock_cpu):.3f} cpu (stock = total/steps above)")
-    say("  where a step goes (median per step over runs, wall / cpu seconds):")
-    for key, runs in breakdown.items():
-        runs = [b for b in runs if b]
-        parts = []
-        for seg in ("glue", "forward", "between UNet calls", "loss+backward", "optimizer"):
-            values = [b[seg] for b in runs if seg in b]
-            if values:
-                parts.append(f"{seg} {h.median([v[0] for v in values]):.3f}/{h.median([v[1] for v in values]):.3f}")
-        if parts:
-            say(f"    {key[0]:6s} {h.row(key[1]):17s}: " + ", ".join(parts))
     for key, peak in memory.items():
         say(f"  memory {key[0]:6s} {h.row(key[1]):17s}: {peak.describe()}")
         record.figure(f"peak_rss_growth_bytes_{key[0]}_{h.row(key[1]).replace(' ', '_')}",
                       peak.peak_rss - peak.start_rss)
     say(f"  process peak RSS (ru_maxrss): {h.process_peak_rss()}")
     record.finish(opts.json)
-
-
-def report_glue(breakdown: dict, checkpointing: bool) -> None:
-    """The contention-proof estimate: the bound's UNet work plus each one's glue (CPU seconds)."""
-    glue, work = {}, {}
-    for name in ("bound", "perres"):
-        runs = [b for b in breakdown.get((name, checkpointing), []) if b]
-        glue[name] = h.median([b["glue"][1] for b in runs if "glue" in b])
-        work[name] = h.median([sum(v[1] for k, v in b.items() if k != "glue") for b in runs])
-    if all(v == v and v > 0 for v in (*glue.values(), *work.values())):  # v == v: not NaN
-        h.say(f"  perres glue costs {glue['perres'] * 1000:.1f} ms/step vs {glue['bound'] * 1000:.1f} ms for the "
-              f"bound: perres/bound from the breakdown (bound's UNet+backward+optimizer work, perres's glue) = "
-              f"{(work['bound'] + glue['perres']) / (work['bound'] + glue['bound']):.3f} (contention-proof estimate)")
 
 
 if __name__ == "__main__":

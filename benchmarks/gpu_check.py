@@ -52,19 +52,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--families", default="sd15",
                    help="comma-separated: sd15, sdxl (default sd15), or anima, krea2: the DiTs run in a pass of "
                         "their own (bf16; the host starts once per process with one precision)")
-    p.add_argument("--resolution", type=int, default=512, help="SD1.5 side in px")
-    p.add_argument("--train-steps", type=int, default=PAPER_STEPS, help="SD1.5 training steps")
-    p.add_argument("--sample-steps", type=int, default=50, help="SD1.5 DDIM steps")
-    p.add_argument("--sample-repeats", type=int, default=2)
-    p.add_argument("--sdxl-resolution", type=int, default=1024)
-    p.add_argument("--sdxl-train-steps", type=int, default=PAPER_STEPS)
-    p.add_argument("--sdxl-sample-steps", type=int, default=30)
-    p.add_argument("--sdxl-sample-repeats", type=int, default=None, help="default: --sample-repeats")
-    p.add_argument("--dit-resolution", type=int, default=1024, help="Anima and Krea 2 side in px")
-    p.add_argument("--dit-train-steps", type=int, default=PAPER_STEPS,
-                   help="Anima and Krea 2 training steps (fewer on a lent machine, the 150-step time extrapolated)")
-    p.add_argument("--dit-sample-steps", type=int, default=30, help="Anima and Krea 2 sampling steps")
-    p.add_argument("--dit-sample-repeats", type=int, default=None, help="default: --sample-repeats")
+    # per family: side in px, training steps (fewer on a lent machine: the 150-step time is extrapolated),
+    # sampling steps and timed sampling runs; --sample-repeats is the others' default
+    for prefix, who, resolution, sample_steps in (("", "SD1.5", 512, 50), ("sdxl-", "SDXL", 1024, 30),
+                                                  ("dit-", "Anima and Krea 2", 1024, 30)):
+        p.add_argument(f"--{prefix}resolution", type=int, default=resolution, help=f"{who} side in px")
+        p.add_argument(f"--{prefix}train-steps", type=int, default=PAPER_STEPS, help=f"{who} training steps")
+        p.add_argument(f"--{prefix}sample-steps", type=int, default=sample_steps, help=f"{who} sampling steps")
+        p.add_argument(f"--{prefix}sample-repeats", type=int, default=None if prefix else 2,
+                       help=f"{who} timed sampling runs")
     p.add_argument("--krea2-blocks", type=int, default=None,
                    help="blocks of the random Krea 2 (default: all 28 on cuda; the tests' 2 on a CPU)")
     p.add_argument("--skip-stock", action="store_true", help="leave out ComfyUI's TrainLoraNode")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command on a lent GPU machine: ComfyUI and its missing wheels from .gpu_bundle/ (made here by
-# benchmarks/gpu_bundle.py), the pack from the working tree, then benchmarks/gpu_check.py, twice:
+# tools/gpu_bundle.py), the pack from the working tree, then benchmarks/gpu_check.py, twice:
 #
 #   pass "dyn_on"   SD1.5 (512 px, 150 steps) and SDXL (1024 px, $SDXL_TRAIN_STEPS steps) with ComfyUI's
 #                   dynamic VRAM (comfy-aimdo), what ComfyUI 0.33.0 runs on NVIDIA by default
@@ -40,7 +40,7 @@ say() { echo "[gpu_device_run $(( $(date +%s) - START ))s] $*" | tee -a "$SETUP_
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
 if [ ! -f "$BUNDLE" ]; then
-  say "no $BUNDLE: run 'python3 benchmarks/gpu_bundle.py' in the checkout first and carry .gpu_bundle"
+  say "no $BUNDLE: run 'python3 tools/gpu_bundle.py' in the checkout first and carry .gpu_bundle"
   exit 2
 fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/perres-gpu.XXXXXX")"

@@ -3,13 +3,13 @@
 #
 #   1. a fresh venv of the machine's Python (3.12) holding only what the machine has of ComfyUI's
 #      requirements, at the machine's versions where the device tool's KINDS.md gives them
-#      (benchmarks/gpu_bundle.py --device-side-requirements; made once, from PyPI, kept in $VENV);
+#      (tools/gpu_bundle.py --device-side-requirements; made once, from PyPI, kept in $VENV);
 #   2. a temporary folder with a copy of .gpu_bundle/ and of the working tree as the run tool copies it
 #      (tracked files and untracked files git does not ignore);
 #   3. benchmarks/gpu_device_run.sh --smoke there, on the CPU, with no network (unshare -n), with only what
 #      the bundle carries on top of that venv.
 #
-#   python3 benchmarks/gpu_bundle.py && bash benchmarks/gpu_rehearse.sh
+#   python3 tools/gpu_bundle.py && bash benchmarks/gpu_rehearse.sh
 #
 # Needs about 12 GB of memory and 10 GB of disk (it builds the random SD1.5 and SDXL checkpoints in its
 # own cache unless PERRES_TEST_CACHE points at one); about 15 minutes on 2 cores. Results: $OUT
@@ -23,13 +23,13 @@ VENV="${VENV:-$HOME/.cache/perres-h200-venv}"
 PY312="${PY312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1)}"
 OUT="${OUT:-/tmp/perres-rehearsal-out}"
 
-[ -f "$PACK/.gpu_bundle/bundle.tar.xz" ] || { echo "no .gpu_bundle/: run python3 benchmarks/gpu_bundle.py first" >&2; exit 2; }
+[ -f "$PACK/.gpu_bundle/bundle.tar.xz" ] || { echo "no .gpu_bundle/: run python3 tools/gpu_bundle.py first" >&2; exit 2; }
 if [ ! -x "$VENV/bin/python" ]; then
   [ -n "$PY312" ] || { echo "no Python 3.12 found: set PY312 to one (the GPU machine runs 3.12)" >&2; exit 2; }
   echo "making the stand-in venv $VENV from $PY312"
   "$PY312" -m venv "$VENV"
   # shellcheck disable=SC2046
-  "$VENV/bin/python" -m pip install -q $(python3 "$PACK/benchmarks/gpu_bundle.py" --device-side-requirements)
+  "$VENV/bin/python" -m pip install -q $(python3 "$PACK/tools/gpu_bundle.py" --device-side-requirements)
 fi
 
 STAGE="$(mktemp -d /tmp/perres-rehearsal.XXXXXX)"

@@ -239,49 +239,6 @@ def progress_steps(clock: StepClock) -> Iterator[None]:
         comfy.utils.set_progress_bar_global_hook(previous)
 
 
-class Segments:
-    """Where a training step's time goes, from marks at UNet forward start/end and optimizer step start/end
-    (benchmarks/README.md, bench_training.py); only whole steps after the first optimizer step count."""
-
-    NAMES = {("opt_end", "fwd_start"): "glue", ("fwd_start", "fwd_end"): "forward",
-             ("fwd_end", "opt_start"): "loss+backward", ("opt_start", "opt_end"): "optimizer",
-             ("fwd_end", "fwd_start"): "between UNet calls"}
-
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, float, float]] = []
-
-    def mark(self, label: str) -> None:
-        sync()
-        self.marks.append((label, time.perf_counter(), cpu_time()))
-
-    def reset(self) -> None:
-        self.marks.clear()
-
-    def per_step(self) -> dict[str, tuple[float, float]]:
-        """Segment -> (wall, cpu) seconds per step."""
-        ends = [i for i, (label, _, _) in enumerate(self.marks) if label == "opt_end"]
-        if len(ends) < 2:
-            return {}
-        marks = self.marks[ends[0]:ends[-1] + 1]
-        totals: dict[str, list[float]] = {}
-        for (a, wa, ca), (b, wb, cb) in zip(marks, marks[1:]):
-            name = self.NAMES.get((a, b), f"{a}->{b}")
-            acc = totals.setdefault(name, [0.0, 0.0])
-            acc[0] += wb - wa
-            acc[1] += cb - ca
-        steps = len(ends) - 1
-        return {name: (w / steps, c / steps) for name, (w, c) in totals.items()}
-
-
-def segment_marks(segments: Segments, unet) -> contextlib.AbstractContextManager:
-    """Mark UNet forward start/end (module hooks on `unet`) and every torch optimizer step start/end."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-    return removing(unet.register_forward_pre_hook(lambda *a: segments.mark("fwd_start")),
-                    unet.register_forward_hook(lambda *a: segments.mark("fwd_end")),
-                    register_optimizer_step_pre_hook(lambda *a: segments.mark("opt_start")),
-                    register_optimizer_step_post_hook(lambda *a: segments.mark("opt_end")))
-
-
 @dataclasses.dataclass
 class Series:
     """The runs of one config: per-step wall and CPU seconds, run totals, the untimed warm-up's Measure, output."""

@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/run_all.sh                 # every host, every script
 #   bash benchmarks/run_all.sh bench_training  # only the scripts named
+#   VERSIONS=0.33.0 bash benchmarks/run_all.sh # only the hosts named (space-separated versions)
 set -uo pipefail
 
 PACK="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +27,7 @@ mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 while read -r name version commit directory; do
   case "$name" in ''|\#*) continue ;; esac
+  case " ${VERSIONS:-$version} " in *" $version "*) ;; *) continue ;; esac
   host="${directory/#\~/$HOME}"
   python="$host/.venv/bin/python"
   if [ ! -x "$python" ]; then

@@ -46,7 +46,7 @@ def test_every_record_names_its_host_settings_date_and_each_ratio_against_its_ta
     assert record["source"] == "measured" or record["source"].startswith("earlier run, transcribed from the docs")
     assert record["date"] and record["benchmark"].startswith("bench_")
     assert {"comfyui", "torch", "device"} <= set(record["host"]) and record["host"]["comfyui"]
-    assert isinstance(record["settings"], dict) and record["ratios"]
+    assert isinstance(record["settings"], dict) and (record["ratios"] or record["figures"].get("policy"))
     for key, ratio in record["ratios"].items():
         assert RATIO_KEYS <= set(ratio), key
         assert ratio["compare"] in ("<=", "<", ">="), key
@@ -60,14 +60,20 @@ def test_every_table_of_the_page_agrees_with_its_records(render):
     assert render.render(text) == text, "docs/benchmarks.md is out of date: run python3 tools/render_figures.py"
 
 
-def test_a_changed_record_makes_its_table_disagree(render, tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", ["sd15-cpu", "policy"])
+def test_a_changed_record_makes_its_table_disagree(render, tmp_path, monkeypatch, folder):
     """The check is not vacuous: one figure changed in a copy of the records changes the rendered page."""
     copy = tmp_path / "figures"
     shutil.copytree(FIGURES_DIR, copy)
-    path = sorted(copy.glob("sd15-cpu/*.json"))[0]
+    path = sorted(copy.glob(f"{folder}/*.json"))[0]
     record = json.loads(path.read_text(encoding="utf-8"))
-    ratio = next(r for r in record["ratios"].values() if r["value"] is not None)
-    ratio["value"] += 0.5
+    if folder == "policy":
+        figures = record["figures"]["policy"]
+        key = next(key for key, value in figures.items() if isinstance(value, float))
+        figures[key] += 0.5
+    else:
+        ratio = next(r for r in record["ratios"].values() if r["value"] is not None)
+        ratio["value"] += 0.5
     path.write_text(json.dumps(record), encoding="utf-8")
     monkeypatch.setattr(render, "FIGURES_DIR", str(copy))
     assert render.render(page()) != page()

@@ -1,4 +1,4 @@
-"""The lent-GPU-machine bundle and check (benchmarks/gpu_bundle.py, gpu_check.py) without a GPU.
+"""The lent-GPU-machine bundle and check (tools/gpu_bundle.py, gpu_check.py) without a GPU.
 
 The bundle itself (a download and a minute of xz) and the rehearsal (benchmarks/gpu_rehearse.sh, 15 minutes)
 are too slow for CI; what is checked here is what decides whether they work: every requirement of the host
@@ -16,11 +16,9 @@ import pytest
 
 from comfy_host import PACK_DIR
 
-BENCH_DIR = os.path.join(PACK_DIR, "benchmarks")
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(f"perres_bench_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+def load_script(folder: str, name: str):
+    path = os.path.join(PACK_DIR, folder, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"perres_{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -29,7 +27,7 @@ def load_benchmark(name: str):
 
 @pytest.fixture(scope="module")
 def bundle():
-    return load_benchmark("gpu_bundle")
+    return load_script("tools", "gpu_bundle")
 
 
 def test_every_requirement_of_the_host_is_on_the_machine_carried_or_left_out_on_purpose(bundle, host_root):
@@ -58,7 +56,7 @@ def test_the_bundle_leaves_out_what_it_says(bundle):
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    return load_benchmark("gpu_check")
+    return load_script("benchmarks", "gpu_check")
 
 
 def test_a_failing_phase_is_recorded_and_the_next_ones_still_run(gpu_check, tmp_path):

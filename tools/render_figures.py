@@ -65,7 +65,8 @@ def family_column(record: dict) -> str:
 class Table:
     """Which records a table shows (a glob under docs/figures) and how: "ratios" has a row per ratio and a column
     per `column(record)` (one column: a row per ratio of each record); "trainers" is bench_paper_scale's three
-    trainers of one record."""
+    trainers of one record; "policy" has a row per figure of bench_lag_lora's mask-policy experiment and a column
+    per `column(record)`."""
     pattern: str
     kind: str = "ratios"
     column: Optional[Callable[[dict], str]] = None
@@ -80,6 +81,7 @@ TABLES = {
                              title="512 px, batch 4, fp32, CPU"),
     "paper-scale-sdxl": Table("hardware/*bench_paper_scale_sdxl_256.json", kind="trainers",
                               title="SDXL, 256 px, batch 1, bf16, CPU"),
+    "mask-policy": Table("policy/*.json", kind="policy", column=family_column),
 }
 
 
@@ -163,12 +165,29 @@ def trainers_table(table: Table, found: list[dict]) -> list[str]:
             f"**{memory('ckpt')} ({times('extra peak plain/ckpt')}× less)** |"]
 
 
+def policy_table(table: Table, found: list[dict]) -> list[str]:
+    """Agreement shares (and kept / leak fractions) of the mask-policy experiment, a column per record."""
+    found = sorted(found, key=lambda record: list(FAMILY_NAMES).index(record["settings"].get("family", "sd15")))
+    columns = {table.column(record): record["figures"]["policy"] for record in found}
+    rows = list(dict.fromkeys(row for figures in columns.values() for row in figures))
+
+    def shown(value) -> str:
+        values = value if isinstance(value, list) else [value]
+        return "—" if value is None or None in values else " / ".join(number(v, 3) for v in values)
+    settings = ", ".join(dict.fromkeys(f"{record['settings']['policy_resolution']} px, "
+                                       f"{record['settings']['policy_steps']} steps" for record in found))
+    lines = [f"| mask policy ({settings}) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    return lines + [f"| {row} | " + " | ".join(shown(figures.get(row)) for figures in columns.values()) + " |"
+                    for row in rows]
+
+
 def render_table(name: str) -> str:
     table = TABLES[name]
     found = records(table.pattern)
     if not found:
         raise SystemExit(f"table {name}: no record matches docs/figures/{table.pattern}")
-    lines = trainers_table(table, found) if table.kind == "trainers" else ratio_table(table, found)
+    kinds = {"trainers": trainers_table, "policy": policy_table, "ratios": ratio_table}
+    lines = kinds[table.kind](table, found)
     return "\n".join(lines) + "\n"
 
 

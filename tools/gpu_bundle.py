@@ -14,8 +14,8 @@ ignored folder such a call carries:
 The pack itself travels as the working tree. benchmarks/gpu_device_run.sh is the command on the machine;
 benchmarks/gpu_rehearse.sh runs that command here, on the CPU, from a copy of the bundle, without network.
 
-    python3 benchmarks/gpu_bundle.py                  # ComfyUI from the "newest" directory of .ci/comfyui-hosts
-    python3 benchmarks/gpu_bundle.py --comfyui DIR    # another checkout of the same commit
+    python3 tools/gpu_bundle.py                  # ComfyUI from the "newest" directory of .ci/comfyui-hosts
+    python3 tools/gpu_bundle.py --comfyui DIR    # another checkout of the same commit
 """
 from __future__ import annotations
 
