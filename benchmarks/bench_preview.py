@@ -88,6 +88,11 @@ class StepLog:
         previews = sum(1 for step, _, previewed in self.calls if 1 < step <= steps and previewed)
         return last.wall_end - first.wall_end, last.cpu_end - first.cpu_end, previews
 
+    def step_seconds(self) -> str:
+        """Wall seconds from each step's callback end to the next's (a step and its callback), * after a preview."""
+        calls = sorted(self.calls, key=lambda call: call[0])
+        return " ".join(f"{b[1].wall_end - a[1].wall_end:.2f}{'*' if b[2] else ''}" for a, b in zip(calls, calls[1:]))
+
     def callback_ms(self, with_preview: bool) -> list[float]:
         """Wall milliseconds of the callbacks after the first step that did (or did not) preview."""
         return [run.seconds * 1000 for step, run, previewed in self.calls if step > 1 and previewed == with_preview]
@@ -223,7 +228,8 @@ class Collected:
         if log.texts != steps:
             self.problems.append(f"{where}: {log.texts} text lines for {steps} steps")
         return (f"s/step wall {span_wall / (steps - 1):.3f} cpu {span_cpu / (steps - 1):.3f} ({in_span} preview(s) "
-                f"in the timed span; previews hook/monitor/expected {self.counts[key][-1]})")
+                f"in the timed span; previews hook/monitor/expected {self.counts[key][-1]}); steps 2.. "
+                f"{log.step_seconds()}")
 
     def per_preview_ms(self, key: tuple, off: tuple) -> tuple[float, float]:
         """Milliseconds per preview from the spans ((preview run - off run) / previews in the span) and from the
@@ -274,7 +280,7 @@ def main() -> None:
 
     record = h.Record("bench_preview", opts, "per training step, PerResTrainResiduals with previews off "
                       "(preview_every 0) vs on, one row per gradient-checkpointing setting", opts.device,
-                      note=f"{opts.resolution} px, batch {opts.batch}")
+                      note=f"{opts.resolution} px, batch {opts.batch}, {opts.steps} steps per run")
     say(f"  preview method set to {method}; previewer used: {', '.join(sorted(found.previewers)) or 'NONE'}")
     say(f"  previews are encoded as the server would (JPEG q95 at the preview size) in the progress-bar hook; "
         f"text lines sent: {sorted(set(found.texts))} per run")

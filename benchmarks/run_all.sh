@@ -25,7 +25,7 @@ ORDER=(bench_training bench_lag bench_lag_lora bench_paper_scale bench_suggest b
 [ "$#" -gt 0 ] && ORDER=("$@")
 mkdir -p "$OUT"
 : >"$OUT/summary.txt"
-while read -r name version commit directory; do
+while read -r name version commit directory _; do
   case "$name" in ''|\#*) continue ;; esac
   case " ${VERSIONS:-$version} " in *" $version "*) ;; *) continue ;; esac
   host="${directory/#\~/$HOME}"
