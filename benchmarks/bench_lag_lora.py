@@ -207,7 +207,7 @@ BEFORE_ROWS = {"block": "before: the block's mask of the previous step",
                "estimate": "before: this call's estimate", "earlier mean": "before: running mean of earlier blocks"}
 
 
-def before_policy(setup: Setup) -> dict[str, float]:
+def before_policy(setup: Setup) -> dict[str, Optional[float]]:
     opts, say = setup.opts, h.say
     lag_patch = bc.pack_module("nodes.host.lag_patch")
     layers = dit_layers(setup.model, setup.family, DIT_BEFORE_LAYERS) if setup.family.is_dit else \

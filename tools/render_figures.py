@@ -173,7 +173,7 @@ def policy_table(table: Table, found: list[dict]) -> list[str]:
 
     def shown(value) -> str:
         values = value if isinstance(value, list) else [value]
-        return "—" if value is None or None in values else " / ".join(number(v, 3) for v in values)
+        return "—" if None in values else " / ".join(number(v, 3) for v in values)
     settings = ", ".join(dict.fromkeys(f"{record['settings']['policy_resolution']} px, "
                                        f"{record['settings']['policy_steps']} steps" for record in found))
     lines = [f"| mask policy ({settings}) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
